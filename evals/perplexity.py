@@ -1,0 +1,72 @@
+"""Perplexity over held-out passages, with per-passage results for paired comparisons.
+
+Each passage is tokenized (no special tokens added), truncated to `max_length` tokens, and every token after
+the first is scored given the ones before it. Perplexity = exp(sum of NLL / number of scored tokens), the
+token-weighted mean over the whole set (not a mean of per-passage perplexities).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+EVAL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    value: float
+    # Per passage: summed NLL (nats) and the number of tokens scored.
+    nll: list[float]
+    tokens: list[int]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        total = sum(self.tokens)
+        return {
+            "metric": "perplexity",
+            "value": self.value,
+            "n": len(self.tokens),
+            "tokens": total,
+            "seconds": self.seconds,
+            "tokens_per_s": total / self.seconds if self.seconds > 0 else None,
+            "per_example": {"nll": self.nll, "tokens": self.tokens},
+        }
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_size: int = 8, progress=None) -> PerplexityResult:
+    start = time.perf_counter()
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll = [0.0] * len(encoded)
+    counts = [0] * len(encoded)
+    # Sort by length so a batch pads little; results go back to their original positions.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    advance = progress("perplexity", len(encoded)) if progress else (lambda n=1: None)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[row, : len(encoded[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        logprobs = F.log_softmax(logits[:, :-1], dim=-1)
+        target = ids[:, 1:]
+        token_nll = -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask[:, 1:]  # (B, T-1)
+        for row, i in enumerate(idx):
+            nll[i] = float(token_nll[row].sum())
+            counts[i] = int(mask[row, 1:].sum())
+        advance(len(idx))
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("no tokens to score: every passage is shorter than two tokens")
+    return PerplexityResult(value=math.exp(sum(nll) / total), nll=nll, tokens=counts, seconds=time.perf_counter() - start)

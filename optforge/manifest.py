@@ -1,0 +1,49 @@
+"""manifest.json: where an artifact came from, what made it and what it measured."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from optforge.hashing import HashMemo, file_table, sha256_text
+
+SCHEMA_VERSION = 1
+
+
+def environment(device: str) -> dict:
+    import torch
+    import transformers
+
+    from optforge import __version__
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "optforge": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device if device != "cuda" else f"cuda ({torch.cuda.get_device_name()})",
+    }
+
+
+def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metrics: dict, records: list, device: str, memo: HashMemo | None = None) -> dict:
+    from optforge import __version__
+    from optforge.pipeline import _summaries
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "optforge_version": __version__,
+        "name": recipe.name,
+        "source": {**source.to_dict(), "metrics": _summaries(source_metrics)},
+        "recipe": {"sha256": sha256_text(recipe_text), "text": recipe_text},
+        "data": {
+            "calibration": recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None,
+            "eval": recipe.data.eval.model_dump(mode="json"),
+        },
+        "passes": [r.to_dict() for r in records],
+        "environment": environment(device),
+        "files": file_table(path, memo),
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

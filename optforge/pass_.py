@@ -1,0 +1,138 @@
+"""Pass base class and the registry of text names.
+
+A pass is registered under `family.method` (`quant.int8_weight_only`), has a frozen keyword-only config
+dataclass, declares the properties it `requires` of its input and `produces` in its output (the pipeline
+checks both), and has a `version` that enters the cache key: bump it whenever the output changes.
+`run(artifact, ctx)` returns a new artifact and never mutates its input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from optforge.errors import RecipeError
+
+if TYPE_CHECKING:
+    from optforge.artifact import ModelArtifact
+    from optforge.context import PassContext
+    from optforge.recipe import Recipe
+
+_REGISTRY: dict[str, type["Pass"]] = {}
+
+
+class Pass:
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    Config: ClassVar[type]
+    # Properties the input artifact must have, e.g. {"float_weights"}.
+    requires: ClassVar[frozenset[str]] = frozenset()
+    # Properties the output artifact will have.
+    produces: ClassVar[frozenset[str]] = frozenset()
+    # Properties the output loses (a quantized model no longer has "float_weights").
+    removes: ClassVar[frozenset[str]] = frozenset()
+    # Whether the pass reads the recipe's calibration data (it then enters the cache key).
+    uses_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def run(self, artifact: "ModelArtifact", ctx: "PassContext") -> "ModelArtifact":
+        raise NotImplementedError
+
+    def cache_key(self, input_digest: str, calibration: dict | None) -> str:
+        payload = {
+            "pass": self.name,
+            "version": self.version,
+            "config": dataclasses.asdict(self.config),
+            "input": input_digest,
+            "calibration": calibration if self.uses_calibration else None,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available to recipes under `cls.name`."""
+    if not dataclasses.is_dataclass(cls.Config):
+        raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"pass name '{cls.name}' is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Pass]]:
+    import optforge.passes  # noqa: F401  (importing the package registers every built-in pass)
+
+    return dict(_REGISTRY)
+
+
+def get_pass(name: str) -> type[Pass]:
+    passes = registry()
+    if name not in passes:
+        from optforge.recipe import suggest
+
+        raise RecipeError(f"unknown pass '{name}'.{suggest(name, passes)} Registered: {', '.join(sorted(passes))}")
+    return passes[name]
+
+
+def make_config(cls: type[Pass], config: dict, *, source: str = "<python>", key: str = "config") -> Any:
+    """Build the pass's config dataclass from a recipe dict, with recipe-style errors."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from optforge.recipe import format_key, suggest
+
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    for name in config:
+        if name not in fields:
+            raise RecipeError(
+                f"unknown config key '{name}' for pass '{cls.name}'.{suggest(name, fields)} "
+                f"Valid keys: {', '.join(sorted(fields))}",
+                path=source,
+                key=f"{key}.{name}",
+            )
+    try:
+        return TypeAdapter(cls.Config).validate_python(config)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        sub = format_key(err["loc"])
+        raise RecipeError(f"{err['msg']} (found {err.get('input')!r})", path=source, key=f"{key}.{sub}" if sub else key) from None
+
+
+def validate_pass_specs(recipe: "Recipe", source: str) -> None:
+    for i, spec in enumerate(recipe.passes):
+        try:
+            cls = get_pass(spec.name)
+        except RecipeError as exc:
+            raise RecipeError(str(exc), path=source, key=f"passes[{i}].name") from None
+        make_config(cls, spec.config, source=source, key=f"passes[{i}].config")
+
+
+def describe_config(cls: type[Pass]) -> list[dict[str, str]]:
+    """Rows of (name, type, default, help) for `optforge passes`."""
+    rows = []
+    hints = typing.get_type_hints(cls.Config)
+    for f in dataclasses.fields(cls.Config):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        typ = hints.get(f.name, f.type)
+        rows.append({"name": f.name, "type": getattr(typ, "__name__", str(typ)), "default": default, "help": f.metadata.get("help", "")})
+    return rows
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config dataclass field with its documentation (shown by `optforge passes`)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+config = dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,140 @@
+"""The build: source -> passes (each cached, checked and gated) -> artifact promoted atomically."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from optforge.artifact import MANIFEST_FILE, ModelArtifact, copy_model_files, staging_dir
+from optforge.cache import Cache
+from optforge.context import PassContext
+from optforge.errors import GateFailed, PassError
+from optforge.evaluation import run_evals
+from optforge.gate import evaluate_gate
+from optforge.pass_ import Pass, get_pass, make_config
+from optforge.recipe import PassSpec, Recipe
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass
+class PassRecord:
+    name: str
+    config: dict
+    cache_key: str
+    seconds: float = 0.0
+    cached: bool = False
+    metrics: dict = field(default_factory=dict)
+    gate: dict | None = None
+    weight_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "config": self.config,
+            "cache_key": self.cache_key,
+            "seconds": round(self.seconds, 3),
+            "cached": self.cached,
+            "metrics": _summaries(self.metrics),
+            "gate": self.gate,
+            "weight_bytes": self.weight_bytes,
+        }
+
+
+@dataclass
+class BuildResult:
+    output: Path
+    manifest: dict
+    seconds: float
+
+
+def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None) -> BuildResult:
+    """Build a recipe (object, dict or YAML path). Raises GateFailed (nothing written) when a gate fails."""
+    from optforge.manifest import make_manifest
+    from optforge.recipe import load_recipe, parse_recipe
+    from optforge.sources import resolve_source
+
+    started = time.perf_counter()
+    recipe_text = None
+    base_dir = Path.cwd()
+    if isinstance(recipe, (str, Path)):
+        base_dir = Path(recipe).resolve().parent
+        recipe, recipe_text = load_recipe(recipe)
+    elif isinstance(recipe, dict):
+        recipe = parse_recipe(recipe)
+    if recipe_text is None:
+        import yaml
+
+        recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    out_path = (Path(output) if output else base_dir / recipe.output).resolve()
+    progress = progress or (lambda desc, total: (lambda n=1: None))
+    cache = Cache(cache_dir)
+    calibration = recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None
+
+    source, source_info = resolve_source(recipe.model, cache)
+    source_metrics, _ = run_evals(source, recipe.data.eval, dtype=recipe.model.dtype, cache=cache, device=device, progress=progress)
+    current, current_metrics = source, source_metrics
+    records: list[PassRecord] = []
+    for index, spec in enumerate(recipe.passes):
+        current, current_metrics, record = _run_pass(index, spec, recipe, current, current_metrics, source_metrics, cache, calibration, device, progress)
+        records.append(record)
+
+    with staging_dir(out_path) as tmp:
+        copy_model_files(current.path, tmp)
+        make_manifest(tmp, recipe=recipe, recipe_text=recipe_text, source=source_info, source_metrics=source_metrics, records=records, device=device, memo=cache.memo)
+    manifest = __import__("json").loads((out_path / MANIFEST_FILE).read_text())
+    return BuildResult(output=out_path, manifest=manifest, seconds=time.perf_counter() - started)
+
+
+def _run_pass(index, spec: PassSpec, recipe: Recipe, current: ModelArtifact, current_metrics, source_metrics, cache: Cache, calibration, device, progress):
+    cls = get_pass(spec.name)
+    config = make_config(cls, spec.config, key=f"passes[{index}].config")
+    p: Pass = cls(config)
+    missing = p.requires - current.properties
+    if missing:
+        raise PassError(p.name, f"its input lacks {sorted(missing)} (input has {sorted(current.properties)}); reorder the recipe's passes so an earlier pass does not remove them")
+    key = p.cache_key(current.digest, calibration)
+    record = PassRecord(name=p.name, config=_jsonable(config), cache_key=key)
+    started = time.perf_counter()
+    entry = cache.dir_entry("passes", key)
+    if entry is not None:
+        record.cached = True
+        log.info("pass %s: cached (%s)", p.name, key[:12])
+    else:
+        log.info("pass %s: running", p.name)
+        with cache.new_dir_entry("passes", key) as tmp:
+            ctx = PassContext(output_dir=tmp, model=recipe.model, calibration=recipe.data.calibration, device=device, progress=progress)
+            p.run(current, ctx)
+        entry = cache.dir_entry("passes", key)
+    result = ModelArtifact.open(entry, cache.memo)
+    absent = p.produces - result.properties
+    if absent:
+        raise PassError(p.name, f"promised to produce {sorted(absent)} but its output lacks them (a bug in the pass)")
+    record.seconds = time.perf_counter() - started
+    record.weight_bytes = result.weight_bytes()
+    metrics, _ = run_evals(result, recipe.data.eval, dtype=recipe.model.dtype, cache=cache, device=device, progress=progress)
+    record.metrics = metrics
+    if spec.gate is not None:
+        baseline = source_metrics if spec.gate.baseline == "source" else current_metrics
+        gate = evaluate_gate(spec.gate, baseline, metrics)
+        record.gate = gate.to_dict()
+        if not gate.passed:
+            raise GateFailed(p.name, gate.describe(), gate.to_dict())
+        log.info("gate after %s passed: %s", p.name, gate.describe())
+    return result, metrics, record
+
+
+def _jsonable(config) -> dict:
+    import dataclasses
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _summaries(metrics: dict) -> dict:
+    """Metric results without their per-example arrays (those stay in the eval cache)."""
+    return {name: {k: v for k, v in result.items() if k != "per_example"} for name, result in metrics.items()}

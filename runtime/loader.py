@@ -1,0 +1,75 @@
+"""Load an optforge model directory into a torch module, quantized layers included.
+
+Dense directories go through `AutoModelForCausalLM.from_pretrained` (HF's own loader). Directories with
+quantized modules are built from their config, the Linear layers listed in optforge.json are swapped for
+the modules that run their stored format, and the safetensors state is loaded with `assign=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from optforge.artifact import LAYOUT_FILE, WEIGHTS_FILE
+from optforge.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *, trust_remote_code: bool = False):
+    """Return (model, tokenizer) for an optforge model directory, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    torch_dtype = DTYPES[dtype]
+    layout = json.loads((path / LAYOUT_FILE).read_text()) if (path / LAYOUT_FILE).is_file() else {}
+    modules = layout.get("modules", {})
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not modules:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        return model.to(device).eval(), tokenizer
+
+    from safetensors.torch import load_file
+
+    from optforge.runtime.layers import swap_linear
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    for name, spec in modules.items():
+        swap_linear(model, name, spec)
+    state = load_file(path / WEIGHTS_FILE)
+    for key, value in state.items():
+        if value.is_floating_point() and not key.endswith("_scale") and not key.endswith("_zero"):
+            state[key] = value.to(torch_dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ArtifactError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval(), tokenizer
+
+
+def save_model(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
+    """Write config, tokenizer and a single safetensors file (tied weights stored once)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    state = {}
+    seen: dict[int, str] = {}
+    for key, tensor in model.state_dict().items():
+        ptr = tensor.data_ptr()
+        if ptr in seen and tensor.numel() > 0:
+            continue  # a tied parameter (lm_head sharing embed_tokens): stored once
+        seen[ptr] = key
+        state[key] = tensor.detach().contiguous().cpu()
+    save_file(state, path / WEIGHTS_FILE, metadata={"format": "pt"})
