@@ -1,0 +1,76 @@
+"""End-to-end builds on a tiny random Llama: artifact, manifest, cache reuse, gates, requires/produces."""
+
+import json
+
+import pytest
+
+import optforge
+from optforge.artifact import verify_artifact
+from optforge.errors import GateFailed, PassError
+
+
+def test_build_writes_verified_artifact_with_manifest(tiny_model_dir, tmp_path, cache_dir, make_recipe):
+    out = tmp_path / "out"
+    result = optforge.build(make_recipe(tiny_model_dir, out), cache_dir=cache_dir)
+    assert result.output == out.resolve()
+    manifest = verify_artifact(out)
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    for key in ("schema_version", "optforge_version", "source", "recipe", "passes", "environment", "files"):
+        assert key in manifest
+    assert manifest["source"]["kind"] == "local"
+    assert set(manifest["source"]["sha256"]) == {"model.safetensors"}
+    assert len(manifest["recipe"]["sha256"]) == 64 and "quant.int8_weight_only" in manifest["recipe"]["text"]
+    (rec,) = manifest["passes"]
+    assert rec["name"] == "quant.int8_weight_only" and rec["cached"] is False
+    assert rec["gate"]["passed"] is True and rec["gate"]["metric"] == "perplexity"
+    assert rec["gate"]["threshold"] == pytest.approx(rec["gate"]["baseline"] * 1.05)
+    assert {"python", "torch", "transformers", "device"} <= set(manifest["environment"])
+    assert {f["path"] for f in manifest["files"]} >= {"model.safetensors", "config.json", "optforge.json", "tokenizer.json"}
+    layout = json.loads((out / "optforge.json").read_text())
+    assert "lm_head" not in layout["modules"] and len(layout["modules"]) == 2 * 7  # q,k,v,o,gate,up,down x 2 layers
+
+
+def test_rebuild_reuses_every_pass_and_eval(tiny_model_dir, tmp_path, cache_dir, make_recipe, monkeypatch):
+    recipe = make_recipe(tiny_model_dir, tmp_path / "out")
+    first = optforge.build(recipe, cache_dir=cache_dir)
+
+    import optforge.evaluation as evaluation
+    import optforge.passes.quant.int8_weight_only as int8
+
+    def boom(*args, **kwargs):
+        raise AssertionError("should have come from the cache")
+
+    monkeypatch.setattr(int8.Int8WeightOnly, "run", boom)
+    monkeypatch.setattr(evaluation, "_perplexity", boom)
+    second = optforge.build(recipe, cache_dir=cache_dir)
+    assert second.manifest["passes"][0]["cached"] is True
+    assert second.manifest["passes"][0]["gate"] == first.manifest["passes"][0]["gate"]
+
+
+def test_failed_gate_names_pass_and_leaves_output_untouched(tiny_model_dir, tmp_path, cache_dir, make_recipe):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous artifact")
+    recipe = make_recipe(tiny_model_dir, out, passes=[{"name": "test.scramble", "gate": {"metric": "perplexity", "max_increase_pct": 1.0}}])
+    with pytest.raises(GateFailed) as exc:
+        optforge.build(recipe, cache_dir=cache_dir)
+    assert exc.value.pass_name == "test.scramble"
+    assert exc.value.exit_code == 3
+    assert exc.value.result["passed"] is False and exc.value.result["measured"] > exc.value.result["threshold"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_requires_is_checked_before_running(tiny_model_dir, tmp_path, cache_dir, make_recipe):
+    passes = [{"name": "quant.int8_weight_only"}, {"name": "quant.int8_weight_only"}]
+    with pytest.raises(PassError, match="float_weights"):
+        optforge.build(make_recipe(tiny_model_dir, tmp_path / "out", passes=passes), cache_dir=cache_dir)
+
+
+def test_config_change_misses_the_cache(tiny_model_dir, tmp_path, cache_dir, make_recipe):
+    a = optforge.build(make_recipe(tiny_model_dir, tmp_path / "a"), cache_dir=cache_dir)
+    passes = [{"name": "quant.int8_weight_only", "config": {"exclude": ["lm_head", "down_proj"]}}]
+    b = optforge.build(make_recipe(tiny_model_dir, tmp_path / "b", passes=passes), cache_dir=cache_dir)
+    assert a.manifest["passes"][0]["cache_key"] != b.manifest["passes"][0]["cache_key"]
+    assert b.manifest["passes"][0]["cached"] is False
+    assert b.manifest["passes"][0]["weight_bytes"] > a.manifest["passes"][0]["weight_bytes"]

