@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.optforge-installed
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast cpp clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml requirements/dev.txt requirements/data.txt
 demo: venv
 	$(VENV)/bin/optforge build recipes/quickstart.yaml
 
-test: venv
+test: venv cpp
 	$(PY) -m pytest -q
+
+# The C++ runtime (runtime/cpp): library, optforge-rt, the Python module, then its ctest suite.
+CPP_BUILD := runtime/cpp/build
+cpp: venv
+	cmake -S runtime/cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir)
+	cmake --build $(CPP_BUILD) -j2
+	cd $(CPP_BUILD) && ctest --output-on-failure
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"

@@ -33,7 +33,12 @@ DATASETS: dict[str, tuple[str, str | None]] = {
     "copa": ("super_glue/copa", None),
     "commonsense_qa": ("tau/commonsense_qa/none", None),
     "social_iqa": ("social_i_qa/none", None),
+    # One folder per subject below this one; `load_split` concatenates them in subject order.
+    "mmlu": ("hails/mmlu_no_train", None),
 }
+
+# Data sets stored as one sub-folder per subject.
+MULTI_SUBJECT = {"mmlu"}
 
 
 def data_root() -> Path:
@@ -55,8 +60,12 @@ def load_split(dataset: str, split: str = "validation") -> list[dict]:
         from optforge.recipe import suggest
 
         raise DataError(f"unknown dataset '{dataset}'.{suggest(dataset, DATASETS)} Known: {', '.join(sorted(DATASETS))}")
-    folder = data_root() / DATASETS[dataset][0] / split
+    base = data_root() / DATASETS[dataset][0]
+    folder = base / split
     files = sorted(folder.glob("*.arrow"))
+    if dataset in MULTI_SUBJECT:
+        folder = base / "*" / split
+        files = sorted(base.glob(f"*/{split}/*.arrow"))
     if not files:
         raise DataError(f"dataset '{dataset}' has no split '{split}' (looked in {folder})")
     rows: list[dict] = []

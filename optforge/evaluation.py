@@ -1,4 +1,9 @@
-"""Run a recipe's evals on a model directory, with results cached by (model digest, eval config)."""
+"""Run a recipe's evals on a model directory, with results cached by (model digest, eval config).
+
+Results are a dict {metric name: result dict}. Every result has `value`, `n`, `seconds` and `per_example`
+(what paired gates compare; stripped from the manifest, kept in the cache). Metric names: `perplexity`, and
+per task `<task>.acc` and `<task>.acc_norm` (where the task defines it).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,24 @@ from typing import Callable
 from optforge.artifact import ModelArtifact
 from optforge.cache import Cache
 from optforge.hashing import sha256_json
-from optforge.recipe import EvalSpec
+from optforge.recipe import EvalSpec, TaskSpec
 
 log = logging.getLogger(__name__)
+
+
+class _LazyModel:
+    """Loads the model on first use, so a run answered entirely from the cache never loads it."""
+
+    def __init__(self, artifact: ModelArtifact, dtype: str, device: str):
+        self.artifact, self.dtype, self.device = artifact, dtype, device
+        self._loaded = None
+
+    def get(self):
+        if self._loaded is None:
+            from optforge.runtime.loader import load_model
+
+            self._loaded = load_model(self.artifact.path, dtype=self.dtype, device=self.device)
+        return self._loaded
 
 
 def run_evals(artifact: ModelArtifact, spec: EvalSpec, *, dtype: str, cache: Cache, device: str = "cpu", progress: Callable | None = None) -> tuple[dict[str, dict], bool]:
@@ -19,26 +39,79 @@ def run_evals(artifact: ModelArtifact, spec: EvalSpec, *, dtype: str, cache: Cac
 
     results: dict[str, dict] = {}
     all_cached = True
+    model = _LazyModel(artifact, dtype, device)
     if spec.perplexity is not None:
         key = sha256_json({"model": artifact.digest, "eval": spec.perplexity.model_dump(), "dtype": dtype, "v": EVAL_VERSION})
         hit = cache.get_json("evals", key)
         if hit is None:
             all_cached = False
-            hit = _perplexity(artifact, spec, dtype, device, progress)
+            hit = _perplexity(model, spec, progress)
             cache.put_json("evals", key, hit)
         results["perplexity"] = hit
+    for task in spec.tasks:
+        task_result, cached = run_task(artifact, task, dtype=dtype, cache=cache, model=model, progress=progress)
+        all_cached = all_cached and cached
+        results.update(task_metrics(task_result))
     return results, all_cached
 
 
-def _perplexity(artifact: ModelArtifact, spec: EvalSpec, dtype: str, device: str, progress) -> dict:
+def task_cache_key(artifact: ModelArtifact, task: TaskSpec, dtype: str) -> str:
+    from optforge.evals.tasks import TASKS_VERSION, get_task, task_docs
+
+    definition = get_task(task.name)
+    docs, first = task_docs(definition, task.rows, task.limit)
+    # batch_size changes only speed, so it stays out of the key; the rows actually scored go in.
+    return sha256_json({"model": artifact.digest, "task": task.name, "rows": [first, first + len(docs)], "dtype": dtype, "v": TASKS_VERSION})
+
+
+def run_task(artifact: ModelArtifact, task: TaskSpec, *, dtype: str, cache: Cache, model: _LazyModel | None = None, device: str = "cpu", progress: Callable | None = None) -> tuple[dict, bool]:
+    """One task's TaskResult as a dict, from the cache when this model and rows were scored before."""
+    key = task_cache_key(artifact, task, dtype)
+    hit = cache.get_json("evals", key)
+    if hit is not None:
+        log.info("%s: cached (%s)", task.name, key[:12])
+        return hit, True
+    from optforge.evals.lm import HFLM
+    from optforge.evals.tasks import evaluate_task
+
+    loaded, tokenizer = (model or _LazyModel(artifact, dtype, device)).get()
+    lm = HFLM(loaded, tokenizer, batch_size=task.batch_size, progress=progress)
+    result = evaluate_task(lm, task.name, limit=task.limit, rows=task.rows)
+    out = result.to_dict()
+    cache.put_json("evals", key, out)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if not k.endswith("_stderr"))
+    log.info("%s: %s on %d documents (%.1fs, %.0f tok/s)", task.name, summary, result.n, result.seconds, result.tokens_per_s or 0.0)
+    return out, False
+
+
+def task_metrics(result: dict) -> dict[str, dict]:
+    """Flatten a TaskResult dict into gate-readable metrics `<task>.<metric>`."""
+    field = {"acc": "correct", "acc_norm": "acc_norm"}
+    out = {}
+    for metric, value in result["metrics"].items():
+        if metric.endswith("_stderr"):
+            continue
+        out[f"{result['task']}.{metric}"] = {
+            "metric": f"{result['task']}.{metric}",
+            "value": value,
+            "stderr": result["metrics"].get(f"{metric}_stderr"),
+            "n": result["n"],
+            "seconds": result["seconds"],
+            "tokens_per_s": result.get("tokens_per_s"),
+            "rows": result["config"]["rows"],
+            "per_example": {"correct": [ex[field[metric]] for ex in result["per_example"]]},
+        }
+    return out
+
+
+def _perplexity(model: _LazyModel, spec: EvalSpec, progress) -> dict:
     from optforge.evals.datasets import load_texts
     from optforge.evals.perplexity import perplexity
-    from optforge.runtime.loader import load_model
 
     ppl = spec.perplexity
-    model, tokenizer = load_model(artifact.path, dtype=dtype, device=device)
+    loaded, tokenizer = model.get()
     texts = load_texts(ppl)
-    result = perplexity(model, tokenizer, texts, max_length=ppl.max_length, batch_size=ppl.batch_size, progress=progress)
+    result = perplexity(loaded, tokenizer, texts, max_length=ppl.max_length, batch_size=ppl.batch_size, progress=progress)
     out = result.to_dict()
     out["rows"] = {"dataset": ppl.dataset, "split": ppl.split, "rows": list(ppl.rows)}
     log.info("perplexity %.4f on %d passages (%d tokens, %.1fs)", result.value, out["n"], out["tokens"], result.seconds)

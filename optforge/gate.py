@@ -1,9 +1,20 @@
-"""Quality gates: compare a pass's metrics with its baseline's and decide. Evaluated by the core, not by passes."""
+"""Quality gates: compare a pass's per-example results with its baseline's, paired, and decide.
+
+Evaluated by the core, never by a pass. A gate names a metric and the largest allowed drop; the drop's
+interval (at the gate's confidence) comes from `optforge.evals.stats`:
+- perplexity: paired bootstrap over passages of log(ppl_new / ppl_base), reported as percent increase;
+- accuracy (`<task>.acc`, `<task>.acc_norm`): Agresti-Min interval on the paired difference in points, with
+  McNemar's exact p-value alongside.
+Verdict: pass when the whole interval is within the threshold, fail when all of it is beyond, else undecided
+with the number of items that would likely decide; the recipe's `on_undecided` says what undecided does.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
+from optforge.errors import RecipeError
 from optforge.recipe import GateSpec
 
 # Metrics where lower is better (an increase is a regression).
@@ -15,40 +26,105 @@ class GateResult:
     metric: str
     baseline: float
     measured: float
-    # The largest measured value that still passes, in the metric's units.
+    # The point value at the threshold (the largest perplexity or smallest accuracy a sure pass allows).
     threshold: float
     passed: bool
-    # Human-readable rule, e.g. "perplexity increase <= 1.0% of baseline".
+    # Human-readable rule, e.g. "perplexity increase <= 1.0% of baseline at 95% confidence".
     rule: str
     change_pct: float
+    # "pass" | "fail" | "undecided"; `passed` also depends on the recipe's on_undecided.
+    verdict: str
+    # The drop (positive = worse; percent for perplexity, points for accuracy) and its interval.
+    drop: float
+    ci_low: float
+    ci_high: float
+    max_drop: float
+    confidence: float
+    n: int
+    needed_n: int | None
+    method: str
+    p_value: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
-        return (
-            f"{self.metric}: baseline {self.baseline:.4f}, measured {self.measured:.4f} "
-            f"({self.change_pct:+.2f}%), threshold {self.threshold:.4f} ({self.rule})"
+        unit = "%" if self.metric in LOWER_IS_BETTER else " pts"
+        text = (
+            f"{self.metric}: baseline {self.baseline:.4f}, measured {self.measured:.4f}; drop {self.drop:+.2f}{unit} "
+            f"[{self.ci_low:+.2f}, {self.ci_high:+.2f}] at {self.confidence:.0%} on n={self.n} vs allowed {self.max_drop:.2f}{unit}: {self.verdict}"
         )
+        if self.verdict == "undecided":
+            text += f" (about {self.needed_n} items would decide)" if self.needed_n else " (the drop sits on the threshold)"
+        return text
+
+
+def resolve_metric(name: str, available: dict) -> str:
+    """`arc_easy` means `arc_easy.acc_norm` where the task has it, else `arc_easy.acc`."""
+    if name in available:
+        return name
+    for suffix in (".acc_norm", ".acc"):
+        if name + suffix in available:
+            return name + suffix
+    raise RecipeError(f"gate metric '{name}' is not computed by this recipe's evals (computed: {', '.join(sorted(available)) or 'none'}); enable it under data.eval")
 
 
 def evaluate_gate(spec: GateSpec, baseline: dict[str, dict], measured: dict[str, dict]) -> GateResult:
-    if spec.metric not in measured or spec.metric not in baseline:
-        from optforge.errors import RecipeError
+    from optforge.evals import stats
 
-        raise RecipeError(f"gate metric '{spec.metric}' is not computed by this recipe's evals (computed: {', '.join(sorted(measured)) or 'none'}); enable it under data.eval")
-    base = float(baseline[spec.metric]["value"])
-    value = float(measured[spec.metric]["value"])
-    change_pct = (value - base) / base * 100.0
-    if spec.metric not in LOWER_IS_BETTER:
-        raise NotImplementedError(f"gate on '{spec.metric}': only lower-is-better metrics take max_increase_pct")
-    threshold = base * (1.0 + spec.max_increase_pct / 100.0)
+    metric = resolve_metric(spec.metric, measured)
+    if metric not in baseline:
+        raise RecipeError(f"gate metric '{metric}' is missing from the baseline's evals")
+    base, new = baseline[metric], measured[metric]
+    base_value, new_value = float(base["value"]), float(new["value"])
+    if metric in LOWER_IS_BETTER:
+        interval = _perplexity_interval(base["per_example"], new["per_example"], spec.confidence)
+        drop, low, high = (100.0 * math.expm1(x) for x in (interval.diff, interval.low, interval.high))
+        max_drop = float(spec.max_increase_pct)
+        threshold = base_value * (1.0 + max_drop / 100.0)
+        rule = f"{metric} increase <= {max_drop}% of baseline"
+        p_value = None
+    else:
+        b, m = base["per_example"]["correct"], new["per_example"]["correct"]
+        if len(b) != len(m):
+            raise RecipeError(f"gate on '{metric}': baseline has {len(b)} items, measured {len(m)}; paired gates need the same items")
+        interval = stats.paired_proportion_interval(b, m, confidence=spec.confidence)
+        drop, low, high = -100.0 * interval.diff, -100.0 * interval.high, -100.0 * interval.low
+        max_drop = float(spec.max_drop) if spec.max_drop is not None else float(spec.max_drop_pct) * base_value
+        threshold = base_value - max_drop / 100.0
+        rule = f"{metric} drop <= {max_drop:.2f} points" + (f" ({spec.max_drop_pct}% of baseline)" if spec.max_drop_pct is not None else "")
+        p_value = stats.mcnemar(b, m).p_value
+    decided = stats.verdict(drop, low, high, max_drop, interval.n)
+    passed = decided.verdict == "pass" or (decided.verdict == "undecided" and spec.on_undecided == "pass")
     return GateResult(
-        metric=spec.metric,
-        baseline=base,
-        measured=value,
+        metric=metric,
+        baseline=base_value,
+        measured=new_value,
         threshold=threshold,
-        passed=value <= threshold,
-        rule=f"{spec.metric} increase <= {spec.max_increase_pct}% of baseline",
-        change_pct=change_pct,
+        passed=passed,
+        rule=f"{rule} at {spec.confidence:.0%} confidence",
+        change_pct=(new_value - base_value) / base_value * 100.0 if base_value else 0.0,
+        verdict=decided.verdict,
+        drop=drop,
+        ci_low=low,
+        ci_high=high,
+        max_drop=max_drop,
+        confidence=spec.confidence,
+        n=interval.n,
+        needed_n=decided.needed_n,
+        method=interval.method,
+        p_value=p_value,
     )
+
+
+def _perplexity_interval(base: dict, new: dict, confidence: float):
+    """Paired bootstrap of log(ppl_new) - log(ppl_base); ppl = exp(sum nll / sum tokens) over passages."""
+    import numpy as np
+
+    from optforge.evals import stats
+
+    if base["tokens"] != new["tokens"]:
+        raise RecipeError("gate on perplexity: baseline and measured scored different passages or token counts; paired gates need the same items")
+    b = np.column_stack([base["nll"], base["tokens"]])
+    m = np.column_stack([new["nll"], new["tokens"]])
+    return stats.paired_bootstrap(b, m, statistic=lambda x: float(x[:, 0].sum() / max(x[:, 1].sum(), 1.0)), confidence=confidence)

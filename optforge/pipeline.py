@@ -16,6 +16,7 @@ from optforge.evaluation import run_evals
 from optforge.gate import evaluate_gate
 from optforge.pass_ import Pass, get_pass, make_config
 from optforge.recipe import PassSpec, Recipe
+from optforge.report import write_junit, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,10 @@ class BuildResult:
     seconds: float
 
 
-def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None) -> BuildResult:
-    """Build a recipe (object, dict or YAML path). Raises GateFailed (nothing written) when a gate fails."""
+def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None, junit: str | Path | None = None) -> BuildResult:
+    """Build a recipe (object, dict or YAML path). Raises GateFailed (nothing written) when a gate fails.
+
+    `junit`: also write each gate as a JUnit test case to this file, whether the build passes or not."""
     from optforge.manifest import make_manifest
     from optforge.recipe import load_recipe, parse_recipe
     from optforge.sources import resolve_source
@@ -80,12 +83,20 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     source_metrics, _ = run_evals(source, recipe.data.eval, dtype=recipe.model.dtype, cache=cache, device=device, progress=progress)
     current, current_metrics = source, source_metrics
     records: list[PassRecord] = []
-    for index, spec in enumerate(recipe.passes):
-        current, current_metrics, record = _run_pass(index, spec, recipe, current, current_metrics, source_metrics, cache, calibration, device, progress)
-        records.append(record)
+    try:
+        for index, spec in enumerate(recipe.passes):
+            current, current_metrics, record = _run_pass(index, spec, recipe, current, current_metrics, source_metrics, cache, calibration, device, progress)
+            records.append(record)
+    except GateFailed as exc:
+        if junit:
+            write_junit(junit, recipe.name, [r.to_dict() for r in records], failed=(exc.pass_name, exc.result))
+        raise
+    if junit:
+        write_junit(junit, recipe.name, [r.to_dict() for r in records])
 
     with staging_dir(out_path) as tmp:
         copy_model_files(current.path, tmp)
+        write_reports(tmp, recipe.name, _summaries(source_metrics), [r.to_dict() for r in records])
         make_manifest(tmp, recipe=recipe, recipe_text=recipe_text, source=source_info, source_metrics=source_metrics, records=records, device=device, memo=cache.memo)
     manifest = __import__("json").loads((out_path / MANIFEST_FILE).read_text())
     return BuildResult(output=out_path, manifest=manifest, seconds=time.perf_counter() - started)
@@ -125,7 +136,7 @@ def _run_pass(index, spec: PassSpec, recipe: Recipe, current: ModelArtifact, cur
         record.gate = gate.to_dict()
         if not gate.passed:
             raise GateFailed(p.name, gate.describe(), gate.to_dict())
-        log.info("gate after %s passed: %s", p.name, gate.describe())
+        log.info("gate after %s %s: %s", p.name, "passed" if gate.verdict == "pass" else "passed (undecided, on_undecided: pass)", gate.describe())
     return result, metrics, record
 
 

@@ -69,9 +69,35 @@ class PerplexitySpec(DataSlice):
     batch_size: int = Field(default=8, gt=0)
 
 
+class TaskSpec(_Strict):
+    # Task name, see `optforge.evals.tasks.TASKS` (arc_easy, hellaswag, piqa, winogrande, boolq, ...).
+    name: str
+    # Score only the first `limit` documents (of `rows` when given); None scores them all.
+    limit: int | None = Field(default=None, gt=0)
+    # Half-open document range [start, stop) of the task's split; None is the whole split.
+    rows: tuple[int, int] | None = None
+    # Sequences per forward pass for requests that do not share a context.
+    batch_size: int = Field(default=16, gt=0)
+
+    def selected_rows(self, total: int) -> tuple[int, int]:
+        start, stop = self.rows or (0, total)
+        return start, min(stop, start + self.limit) if self.limit else stop
+
+
 class EvalSpec(_Strict):
     # Perplexity on held-out passages; None disables it.
     perplexity: PerplexitySpec | None = PerplexitySpec()
+    # Multiple-choice tasks scored like lm-evaluation-harness; each adds metrics `<task>.acc` (and
+    # `<task>.acc_norm` where the task defines it), which gates can name.
+    tasks: list[TaskSpec] = Field(default_factory=list)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _names_to_specs(cls, tasks: Any) -> Any:
+        # `tasks: [arc_easy, hellaswag]` is short for `tasks: [{name: arc_easy}, {name: hellaswag}]`.
+        if isinstance(tasks, list):
+            return [{"name": t} if isinstance(t, str) else t for t in tasks]
+        return tasks
 
 
 class DataSpec(_Strict):
@@ -81,17 +107,33 @@ class DataSpec(_Strict):
 
 
 class GateSpec(_Strict):
-    # Metric the gate reads, e.g. `perplexity`.
+    # Metric the gate reads: `perplexity`, `<task>.acc`, `<task>.acc_norm`, or `<task>` (its acc_norm where
+    # defined, else acc). The task must be listed under data.eval.tasks.
     metric: str
-    # Largest allowed increase of a lower-is-better metric, in percent of the baseline.
+    # Largest allowed increase of a lower-is-better metric (perplexity), in percent of the baseline.
     max_increase_pct: float | None = Field(default=None, ge=0)
+    # Largest allowed drop of a higher-is-better metric (accuracy), in absolute points (1 point = 0.01).
+    max_drop: float | None = Field(default=None, ge=0)
+    # Largest allowed drop of a higher-is-better metric, in percent of the baseline.
+    max_drop_pct: float | None = Field(default=None, ge=0)
+    # Two-sided confidence of the interval on the paired difference; the gate passes only when the whole
+    # interval is within the threshold and fails only when the whole interval is beyond it.
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    # What an undecided gate (too few items to tell either way) does to the build.
+    on_undecided: Literal["pass", "fail"] = "fail"
     # What the gate compares against: the model before this pass, or the source model.
     baseline: Literal["previous", "source"] = "previous"
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "GateSpec":
-        if self.max_increase_pct is None:
-            raise ValueError("a gate needs a threshold: set max_increase_pct")
+        given = [k for k in ("max_increase_pct", "max_drop", "max_drop_pct") if getattr(self, k) is not None]
+        if len(given) != 1:
+            found = f"found {', '.join(given)}" if given else "found none"
+            raise ValueError(f"a gate needs exactly one threshold: max_increase_pct (perplexity), max_drop (points) or max_drop_pct ({found})")
+        if self.metric == "perplexity" and self.max_increase_pct is None:
+            raise ValueError("perplexity is lower-is-better: give its threshold as max_increase_pct")
+        if self.metric != "perplexity" and self.max_increase_pct is not None:
+            raise ValueError(f"'{self.metric}' is higher-is-better: give its threshold as max_drop (points) or max_drop_pct")
         return self
 
 
@@ -126,6 +168,29 @@ class Recipe(_Strict):
                 f"calibration rows {list(calib.rows)} overlap perplexity eval rows {list(ppl.rows)} of "
                 f"{calib.dataset}/{calib.split}; calibration and evaluation text must be disjoint"
             )
+        for task in self.data.eval.tasks:
+            # Only boolq's documents are also running text that calibration can use.
+            if calib is not None and task.name == calib.dataset == "boolq" and calib.split == "validation":
+                start, stop = task.selected_rows(10**9)
+                if start < calib.rows[1] and calib.rows[0] < stop:
+                    raise ValueError(
+                        f"task boolq rows [{start}, {stop}) overlap calibration rows {list(calib.rows)}; "
+                        f"set the task's rows or limit so calibration and evaluation text stay disjoint"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _gates_read_computed_metrics(self) -> "Recipe":
+        tasks = {t.name for t in self.data.eval.tasks}
+        for i, spec in enumerate(self.passes):
+            gate = spec.gate
+            if gate is None:
+                continue
+            if gate.metric == "perplexity":
+                if self.data.eval.perplexity is None:
+                    raise ValueError(f"passes[{i}].gate reads perplexity, but data.eval.perplexity is disabled")
+            elif gate.metric.split(".")[0] not in tasks:
+                raise ValueError(f"passes[{i}].gate reads '{gate.metric}', but task '{gate.metric.split('.')[0]}' is not under data.eval.tasks (listed: {sorted(tasks) or 'none'})")
         return self
 
 

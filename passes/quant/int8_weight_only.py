@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from optforge.artifact import ModelArtifact, write_layout
+from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
@@ -35,16 +35,17 @@ def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 @register
 class Int8WeightOnly(Pass):
     name = "quant.int8_weight_only"
-    version = 1
+    version = 2  # 2: writes the compressed-tensors quantization_config and the precision table
     Config = Int8WeightOnlyConfig
     requires = frozenset({"hf_causal_lm", "float_weights"})
     produces = frozenset({"hf_causal_lm", "quantized_weights"})
     removes = frozenset({"float_weights"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.passes.quant.output import write_quantized
         from optforge.passes.quant.targets import select_linears
         from optforge.runtime.layers import swap_linear
-        from optforge.runtime.loader import load_model, save_model
+        from optforge.runtime.loader import load_model
 
         model, tokenizer = load_model(artifact.path, dtype=ctx.model.dtype)
         targets = select_linears(model, self.config.include, self.config.exclude)
@@ -60,8 +61,5 @@ class Int8WeightOnly(Pass):
             if linear.bias is not None:
                 new.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
             advance(1)
-        save_model(model, tokenizer, ctx.output_dir)
-        modules = {**artifact.quantized_modules, **{name: spec for name in targets}}
-        props = (artifact.properties - self.removes) | self.produces
-        write_layout(ctx.output_dir, properties=props, modules=modules, extra={"architecture": artifact.layout.get("architecture")})
-        return ModelArtifact.open(ctx.output_dir)
+        modules = {name: spec for name in targets}
+        return write_quantized(model, tokenizer, artifact, self, ctx, modules, {"method": "rtn", "calibrated": False})

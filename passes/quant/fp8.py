@@ -1,0 +1,94 @@
+"""FP8 (E4M3) weights and activations: the W8A8-FP8 scheme of Hopper-class GPUs (Micikevicius et al., 2022).
+
+Weights are scaled per output channel or per tensor so their max maps to 448 (E4M3's largest value) and
+cast. Activations are either dynamic (one scale per token computed at run time, no calibration) or static
+(one per-tensor scale per Linear from the max |x| seen on the recipe's calibration text; cheaper at run
+time, clipped if serving sees larger values). Runs on `runtime.layers.Fp8Linear`: `torch._scaled_mm` on
+CUDA sm89+, E4M3-rounded float matmul elsewhere. Limits: no SmoothQuant-style smoothing; a Linear that
+sees no calibration signal in static mode is an error (never a zero scale).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import torch
+
+from optforge.artifact import ModelArtifact
+from optforge.context import PassContext
+from optforge.errors import PassError
+from optforge.pass_ import Pass, config, option, register
+
+log = logging.getLogger(__name__)
+
+
+@config
+class Fp8Config:
+    strategy: Literal["channel", "tensor"] = option("channel", "weight scales: one per output channel, or one per tensor")
+    dynamic: bool = option(True, "activation scales per token at run time (true) or static per tensor from calibration (false)")
+    include: tuple[str, ...] = option((r".*",), "regexes (re.search) of Linear names to quantize")
+    exclude: tuple[str, ...] = option((r"(^|\.)lm_head$",), "regexes of Linear names kept in full precision; wins over include")
+    num_samples: int | None = option(None, "calibration passages used for static scales (null: all the recipe's rows)")
+
+
+@torch.no_grad()
+def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samples: list[torch.Tensor]) -> dict[str, float]:
+    """Max |x| each Linear sees over the samples (running max only: memory does not grow with samples)."""
+    from optforge.passes.quant.calibration import watch_inputs
+
+    amax = dict.fromkeys(linears, 0.0)
+
+    def record(name, x):
+        amax[name] = max(amax[name], float(x.abs().max()))
+
+    with watch_inputs(linears, record):
+        for ids in samples:
+            model(input_ids=ids, use_cache=False)
+    return amax
+
+
+@register
+class Fp8(Pass):
+    name = "quant.fp8"
+    version = 1
+    Config = Fp8Config
+    requires = frozenset({"hf_causal_lm", "float_weights"})
+    produces = frozenset({"hf_causal_lm", "quantized_weights", "quantized_activations"})
+    removes = frozenset({"float_weights"})
+
+    @property
+    def uses_calibration(self) -> bool:
+        return not self.config.dynamic  # only static activation scales read the calibration text
+
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.passes.quant.calibration import calibration_samples
+        from optforge.passes.quant.output import write_quantized
+        from optforge.passes.quant.targets import select_linears
+        from optforge.runtime.layers import swap_linear
+        from optforge.runtime.loader import load_model
+
+        cfg = self.config
+        model, tokenizer = load_model(artifact.path, dtype="float32")
+        targets = select_linears(model, cfg.include, cfg.exclude)
+        if not targets:
+            raise PassError(self.name, f"no Linear layer matches include={cfg.include} exclude={cfg.exclude}")
+        started = time.perf_counter()
+        report: dict = {"method": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
+        amax: dict[str, float] = {}
+        if not cfg.dynamic:
+            samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
+            amax = input_amax(model, targets, samples)
+            silent = sorted(n for n, v in amax.items() if v <= 0.0)
+            if silent:
+                raise PassError(self.name, f"{len(silent)} Linear(s) saw no calibration signal (e.g. {silent[0]}): a static scale would be zero; use dynamic: true or more calibration rows")
+            report.update(samples=len(samples), input_amax={n: round(v, 4) for n, v in amax.items()})
+        spec = {"scheme": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
+        for name, linear in targets.items():
+            new = swap_linear(model, name, spec)
+            new.set_float(linear.weight, input_amax=amax.get(name))
+            if linear.bias is not None:
+                new.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        report["calibration_seconds"] = round(time.perf_counter() - started, 2)
+        return write_quantized(model, tokenizer, artifact, self, ctx, dict.fromkeys(targets, spec), report)

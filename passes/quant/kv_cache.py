@@ -1,0 +1,84 @@
+"""KV-cache quantization: per-layer FP8 (E4M3) or INT8 scales for keys and values, recorded for the runtime.
+
+The cache stores K (after RoPE) and V per layer; one symmetric per-tensor scale each, max |K| / qmax, from
+the recipe's calibration text (as vLLM's and TensorRT-LLM's FP8 KV caches use). The weights are not
+touched: the pass copies the model and adds `kv_cache` to optforge.json:
+`{"dtype": "fp8" | "int8", "scales": {layer index: {"k": float, "v": float}}, "margin": float}`.
+`runtime.layers.apply_kv_cache_layout(model, layout["kv_cache"])` makes an HF model read K/V rounded
+through those scales, so evals see what serving with the quantized cache sees. Limits: per-tensor scales
+only (no per-head); values beyond the calibrated max are clipped (`margin` widens the range); HF
+attention modules must carry `layer_idx`, and a layer never reached by calibration is an error.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+
+from optforge.artifact import ModelArtifact, copy_model_files, write_layout
+from optforge.context import PassContext
+from optforge.errors import PassError
+from optforge.pass_ import Pass, config, option, register
+
+
+@config
+class KvCacheConfig:
+    dtype: Literal["fp8", "int8"] = option("fp8", "storage type of cached keys and values")
+    margin: float = option(1.0, "multiplier (>= 1) on the calibrated max |K|, |V| before it becomes the scale")
+    num_samples: int | None = option(None, "calibration passages used (null: all the recipe's rows)")
+
+
+@torch.no_grad()
+def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor]) -> dict[int, tuple[float, float]]:
+    """{layer index: (max |K|, max |V|)} over the samples, K after RoPE as the cache stores it."""
+    from optforge.runtime.layers import attention_layers, use_kv_attention
+
+    layers = attention_layers(model)
+    state = {idx: {"observed": (0.0, 0.0)} for idx in layers}
+    previous = model.config._attn_implementation
+    use_kv_attention(model, state)
+    try:
+        for ids in samples:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for module in layers.values():
+            module.kv_quant = None
+        model.config._attn_implementation = previous
+    return {idx: s["observed"] for idx, s in state.items()}
+
+
+@register
+class KvCacheQuant(Pass):
+    name = "quant.kv_cache"
+    version = 1
+    Config = KvCacheConfig
+    requires = frozenset({"hf_causal_lm"})
+    produces = frozenset({"quantized_kv_cache"})
+    uses_calibration = True
+
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.passes.quant.calibration import calibration_samples
+        from optforge.runtime.layers import KV_QMAX, attention_layers
+        from optforge.runtime.loader import load_model
+
+        cfg = self.config
+        if cfg.margin < 1.0:
+            raise PassError(self.name, f"margin must be >= 1 (it widens the calibrated range), found {cfg.margin}")
+        started = time.perf_counter()
+        model, tokenizer = load_model(artifact.path, dtype="float32")
+        if not attention_layers(model):
+            raise PassError(self.name, f"{type(model).__name__} has no attention modules with `layer_idx` and `k_proj`; KV-cache quantization supports HF decoder-only attention")
+        observed = calibrate_kv(model, calibration_samples(self.name, tokenizer, ctx, cfg.num_samples))
+        silent = sorted(idx for idx, (k, v) in observed.items() if k <= 0.0 or v <= 0.0)
+        if silent:
+            raise PassError(self.name, f"attention layers {silent} saw no calibration signal; a zero KV scale would be wrong. Add calibration rows")
+        qmax = KV_QMAX[cfg.dtype]
+        scales = {str(idx): {"k": k * cfg.margin / qmax, "v": v * cfg.margin / qmax} for idx, (k, v) in sorted(observed.items())}
+        copy_model_files(artifact.path, ctx.output_dir)
+        kv = {"dtype": cfg.dtype, "margin": cfg.margin, "scales": scales, "calibration_seconds": round(time.perf_counter() - started, 2)}
+        extra = {k: v for k, v in artifact.layout.items() if k not in ("format", "properties", "modules")}
+        extra["kv_cache"] = kv
+        write_layout(ctx.output_dir, properties=(artifact.properties - self.removes) | self.produces, modules=artifact.quantized_modules, extra=extra)
+        return ModelArtifact.open(ctx.output_dir)

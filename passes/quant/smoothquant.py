@@ -1,0 +1,163 @@
+"""SmoothQuant W8A8: INT8 weights per output channel x INT8 activations per token (Xiao et al., 2023).
+
+Activations of LLMs have a few outlier input channels that ruin a per-token INT8 grid; weights do not.
+SmoothQuant moves that difficulty into the weights: per input channel j, s_j = max|X_j|^alpha / max|W_j|^(1 -
+alpha), W' = W * s and the op producing X (an RMSNorm, or `up_proj`'s rows for `down_proj`) is divided by s,
+which leaves the float model unchanged. Then W' is rounded per output channel and the runtime
+(`runtime.layers.W8A8Linear`) quantizes each token's activations at run time and multiplies int8 x int8.
+alpha is fixed or searched per Linear group on calibration rows (output error of the W8A8 product).
+Layer by layer (`calibration.run_layerwise`): each decoder layer is smoothed and quantized before the next
+sees its outputs. Limits: `o_proj` is not smoothed (no foldable op before it under GQA); architectures need
+a folding map (shared with AWQ) and others fail naming the decoder layer; no static activation scales.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from optforge.artifact import ModelArtifact
+from optforge.context import PassContext
+from optforge.errors import PassError
+from optforge.pass_ import Pass, config, option, register
+
+log = logging.getLogger(__name__)
+
+
+@config
+class SmoothQuantConfig:
+    alpha: float | None = option(None, "migration strength in [0, 1]; null searches `alpha_grid` per Linear group")
+    alpha_grid: tuple[float, ...] = option((0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "alpha values tried when alpha is null")
+    include: tuple[str, ...] = option((r".*",), "regexes (re.search) of Linear names to quantize")
+    exclude: tuple[str, ...] = option((r"(^|\.)lm_head$",), "regexes of Linear names kept in full precision; wins over include")
+    num_samples: int | None = option(None, "calibration passages used (null: all the recipe's rows)")
+    max_rows: int = option(2048, "input rows per Linear group kept for the alpha search (bounds memory)")
+
+
+def fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) @ w (out, in).T with both rounded as W8A8Linear rounds them (reference numerics)."""
+    from optforge.runtime.layers import quantize_rows_int8
+
+    xq, xs = quantize_rows_int8(x)
+    wq, ws = quantize_rows_int8(w)
+    return (xq.float() @ wq.float().T) * xs * ws.T
+
+
+def smoothing_scale(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """s (in,) = max|X_j|^alpha / max|W_j|^(1 - alpha), over all Linears reading X; never 0 or inf."""
+    w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+    s = act_max.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)
+    return s.clamp(min=1e-5, max=1e5)
+
+
+def choose_alpha(x: torch.Tensor, act_max: torch.Tensor, weights: list[torch.Tensor], alphas: tuple[float, ...]) -> tuple[float, float]:
+    """(alpha, relative output error) minimizing the W8A8 error of the Linears on rows x (rows, in)."""
+    refs = [x @ w.T for w in weights]
+    norm = sum(float((y**2).mean()) for y in refs)
+    best = (alphas[0], float("inf"))
+    for alpha in alphas:
+        s = smoothing_scale(act_max, weights, alpha)
+        err = sum(float(((fake_w8a8(x / s, w * s) - y) ** 2).mean()) for w, y in zip(weights, refs))
+        if err < best[1]:
+            best = (alpha, err)
+    return best[0], best[1] / max(norm, 1e-30)
+
+
+def swap_w8a8(model: nn.Module, name: str, spec: dict) -> None:
+    from optforge.runtime.layers import swap_linear
+
+    linear = model.get_submodule(name)
+    new = swap_linear(model, name, spec)
+    new.set_float(linear.weight)
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+
+@register
+class SmoothQuant(Pass):
+    name = "quant.smoothquant"
+    version = 1
+    Config = SmoothQuantConfig
+    requires = frozenset({"hf_causal_lm", "float_weights"})
+    produces = frozenset({"hf_causal_lm", "quantized_weights", "quantized_activations"})
+    removes = frozenset({"float_weights"})
+    uses_calibration = True
+
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.passes.quant.awq import FOLDS
+        from optforge.passes.quant.calibration import calibration_samples, decoder_layers, run_layerwise
+        from optforge.passes.quant.output import write_quantized
+        from optforge.passes.quant.targets import select_linears
+        from optforge.runtime.loader import load_model
+
+        cfg = self.config
+        if cfg.alpha is not None and not 0.0 <= cfg.alpha <= 1.0:
+            raise PassError(self.name, f"alpha must be in [0, 1] or null (searched), found {cfg.alpha}")
+        model, tokenizer = load_model(artifact.path, dtype="float32")
+        folds = FOLDS.get(model.config.model_type)
+        if folds is None:
+            layer = type(decoder_layers(model, self.name)[0]).__name__
+            raise PassError(self.name, f"no scale-folding map for architecture '{model.config.model_type}' (decoder layer {layer}); supported: {', '.join(sorted(FOLDS))}")
+        targets = select_linears(model, cfg.include, cfg.exclude)
+        if not targets:
+            raise PassError(self.name, f"no Linear layer matches include={cfg.include} exclude={cfg.exclude}")
+        started = time.perf_counter()
+        samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
+        spec = {"scheme": "w8a8_int8", "method": "smoothquant"}
+        report = {"method": "smoothquant", "samples": len(samples), "alphas": {}, "errors": {}, "unsmoothed": [], "uncalibrated": []}
+        visit = self._visitor(model, targets, folds, spec, report, max(1, cfg.max_rows // len(samples)))
+        run_layerwise(model, samples, visit, pass_name=self.name, progress=ctx.progress)
+        for name in sorted(set(targets) - set(report["done"])):
+            swap_w8a8(model, name, spec)  # outside the decoder layers (e.g. an included lm_head)
+            report["unsmoothed"].append(name)
+        report.pop("done")
+        report["calibration_seconds"] = round(time.perf_counter() - started, 2)
+        return write_quantized(model, tokenizer, artifact, self, ctx, dict.fromkeys(targets, spec), report)
+
+    def _visitor(self, model, targets, folds, spec, report, rows_per_sample):
+        from optforge.passes.quant.awq import divide_output
+        from optforge.passes.quant.calibration import watch_inputs
+
+        cfg = self.config
+        names = {id(m): n for n, m in model.named_modules()}
+        report["done"] = []
+
+        def visit(index, layer, forward_all):
+            prefix = names[id(layer)]
+            heads = {op: layer.get_submodule(fed[0]) for op, fed in folds if all(f"{prefix}.{n}" in targets for n in fed)}
+            act_max = {op: torch.zeros(m.in_features) for op, m in heads.items()}
+            kept: dict[str, list] = {op: [] for op in heads}
+
+            def record(op, x):  # x (tokens, in)
+                act_max[op] = torch.maximum(act_max[op], x.abs().amax(0))
+                kept[op].append(x[torch.randperm(x.shape[0])[:rows_per_sample]])
+
+            with watch_inputs(heads, record):
+                forward_all()
+            for op, fed in folds:
+                if op not in heads:
+                    continue
+                if not kept[op]:
+                    report["uncalibrated"].append(f"{prefix}.{op}")
+                    continue
+                linears = [layer.get_submodule(n) for n in fed]
+                weights = [lin.weight.detach() for lin in linears]
+                grid = (cfg.alpha,) if cfg.alpha is not None else cfg.alpha_grid
+                alpha, err = choose_alpha(torch.cat(kept.pop(op)), act_max[op], weights, grid)
+                s = smoothing_scale(act_max[op], weights, alpha)
+                divide_output(layer.get_submodule(op), s)
+                for lin in linears:
+                    lin.weight.data *= s
+                report["alphas"][f"{prefix}.{op}"] = alpha
+                report["errors"][f"{prefix}.{op}"] = round(err, 6)
+            for name in [n for n in targets if n.startswith(prefix + ".")]:
+                smoothed = any(name == f"{prefix}.{n}" for op, fed in folds if f"{prefix}.{op}" in report["alphas"] for n in fed)
+                if not smoothed:
+                    report["unsmoothed"].append(name)
+                swap_w8a8(model, name, spec)
+                report["done"].append(name)
+
+        return visit

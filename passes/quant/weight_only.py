@@ -1,0 +1,88 @@
+"""Shared body of the weight-only passes (RTN, GPTQ, AWQ): select Linears, pick each one's grid, let the
+method produce (q, scale, zero), swap in `WeightOnlyLinear`, save a compressed-tensors checkpoint.
+
+Mixed precision: `exclude` keeps Linears in full precision and `int8_layers` quantizes the matching ones at
+INT8 per channel instead of the main grid. The layout's `precision` lists every Linear's storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from optforge.artifact import ModelArtifact
+from optforge.context import PassContext
+from optforge.errors import PassError
+from optforge.pass_ import Pass, config, option
+from optforge.passes.quant.grid import Grid
+
+log = logging.getLogger(__name__)
+
+Quantized = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # q (out, in) int8, scale (out, G), zero (out, G)
+
+
+@config
+class WeightOnlyConfig:
+    bits: int = option(4, "weight bits: 4 or 8")
+    group_size: int | None = option(128, "input columns per scale (32/64/128); null = one scale per output channel; halved per layer until it divides in_features")
+    symmetric: bool = option(True, "symmetric grid (no zero point); false adds a zero point per group")
+    include: tuple[str, ...] = option((r".*",), "regexes (re.search) of Linear names to quantize")
+    exclude: tuple[str, ...] = option((r"(^|\.)lm_head$",), "regexes of Linear names kept in full precision; wins over include")
+    int8_layers: tuple[str, ...] = option((), "regexes of Linear names quantized at INT8 per channel instead (mixed precision)")
+
+
+def check_grid(pass_name: str, cfg) -> None:
+    if cfg.bits not in (4, 8):
+        raise PassError(pass_name, f"bits must be 4 or 8, found {cfg.bits}")
+    if cfg.group_size is not None and (cfg.group_size < 8 or cfg.group_size & (cfg.group_size - 1)):
+        raise PassError(pass_name, f"group_size must be a power of two >= 8 or null, found {cfg.group_size}")
+
+
+def plan_grids(targets: dict[str, nn.Linear], cfg) -> dict[str, Grid]:
+    main = Grid(cfg.bits, cfg.group_size, cfg.symmetric)
+    high = [re.compile(p) for p in cfg.int8_layers]
+    grids = {}
+    for name, linear in targets.items():
+        grid = Grid(8, None, True) if any(p.search(name) for p in high) else main
+        grids[name] = grid.for_width(linear.in_features)
+    return grids
+
+
+class WeightOnlyPass(Pass):
+    requires = frozenset({"hf_causal_lm", "float_weights"})
+    produces = frozenset({"hf_causal_lm", "quantized_weights"})
+    removes = frozenset({"float_weights"})
+    method: str = "rtn"
+
+    def quantize(self, model: nn.Module, tokenizer, targets: dict[str, nn.Linear], grids: dict[str, Grid], ctx: PassContext) -> tuple[dict[str, Quantized], dict]:
+        """Return ({name: (q, scale, zero)}, report). May edit the float model (e.g. AWQ folds scales)."""
+        raise NotImplementedError
+
+    def spec(self, grid: Grid) -> dict:
+        return {"scheme": "weight_only", "method": self.method, **asdict(grid)}
+
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.passes.quant.output import write_quantized
+        from optforge.passes.quant.targets import select_linears
+        from optforge.runtime.layers import swap_linear
+        from optforge.runtime.loader import load_model
+
+        check_grid(self.name, self.config)
+        model, tokenizer = load_model(artifact.path, dtype="float32")
+        targets = select_linears(model, self.config.include, self.config.exclude)
+        if not targets:
+            raise PassError(self.name, f"no Linear layer matches include={self.config.include} exclude={self.config.exclude}")
+        grids = plan_grids(targets, self.config)
+        results, report = self.quantize(model, tokenizer, targets, grids, ctx)
+        modules = {}
+        for name, linear in targets.items():
+            modules[name] = self.spec(grids[name])
+            new = swap_linear(model, name, modules[name])
+            new.set_quantized(*results[name])
+            if linear.bias is not None:
+                new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return write_quantized(model, tokenizer, artifact, self, ctx, modules, report)

@@ -1,0 +1,117 @@
+"""Measure the runtime on a fixed workload, and the same workload through HF transformers `generate`.
+
+Random prompt token ids of `input_len`, exactly `output_len` new tokens each (eos ignored), at most
+`concurrency` requests in flight. Reports output tokens/s, TTFT and inter-token latency percentiles.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    input_len: int = 128  # prompt tokens per request
+    output_len: int = 128  # new tokens per request (eos ignored)
+    num_requests: int = 64
+    concurrency: int = 64  # requests in flight at most
+    seed: int = 0
+
+    def prompts(self, vocab_size: int) -> list[list[int]]:
+        rng = random.Random(self.seed)
+        # token ids from a middle range: random ids, but never special tokens at the ends of the vocabulary
+        return [[rng.randrange(100, vocab_size - 100) for _ in range(self.input_len)] for _ in range(self.num_requests)]
+
+
+def percentiles(values: list[float], qs=(50, 90, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{q}": float("nan") for q in qs}
+    ordered = sorted(values)
+    return {f"p{q}": ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] for q in qs}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_runtime(engine, workload: Workload) -> dict:
+    """Run `workload` through an `Engine`; TTFT counts from the moment the request was added."""
+    from optforge.runtime.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=workload.output_len, ignore_eos=True)
+    pending = list(enumerate(workload.prompts(engine.runner.config.vocab_size)))
+    in_flight, added, first, last, gaps = 0, {}, {}, {}, []
+    start = time.perf_counter()
+    while pending or engine.has_unfinished:
+        while pending and in_flight < workload.concurrency:
+            i, prompt = pending.pop(0)
+            engine.add_request(f"bench-{i}", prompt, params)
+            added[f"bench-{i}"] = time.perf_counter()
+            in_flight += 1
+        produced = engine.step()
+        _sync(engine.runner.device)
+        now = time.perf_counter()
+        for seq, _ in produced:
+            rid = seq.request_id
+            if rid not in first:
+                first[rid] = now - added[rid]
+            else:
+                gaps.append(now - last[rid])
+            last[rid] = now
+            if seq.is_finished:
+                in_flight -= 1
+    elapsed = time.perf_counter() - start
+    num_out = workload.num_requests * workload.output_len
+    return {
+        "seconds": elapsed,
+        "output_tok_s": num_out / elapsed,
+        "total_tok_s": workload.num_requests * (workload.input_len + workload.output_len) / elapsed,
+        "ttft_s": percentiles(list(first.values())),
+        "itl_s": percentiles(gaps),
+        "steps": engine.num_steps,
+        "preemptions": engine.scheduler.num_preemptions,
+    }
+
+
+def bench_batch1_decode(engine, input_len: int = 128, output_len: int = 256) -> dict:
+    """One request; tokens/s over the decode steps only (the prefill step is timed apart)."""
+    from optforge.runtime.sequence import SamplingParams
+
+    prompt = Workload(input_len=input_len, num_requests=1).prompts(engine.runner.config.vocab_size)[0]
+    engine.add_request("batch1", prompt, SamplingParams(max_tokens=output_len, ignore_eos=True))
+    t0 = time.perf_counter()
+    engine.step()
+    _sync(engine.runner.device)
+    t1 = time.perf_counter()
+    while engine.has_unfinished:
+        engine.step()
+    _sync(engine.runner.device)
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_tok_s": (output_len - 1) / (t2 - t1)}
+
+
+def bench_hf(model, workload: Workload, *, batch_size: int, static_cache: bool = False) -> dict:
+    """The same workload through HF `generate` in fixed batches (equal-length prompts: no padding)."""
+    import torch
+
+    prompts = workload.prompts(model.config.vocab_size)
+    device = next(model.parameters()).device
+    kwargs = dict(max_new_tokens=workload.output_len, min_new_tokens=workload.output_len, do_sample=False)
+    if static_cache:
+        kwargs["cache_implementation"] = "static"
+    with torch.inference_mode():
+        warm = torch.tensor(prompts[:batch_size], device=device)
+        warm_kwargs = kwargs if static_cache else {**kwargs, "max_new_tokens": 8, "min_new_tokens": 8}
+        model.generate(warm, **warm_kwargs)  # compiles (static cache) or warms up the kernels
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch_size):
+            model.generate(torch.tensor(prompts[i : i + batch_size], device=device), **kwargs)
+        _sync(device)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "output_tok_s": len(prompts) * workload.output_len / elapsed}

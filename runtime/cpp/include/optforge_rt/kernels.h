@@ -1,0 +1,56 @@
+// Native CPU kernels: fp32, int8 and int4 matmuls (GEMV when M == 1, a row-blocked GEMM otherwise) with
+// runtime ISA dispatch (scalar, AVX2+FMA, AVX-512 VNNI), plus the small vector ops of the forward pass.
+//
+// Quantized weights use blocks of 32 input columns with one float32 scale per (row, block):
+//   int8: q (out, in) int8 in [-127, 127];
+//   int4: (out, in / 2) uint8, block b of row o holds 16 bytes; byte j's low nibble is column 32b + j,
+//         its high nibble column 32b + 16 + j, both stored as q + 8 with q in [-8, 7].
+// Activations are quantized to int8 per block of 32 on the fly (dynamic, symmetric), so the inner loop is an
+// integer dot product; the result is w ~ q * scale, x ~ qx * sx, y = sum_b scale_b * sx_b * dot(q_b, qx_b).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "optforge_rt/thread_pool.h"
+
+namespace optforge_rt {
+
+constexpr int kQuantBlock = 32;
+
+enum class WeightFormat { kF32, kInt8, kInt4 };
+
+struct Linear {
+  WeightFormat format = WeightFormat::kF32;
+  int out_features = 0;
+  int in_features = 0;
+  const float* f32 = nullptr;      // (out, in)
+  const int8_t* q8 = nullptr;      // (out, in)
+  const uint8_t* q4 = nullptr;     // (out, in / 2)
+  const float* scales = nullptr;   // (out, in / 32)
+  std::vector<uint8_t> owned;      // backing store when the weights were converted at load time
+  size_t weight_bytes() const;
+};
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+Isa detected_isa();
+Isa active_isa();
+void set_isa(Isa isa);  // clamps to what the CPU supports
+const char* isa_name(Isa isa);
+Isa parse_isa(const std::string& name);  // "scalar" | "avx2" | "avx512" | "auto"
+
+// y[m, o] for every Linear in `group` (all with the same in_features) over x (M, in): one parallel job
+// over all their output rows, so q/k/v or gate/up run as one GEMM. ys[i] is (M, group[i]->out_features).
+void matmul_group(const std::vector<const Linear*>& group, const float* x, int M, const std::vector<float*>& ys, ThreadPool& pool);
+void matmul(const Linear& w, const float* x, int M, float* y, ThreadPool& pool);
+
+float dot_f32(const float* a, const float* b, int n);
+void axpy_f32(float a, const float* x, float* y, int n);  // y += a * x
+
+// Quantize (out, in) float weights to the block formats above (used by tests and load-time conversion).
+void quantize_int8_blocks(const float* w, int out, int in, int8_t* q, float* scales);
+void quantize_int4_blocks(const float* w, int out, int in, uint8_t* q, float* scales);
+
+}  // namespace optforge_rt

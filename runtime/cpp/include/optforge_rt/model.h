@@ -1,0 +1,67 @@
+// The Llama-family decoder forward pass over a paged KV cache.
+//
+// One `forward` call runs a flat batch of tokens from any number of sequences (prefill chunks and decode
+// tokens mixed, as continuous batching produces them). Token t belongs to sequence seq_of[t] at position
+// positions[t]; its K/V go to slot block_table[pos / block_size] * block_size + pos % block_size, and it
+// attends to positions 0..pos of its own sequence only (no cross-request leakage by construction).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "optforge_rt/artifact.h"
+#include "optforge_rt/kernels.h"
+#include "optforge_rt/safetensors.h"
+#include "optforge_rt/thread_pool.h"
+
+namespace optforge_rt {
+
+struct LayerWeights {
+  const float* attn_norm = nullptr;
+  const float* mlp_norm = nullptr;
+  Linear q, k, v, o, gate, up, down;
+};
+
+struct ForwardBatch {
+  std::vector<int> tokens;                    // (T,)
+  std::vector<int> positions;                 // (T,)
+  std::vector<int> seq_of;                    // (T,) index into block_tables
+  std::vector<std::vector<int>> block_tables; // per sequence
+  std::vector<int> logits_for;                // token indices whose logits are wanted, in output order
+};
+
+class Model {
+ public:
+  // Loads weights (fp32, packed int8/int4, or quant.int8_weight_only tensors) from the artifact.
+  Model(const Artifact& artifact, int num_kv_blocks, int block_size);
+
+  const ModelConfig& config() const { return config_; }
+  int block_size() const { return block_size_; }
+  int num_kv_blocks() const { return num_kv_blocks_; }
+  std::string weight_format() const;  // "fp32", "int8", "int4" (of the decoder Linears)
+  size_t weight_bytes() const;
+
+  // Returns logits (len(logits_for), vocab) row-major.
+  std::vector<float> forward(const ForwardBatch& batch, ThreadPool& pool);
+  // Copies one KV block to another in every layer (copy-on-write of a shared block).
+  void copy_block(int src, int dst);
+
+ private:
+  Linear load_linear(const std::string& name, int out, int in);
+  void attention(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool);
+
+  ModelConfig config_;
+  std::unique_ptr<SafeTensors> weights_;
+  std::vector<std::vector<float>> converted_;  // owned float copies of non-F32 norms/embeddings
+  const float* embed_ = nullptr;               // (vocab, hidden)
+  const float* final_norm_ = nullptr;
+  Linear lm_head_;
+  std::vector<LayerWeights> layers_;
+  int block_size_;
+  int num_kv_blocks_;
+  std::vector<std::vector<float>> k_cache_, v_cache_;  // per layer (num_blocks, block_size, kv_heads, head_dim)
+  std::vector<float> inv_freq_;
+};
+
+}  // namespace optforge_rt

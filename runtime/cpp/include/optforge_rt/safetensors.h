@@ -1,0 +1,61 @@
+// A memory-mapped safetensors reader. The header is validated (dtype, shape, offsets inside the file,
+// no overlaps past the end) before any tensor is handed out; tensors are views into the mapping.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace optforge_rt {
+
+enum class DType { kF32, kF16, kBF16, kI8, kU8, kI32, kI64 };
+
+size_t dtype_size(DType dtype);
+const char* dtype_name(DType dtype);
+
+struct TensorView {
+  DType dtype;
+  std::vector<int64_t> shape;
+  const uint8_t* data = nullptr;  // into the mapping; valid while the SafeTensors object lives
+  size_t nbytes = 0;
+  int64_t numel() const;
+};
+
+// A read-only file mapping (munmap on destruction).
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path);  // throws ArtifactError
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+class SafeTensors {
+ public:
+  // Parse a safetensors file from memory (used by the fuzzer and the tests); `name` appears in errors.
+  SafeTensors(const uint8_t* data, size_t size, std::string name);
+  // Map and parse a file.
+  static std::unique_ptr<SafeTensors> open(const std::string& path);
+
+  bool contains(const std::string& key) const { return tensors_.count(key) != 0; }
+  const TensorView& get(const std::string& key) const;  // throws ArtifactError naming the file and key
+  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+ private:
+  std::shared_ptr<MappedFile> file_;
+  std::string name_;
+  std::map<std::string, TensorView> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+}  // namespace optforge_rt

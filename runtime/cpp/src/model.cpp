@@ -1,0 +1,239 @@
+#include "optforge_rt/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "optforge_rt/errors.h"
+
+namespace optforge_rt {
+
+namespace {
+
+void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
+  float ss = 0.f;
+  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+  float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+// HF's rotate_half convention: pairs (i, i + d/2).
+void apply_rope(float* x, int num_heads, int head_dim, int pos, const std::vector<float>& inv_freq) {
+  int half = head_dim / 2;
+  for (int i = 0; i < half; ++i) {
+    float angle = static_cast<float>(pos) * inv_freq[i];
+    float c = std::cos(angle), s = std::sin(angle);
+    for (int h = 0; h < num_heads; ++h) {
+      float* v = x + h * head_dim;
+      float a = v[i], b = v[i + half];
+      v[i] = a * c - b * s;
+      v[i + half] = b * c + a * s;
+    }
+  }
+}
+
+}  // namespace
+
+Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size)
+    : config_(artifact.config), block_size_(block_size), num_kv_blocks_(num_kv_blocks) {
+  if (block_size < 1 || num_kv_blocks < 1) throw std::invalid_argument("need block_size >= 1 and num_kv_blocks >= 1");
+  weights_ = SafeTensors::open(artifact.dir + "/model.safetensors");
+  const ModelConfig& c = config_;
+  auto f32_tensor = [&](const std::string& key, int64_t numel) -> const float* {
+    const TensorView& t = weights_->get(key);
+    if (t.numel() != numel) throw ArtifactError(artifact.dir + ": tensor '" + key + "' has " + std::to_string(t.numel()) + " elements, expected " + std::to_string(numel));
+    if (t.dtype == DType::kF32) return reinterpret_cast<const float*>(t.data);
+    if (t.dtype != DType::kBF16 && t.dtype != DType::kF16) throw ArtifactError(artifact.dir + ": tensor '" + key + "' has dtype " + dtype_name(t.dtype) + ", expected a float");
+    std::vector<float> out(numel);
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(t.data);
+    for (int64_t i = 0; i < numel; ++i) {
+      if (t.dtype == DType::kBF16) {
+        uint32_t bits = uint32_t(src[i]) << 16;
+        std::memcpy(&out[i], &bits, 4);
+      } else {
+        out[i] = static_cast<float>(reinterpret_cast<const _Float16*>(src)[i]);
+      }
+    }
+    converted_.push_back(std::move(out));
+    return converted_.back().data();
+  };
+  embed_ = f32_tensor("model.embed_tokens.weight", int64_t(c.vocab_size) * c.hidden_size);
+  final_norm_ = f32_tensor("model.norm.weight", c.hidden_size);
+  int q_out = c.num_heads * c.head_dim, kv_out = c.num_kv_heads * c.head_dim;
+  for (int l = 0; l < c.num_layers; ++l) {
+    std::string p = "model.layers." + std::to_string(l) + ".";
+    LayerWeights lw;
+    lw.attn_norm = f32_tensor(p + "input_layernorm.weight", c.hidden_size);
+    lw.mlp_norm = f32_tensor(p + "post_attention_layernorm.weight", c.hidden_size);
+    lw.q = load_linear(p + "self_attn.q_proj", q_out, c.hidden_size);
+    lw.k = load_linear(p + "self_attn.k_proj", kv_out, c.hidden_size);
+    lw.v = load_linear(p + "self_attn.v_proj", kv_out, c.hidden_size);
+    lw.o = load_linear(p + "self_attn.o_proj", c.hidden_size, q_out);
+    lw.gate = load_linear(p + "mlp.gate_proj", c.intermediate_size, c.hidden_size);
+    lw.up = load_linear(p + "mlp.up_proj", c.intermediate_size, c.hidden_size);
+    lw.down = load_linear(p + "mlp.down_proj", c.hidden_size, c.intermediate_size);
+    layers_.push_back(std::move(lw));
+  }
+  bool has_head = weights_->contains("lm_head.weight") || weights_->contains("lm_head.qweight");
+  if (has_head) {
+    lm_head_ = load_linear("lm_head", c.vocab_size, c.hidden_size);
+  } else if (c.tie_word_embeddings) {
+    lm_head_.out_features = c.vocab_size;
+    lm_head_.in_features = c.hidden_size;
+    lm_head_.f32 = embed_;
+  } else {
+    throw ArtifactError(artifact.dir + ": no lm_head weights and tie_word_embeddings is false");
+  }
+  size_t cache_floats = static_cast<size_t>(num_kv_blocks) * block_size * c.num_kv_heads * c.head_dim;
+  k_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
+  v_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
+  for (int i = 0; i < c.head_dim / 2; ++i) {
+    inv_freq_.push_back(1.0f / std::pow(c.rope_theta, static_cast<float>(2 * i) / static_cast<float>(c.head_dim)));
+  }
+}
+
+Linear Model::load_linear(const std::string& name, int out, int in) {
+  Linear w;
+  w.out_features = out;
+  w.in_features = in;
+  auto fail = [&](const std::string& why) { throw ArtifactError("model.safetensors: Linear '" + name + "': " + why); };
+  if (weights_->contains(name + ".qweight")) {  // pre-packed by the pack.cpu pass
+    const TensorView& q = weights_->get(name + ".qweight");
+    const TensorView& s = weights_->get(name + ".qscales");
+    if (in % kQuantBlock != 0) fail("in_features must divide by 32");
+    if (s.dtype != DType::kF32 || s.numel() != int64_t(out) * (in / kQuantBlock)) fail("qscales must be F32 (out, in / 32)");
+    w.scales = reinterpret_cast<const float*>(s.data);
+    if (q.dtype == DType::kI8 && q.numel() == int64_t(out) * in) {
+      w.format = WeightFormat::kInt8;
+      w.q8 = reinterpret_cast<const int8_t*>(q.data);
+    } else if (q.dtype == DType::kU8 && q.numel() == int64_t(out) * in / 2) {
+      w.format = WeightFormat::kInt4;
+      w.q4 = q.data;
+    } else {
+      fail("qweight must be I8 (out, in) or U8 (out, in / 2)");
+    }
+    return w;
+  }
+  const TensorView& t = weights_->get(name + ".weight");
+  if (t.numel() != int64_t(out) * in) fail("weight has " + std::to_string(t.numel()) + " elements, expected " + std::to_string(int64_t(out) * in));
+  if (t.dtype == DType::kF32) {
+    w.f32 = reinterpret_cast<const float*>(t.data);
+    return w;
+  }
+  if (t.dtype == DType::kI8 && weights_->contains(name + ".weight_scale")) {  // quant.int8_weight_only, per channel
+    const TensorView& s = weights_->get(name + ".weight_scale");
+    if (s.dtype != DType::kF32 || s.numel() != out) fail("weight_scale must be F32 (out, 1); pack group-wise int8 with `pack.cpu` first");
+    if (in % kQuantBlock != 0) fail("in_features must divide by 32");
+    int nb = in / kQuantBlock;
+    w.format = WeightFormat::kInt8;
+    w.q8 = reinterpret_cast<const int8_t*>(t.data);
+    w.owned.resize(static_cast<size_t>(out) * nb * sizeof(float));
+    float* scales = reinterpret_cast<float*>(w.owned.data());
+    const float* channel = reinterpret_cast<const float*>(s.data);
+    for (int o = 0; o < out; ++o) std::fill(scales + static_cast<size_t>(o) * nb, scales + static_cast<size_t>(o + 1) * nb, channel[o]);
+    w.scales = scales;
+    return w;
+  }
+  fail(std::string("unsupported weight dtype ") + dtype_name(t.dtype) + "; run the `pack.cpu` pass to write a CPU engine");
+  return w;
+}
+
+std::string Model::weight_format() const {
+  const Linear& w = layers_.front().q;
+  return w.format == WeightFormat::kInt8 ? "int8" : w.format == WeightFormat::kInt4 ? "int4" : "fp32";
+}
+
+size_t Model::weight_bytes() const {
+  size_t n = lm_head_.weight_bytes();
+  for (const LayerWeights& l : layers_) {
+    for (const Linear* w : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) n += w->weight_bytes();
+  }
+  return n;
+}
+
+void Model::copy_block(int src, int dst) {
+  size_t stride = static_cast<size_t>(block_size_) * config_.num_kv_heads * config_.head_dim;
+  for (int l = 0; l < config_.num_layers; ++l) {
+    std::memcpy(k_cache_[l].data() + dst * stride, k_cache_[l].data() + src * stride, stride * sizeof(float));
+    std::memcpy(v_cache_[l].data() + dst * stride, v_cache_[l].data() + src * stride, stride * sizeof(float));
+  }
+}
+
+void Model::attention(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool) {
+  const ModelConfig& c = config_;
+  const int T = static_cast<int>(batch.tokens.size());
+  const int D = c.head_dim, group = c.num_heads / c.num_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float* kc = k_cache_[layer].data();
+  const float* vc = v_cache_[layer].data();
+  pool.parallel_for(T * c.num_heads, [&](int begin, int end) {
+    std::vector<float> scores;
+    for (int job = begin; job < end; ++job) {
+      int t = job / c.num_heads, h = job % c.num_heads, kvh = h / group;
+      const std::vector<int>& table = batch.block_tables[batch.seq_of[t]];
+      int len = batch.positions[t] + 1;
+      scores.resize(len);
+      const float* qh = q + (static_cast<size_t>(t) * c.num_heads + h) * D;
+      float max_score = -INFINITY;
+      for (int p = 0; p < len; ++p) {
+        size_t slot = static_cast<size_t>(table[p / block_size_]) * block_size_ + p % block_size_;
+        scores[p] = dot_f32(qh, kc + (slot * c.num_kv_heads + kvh) * D, D) * scale;
+        max_score = std::max(max_score, scores[p]);
+      }
+      float sum = 0.f;
+      for (int p = 0; p < len; ++p) sum += (scores[p] = std::exp(scores[p] - max_score));
+      float* oh = out + (static_cast<size_t>(t) * c.num_heads + h) * D;
+      std::fill(oh, oh + D, 0.f);
+      for (int p = 0; p < len; ++p) {
+        size_t slot = static_cast<size_t>(table[p / block_size_]) * block_size_ + p % block_size_;
+        axpy_f32(scores[p] / sum, vc + (slot * c.num_kv_heads + kvh) * D, oh, D);
+      }
+    }
+  });
+}
+
+std::vector<float> Model::forward(const ForwardBatch& batch, ThreadPool& pool) {
+  const ModelConfig& c = config_;
+  const int T = static_cast<int>(batch.tokens.size());
+  const int H = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
+  const int q_dim = c.num_heads * D, kv_dim = c.num_kv_heads * D;
+  for (int t = 0; t < T; ++t) {
+    if (batch.tokens[t] < 0 || batch.tokens[t] >= c.vocab_size) throw std::invalid_argument("token id out of range: " + std::to_string(batch.tokens[t]));
+    const auto& table = batch.block_tables.at(batch.seq_of[t]);
+    int needed = batch.positions[t] / block_size_;
+    if (batch.positions[t] < 0 || needed >= static_cast<int>(table.size()) || table[needed] < 0 || table[needed] >= num_kv_blocks_) {
+      throw std::invalid_argument("token " + std::to_string(t) + ": position " + std::to_string(batch.positions[t]) + " has no KV block");
+    }
+  }
+  std::vector<float> x(static_cast<size_t>(T) * H), h(x.size()), q(static_cast<size_t>(T) * q_dim), k(static_cast<size_t>(T) * kv_dim),
+      v(k.size()), attn(q.size()), o(x.size()), gate(static_cast<size_t>(T) * I), up(gate.size());
+  for (int t = 0; t < T; ++t) std::memcpy(&x[static_cast<size_t>(t) * H], embed_ + static_cast<size_t>(batch.tokens[t]) * H, H * sizeof(float));
+  for (int l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& lw = layers_[l];
+    for (int t = 0; t < T; ++t) rms_norm(&x[size_t(t) * H], lw.attn_norm, H, c.rms_norm_eps, &h[size_t(t) * H]);
+    matmul_group({&lw.q, &lw.k, &lw.v}, h.data(), T, {q.data(), k.data(), v.data()}, pool);
+    for (int t = 0; t < T; ++t) {
+      apply_rope(&q[size_t(t) * q_dim], c.num_heads, D, batch.positions[t], inv_freq_);
+      apply_rope(&k[size_t(t) * kv_dim], c.num_kv_heads, D, batch.positions[t], inv_freq_);
+      int pos = batch.positions[t];
+      size_t slot = static_cast<size_t>(batch.block_tables[batch.seq_of[t]][pos / block_size_]) * block_size_ + pos % block_size_;
+      std::memcpy(&k_cache_[l][slot * kv_dim], &k[size_t(t) * kv_dim], kv_dim * sizeof(float));
+      std::memcpy(&v_cache_[l][slot * kv_dim], &v[size_t(t) * kv_dim], kv_dim * sizeof(float));
+    }
+    attention(batch, l, q.data(), attn.data(), pool);
+    matmul(lw.o, attn.data(), T, o.data(), pool);
+    for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+    for (int t = 0; t < T; ++t) rms_norm(&x[size_t(t) * H], lw.mlp_norm, H, c.rms_norm_eps, &h[size_t(t) * H]);
+    matmul_group({&lw.gate, &lw.up}, h.data(), T, {gate.data(), up.data()}, pool);
+    for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    matmul(lw.down, gate.data(), T, o.data(), pool);
+    for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+  }
+  const int R = static_cast<int>(batch.logits_for.size());
+  std::vector<float> last(static_cast<size_t>(R) * H), logits(static_cast<size_t>(R) * c.vocab_size);
+  for (int r = 0; r < R; ++r) rms_norm(&x[size_t(batch.logits_for[r]) * H], final_norm_, H, c.rms_norm_eps, &last[size_t(r) * H]);
+  matmul(lm_head_, last.data(), R, logits.data(), pool);
+  return logits;
+}
+
+}  // namespace optforge_rt

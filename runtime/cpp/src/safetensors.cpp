@@ -1,0 +1,138 @@
+#include "optforge_rt/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "optforge_rt/errors.h"
+#include "optforge_rt/json.h"
+
+namespace optforge_rt {
+
+size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: case DType::kI32: return 4;
+    case DType::kF16: case DType::kBF16: return 2;
+    case DType::kI8: case DType::kU8: return 1;
+    case DType::kI64: return 8;
+  }
+  return 1;
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return "F32";
+    case DType::kF16: return "F16";
+    case DType::kBF16: return "BF16";
+    case DType::kI8: return "I8";
+    case DType::kU8: return "U8";
+    case DType::kI32: return "I32";
+    case DType::kI64: return "I64";
+  }
+  return "?";
+}
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+MappedFile::MappedFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw ArtifactError(path + ": cannot open (" + std::strerror(errno) + ")");
+  struct stat st {};
+  if (fstat(fd, &st) != 0) { ::close(fd); throw ArtifactError(path + ": cannot stat"); }
+  size_ = static_cast<size_t>(st.st_size);
+  if (size_ > 0) {
+    void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) { ::close(fd); throw ArtifactError(path + ": mmap failed (" + std::strerror(errno) + ")"); }
+    data_ = static_cast<const uint8_t*>(p);
+  }
+  ::close(fd);
+}
+
+MappedFile::~MappedFile() {
+  if (data_ != nullptr) munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+namespace {
+DType parse_dtype(const std::string& s, const std::string& where) {
+  if (s == "F32") return DType::kF32;
+  if (s == "F16") return DType::kF16;
+  if (s == "BF16") return DType::kBF16;
+  if (s == "I8") return DType::kI8;
+  if (s == "U8") return DType::kU8;
+  if (s == "I32") return DType::kI32;
+  if (s == "I64") return DType::kI64;
+  throw FormatError(where + ": unsupported dtype '" + s + "'");
+}
+}  // namespace
+
+SafeTensors::SafeTensors(const uint8_t* data, size_t size, std::string name) : name_(std::move(name)) {
+  if (size < 8) throw FormatError(name_ + ": truncated safetensors file (" + std::to_string(size) + " bytes, no header length)");
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, data, 8);  // little-endian on every platform we build for
+  if (header_len > size - 8) {
+    throw FormatError(name_ + ": header of " + std::to_string(header_len) + " bytes runs past the end of the file (" +
+                      std::to_string(size) + " bytes): the file is truncated");
+  }
+  Json header;
+  try {
+    header = Json::parse(std::string_view(reinterpret_cast<const char*>(data + 8), header_len));
+  } catch (const FormatError& e) {
+    throw FormatError(name_ + ": bad safetensors header: " + e.what());
+  }
+  const uint8_t* base = data + 8 + header_len;
+  size_t data_size = size - 8 - header_len;
+  for (const auto& [key, entry] : header.members("safetensors header")) {
+    std::string where = name_ + ": tensor '" + key + "'";
+    if (key == "__metadata__") {
+      for (const auto& [mk, mv] : entry.members("__metadata__")) {
+        if (mv.is_string()) metadata_[mk] = mv.str();
+      }
+      continue;
+    }
+    TensorView view;
+    view.dtype = parse_dtype(entry.at("dtype").str("dtype"), where);
+    uint64_t numel = 1;
+    for (const Json& d : entry.at("shape").items("shape")) {
+      int64_t dim = d.integer("shape entry");
+      if (dim < 0 || dim > (int64_t(1) << 40)) throw FormatError(where + ": bad dimension " + std::to_string(dim));
+      view.shape.push_back(dim);
+      numel *= static_cast<uint64_t>(dim);
+      if (numel > (uint64_t(1) << 40)) throw FormatError(where + ": too many elements");
+    }
+    const auto& offsets = entry.at("data_offsets").items("data_offsets");
+    if (offsets.size() != 2) throw FormatError(where + ": data_offsets must have 2 entries");
+    int64_t begin = offsets[0].integer("data_offsets"), end = offsets[1].integer("data_offsets");
+    if (begin < 0 || end < begin || static_cast<uint64_t>(end) > data_size) {
+      throw FormatError(where + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+                        ") outside the " + std::to_string(data_size) + " data bytes: the file is truncated or corrupt");
+    }
+    view.nbytes = static_cast<size_t>(end - begin);
+    if (view.nbytes != numel * dtype_size(view.dtype)) {
+      throw FormatError(where + ": " + std::to_string(view.nbytes) + " bytes do not match its shape and dtype");
+    }
+    view.data = base + begin;
+    tensors_[key] = std::move(view);
+  }
+}
+
+std::unique_ptr<SafeTensors> SafeTensors::open(const std::string& path) {
+  auto file = std::make_shared<MappedFile>(path);
+  auto st = std::make_unique<SafeTensors>(file->data(), file->size(), path);
+  st->file_ = std::move(file);
+  return st;
+}
+
+const TensorView& SafeTensors::get(const std::string& key) const {
+  auto it = tensors_.find(key);
+  if (it == tensors_.end()) throw ArtifactError(name_ + ": no tensor '" + key + "'");
+  return it->second;
+}
+
+}  // namespace optforge_rt

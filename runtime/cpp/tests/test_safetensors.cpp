@@ -1,0 +1,41 @@
+#include <cstring>
+#include <string>
+
+#include "check.h"
+#include "optforge_rt/errors.h"
+#include "optforge_rt/safetensors.h"
+
+using namespace optforge_rt;
+
+static std::string image(const std::string& header, const std::string& data) {
+  uint64_t n = header.size();
+  std::string out(reinterpret_cast<const char*>(&n), 8);
+  return out + header + data;
+}
+
+static SafeTensors parse(const std::string& s) { return SafeTensors(reinterpret_cast<const uint8_t*>(s.data()), s.size(), "test.safetensors"); }
+
+int main() {
+  float values[6] = {1, 2, 3, 4, 5, 6};
+  std::string data(reinterpret_cast<const char*>(values), sizeof(values));
+  data += std::string("\x01\xff", 2);
+  std::string header = R"({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "b": {"dtype": "I8", "shape": [2], "data_offsets": [24, 26]}, "__metadata__": {"format": "pt"}})";
+  std::string ok = image(header, data);
+  SafeTensors st = parse(ok);
+  CHECK(st.tensors().size() == 2);
+  const TensorView& w = st.get("w");
+  CHECK(w.shape.size() == 2 && w.shape[1] == 3 && w.numel() == 6);
+  CHECK(reinterpret_cast<const float*>(w.data)[5] == 6.f);
+  CHECK(reinterpret_cast<const int8_t*>(st.get("b").data)[1] == -1);
+  CHECK(st.metadata().at("format") == "pt");
+  CHECK_THROWS(ArtifactError, st.get("nope"));
+  // Truncation anywhere gives a FormatError, never a crash.
+  for (size_t cut = 0; cut < ok.size(); ++cut) CHECK_THROWS(FormatError, parse(ok.substr(0, cut)));
+  CHECK_THROWS(FormatError, parse(image(R"({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}})", data)));   // size mismatch
+  CHECK_THROWS(FormatError, parse(image(R"({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [8, 4]}})", data)));    // reversed
+  CHECK_THROWS(FormatError, parse(image(R"({"w": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}})", data)));        // dtype
+  CHECK_THROWS(FormatError, parse(image(R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", data)));      // negative dim
+  std::string huge(8, '\xff');
+  CHECK_THROWS(FormatError, parse(huge + "{}"));  // header length past the end
+  return 0;
+}

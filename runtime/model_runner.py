@@ -1,0 +1,308 @@
+"""Runs a Llama-family model over a paged KV cache. Owns the KV tensors and the CUDA graphs.
+
+The forward is ours; the weights and modules are the HF model's (q/k/v/o projections, which may be the
+quantized Linear modules of an artifact, MLP, norms, and HF's rotary module, so rope scaling follows the
+config). KV cache per layer: `(num_blocks, block_size, num_kv_heads, head_dim)` for k and for v; one extra
+block at the end is scratch space for the padded rows of a CUDA graph.
+
+Attention: on CPU (and for prefill chunks on CUDA) each sequence's keys and values are gathered from its
+blocks and go through torch SDPA with a causal mask offset by its cached context. On CUDA, decode-only steps
+use our Triton paged-attention kernel, and with dense weights the layer runs fused (q/k/v and gate/up as one
+matmul each, residual+RMSNorm, rotary+KV write and SiLU*up as Triton kernels), captured in CUDA graphs for
+the decode batch sizes in `graph_batch_sizes`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optforge.errors import UserInputError
+from optforge.runtime.sampler import Sampler
+from optforge.runtime.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_bytes: int | None = None,
+        max_model_len: int = 4096,
+        max_num_seqs: int = 256,
+        use_cuda_graphs: bool = True,
+    ):
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            raise UserInputError(
+                f"the runtime runs {', '.join(SUPPORTED_MODEL_TYPES)} decoders without sliding windows; this model is "
+                f"'{cfg.model_type}'. Evaluate it with HF transformers instead (`optforge eval`)."
+            )
+        self.model, self.config = model, cfg
+        self.base = model.model
+        self.layers = list(self.base.layers)
+        self.device = self.base.embed_tokens.weight.device
+        self.dtype = self.base.embed_tokens.weight.dtype
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.is_cuda = self.device.type == "cuda"
+        self.use_triton = self.is_cuda and _triton_available()
+        self.num_blocks = num_blocks or self._blocks_for_budget(kv_cache_bytes)
+        # (layers, k|v, blocks + 1 scratch, block_size, kv heads, head dim)
+        self.kv_cache = torch.zeros(
+            len(self.layers), 2, self.num_blocks + 1, block_size, self.num_kv_heads, self.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        self.fused = self._fuse_weights() if self.use_triton else None
+        self.sampler = Sampler()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b <= max_num_seqs]
+        if self.use_triton and use_cuda_graphs:
+            self._capture_graphs()
+        log.info("model runner: %d KV blocks of %d tokens on %s (triton=%s, graphs=%s)", self.num_blocks, block_size, self.device, self.use_triton, bool(self.graphs))
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    def _blocks_for_budget(self, kv_cache_bytes: int | None) -> int:
+        per_block = len(self.layers) * 2 * self.block_size * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        if kv_cache_bytes is None:
+            if self.is_cuda:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_bytes = int(free * 0.5)
+            else:
+                kv_cache_bytes = 512 * 2**20
+        return max(1, kv_cache_bytes // per_block)
+
+    def _fuse_weights(self) -> list[dict] | None:
+        """One q|k|v and one gate|up weight per layer; the HF modules keep views into them (no copies kept)."""
+        fused = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+            if not all(type(m) is nn.Linear for m in linears) or hasattr(attn, "q_norm") or self.config.hidden_act != "silu":
+                return None
+            entry = {}
+            for key, mods in (("qkv", linears[:3]), ("gate_up", linears[3:])):
+                weight = torch.cat([m.weight.data for m in mods])
+                bias = torch.cat([m.bias.data for m in mods]) if mods[0].bias is not None else None
+                start = 0
+                for m in mods:
+                    rows = m.weight.shape[0]
+                    m.weight.data = weight[start : start + rows]
+                    if bias is not None:
+                        m.bias.data = bias[start : start + rows]
+                    start += rows
+                entry[key] = (weight, bias)
+            fused.append(entry)
+        return fused
+
+    # ---- one step -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> dict[int, int]:
+        """Run one scheduled step; returns {seq_id: sampled token} for sequences whose chunk ended their tokens."""
+        for src, dst in batch.block_copies:
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        ids, positions, slots, sample_rows = [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            if start + n == len(seq):
+                sample_rows.append(len(ids) - 1)
+        sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+        if batch.is_decode_only and len(batch) <= (self.graph_batch_sizes[-1] if self.graphs else 0):
+            logits = self._replay(batch, ids, positions, slots)
+        else:
+            as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+            input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
+            if self.use_triton and batch.is_decode_only:
+                attend = self._decode_attention(*self._decode_metadata(batch))
+            else:
+                attend = self._gathered_attention(batch)
+            hidden = self.forward(input_ids, pos_t, slot_t, attend)
+            logits = self.model.lm_head(hidden[as_tensor(sample_rows)]) if sample_rows else None
+        if not sampled_seqs:
+            return {}
+        tokens = self.sampler(logits, sampled_seqs)
+        return {seq.seq_id: token for seq, token in zip(sampled_seqs, tokens)}
+
+    # ---- attention ----------------------------------------------------------------------------------
+    def _gathered_attention(self, batch: ScheduledBatch):
+        """SDPA over KV gathered from the blocks (CPU, and steps with prefill chunks on CUDA).
+
+        Fresh prompts of equal length (no cached context) go through one batched causal SDPA call;
+        every other sequence (a chunk after cached context, a decode) gets its own call with an offset mask.
+        """
+        bs, q_start = self.block_size, 0
+        offsets = torch.arange(bs, device=self.device)
+        fresh: dict[int, list[tuple[int, torch.Tensor]]] = {}  # prompt length -> [(first row, gather index)]
+        single = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            ctx = start + n
+            table = torch.tensor(seq.block_table[: -(-ctx // bs)], dtype=torch.long, device=self.device)
+            gather = (table[:, None] * bs + offsets).reshape(-1)[:ctx]
+            if n > 1 and start == 0:
+                fresh.setdefault(n, []).append((q_start, gather))
+            else:
+                mask = None
+                if n > 1:  # a chunk after cached context: query i sees keys 0 .. start + i
+                    mask = torch.arange(ctx, device=self.device)[None, :] <= torch.arange(start, ctx, device=self.device)[:, None]
+                single.append((q_start, q_start + n, gather, mask))
+            q_start += n
+        groups = []
+        for n, members in fresh.items():
+            rows = torch.cat([torch.arange(r, r + n, device=self.device) for r, _ in members])  # (G n,)
+            groups.append((len(members), n, rows, torch.stack([g for _, g in members])))  # gather (G, n)
+
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q (T, Hq, D) -> (T, Hq, D)
+            k_flat = self.kv_cache[layer, 0].view(-1, self.num_kv_heads, self.head_dim)
+            v_flat = self.kv_cache[layer, 1].view(-1, self.num_kv_heads, self.head_dim)
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            for num_seqs, n, rows, gather in groups:
+                qq = q[rows].view(num_seqs, n, self.num_heads, self.head_dim).transpose(1, 2)  # (G, Hq, n, D)
+                kk, vv = k_flat[gather].transpose(1, 2), v_flat[gather].transpose(1, 2)  # (G, Hkv, n, D)
+                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.scale, enable_gqa=True)
+                out[rows] = o.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim)
+            for qs, qe, gather, mask in single:
+                qq = q[qs:qe].transpose(0, 1)[None]  # (1, Hq, n, D)
+                kk = k_flat[gather].transpose(0, 1)[None]  # (1, Hkv, ctx, D)
+                vv = v_flat[gather].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale, enable_gqa=True)
+                out[qs:qe] = o[0].transpose(0, 1)
+            return out
+
+        return attend
+
+    def _decode_metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [self.num_blocks] * (width - len(s.block_table)) for s in batch.seqs]
+        block_tables = torch.tensor(tables, dtype=torch.int32, device=self.device)
+        context_lens = torch.tensor([len(s) for s in batch.seqs], dtype=torch.int32, device=self.device)
+        return block_tables, context_lens
+
+    def _decode_attention(self, block_tables: torch.Tensor, context_lens: torch.Tensor):
+        from optforge.runtime.kernels.triton_ops import paged_decode_attention
+
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+            return paged_decode_attention(q, self.kv_cache[layer, 0], self.kv_cache[layer, 1], block_tables, context_lens, self.scale)
+
+        return attend
+
+    # ---- the forward --------------------------------------------------------------------------------
+    def forward(self, input_ids, positions, slot_mapping, attend) -> torch.Tensor:
+        """(T,) token ids, positions and cache slots -> (T, hidden) final-normed hidden states."""
+        h = self.base.embed_tokens(input_ids)  # (T, H)
+        cos, sin = self.base.rotary_emb(h[None], positions[None])
+        cos, sin = cos[0], sin[0]  # (T, D)
+        if self.fused is not None:
+            return self._forward_fused(h, cos, sin, slot_mapping, attend)
+        num_tokens = h.shape[0]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+            k = attn.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+            self.kv_cache[i, 0].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
+            self.kv_cache[i, 1].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
+            h = h + attn.o_proj(attend(i, q).reshape(num_tokens, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.base.norm(h)
+
+    def _forward_fused(self, h, cos, sin, slot_mapping, attend) -> torch.Tensor:
+        from optforge.runtime.kernels.triton_ops import add_rms_norm, rope_and_cache, silu_mul
+
+        num_tokens, q_width, kv_width = h.shape[0], self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        eps = self.layers[0].input_layernorm.variance_epsilon
+        residual = h.clone()
+        x = add_rms_norm(h, self.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(x, *self.fused[i]["qkv"])  # (T, (Hq + 2 Hkv) D)
+            q = qkv[:, :q_width].view(num_tokens, self.num_heads, self.head_dim)
+            k = qkv[:, q_width : q_width + kv_width].view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = qkv[:, q_width + kv_width :].view(num_tokens, self.num_kv_heads, self.head_dim)
+            rope_and_cache(q, k, v, cos, sin, slot_mapping, self.kv_cache[i, 0], self.kv_cache[i, 1])
+            a = layer.self_attn.o_proj(attend(i, q).reshape(num_tokens, -1))
+            x = add_rms_norm(a, layer.post_attention_layernorm.weight, eps, residual)
+            m = layer.mlp.down_proj(silu_mul(F.linear(x, *self.fused[i]["gate_up"])))
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.base.norm
+            x = add_rms_norm(m, next_norm.weight, eps, residual)
+        return x
+
+    # ---- CUDA graphs for decode ---------------------------------------------------------------------
+    def _capture_graphs(self) -> None:
+        largest = self.graph_batch_sizes[-1]
+        dev, scratch = self.device, self.num_blocks
+        self.static = {
+            "ids": torch.zeros(largest, dtype=torch.long, device=dev),
+            "pos": torch.zeros(largest, dtype=torch.long, device=dev),
+            "slots": torch.full((largest,), scratch * self.block_size, dtype=torch.long, device=dev),
+            "tables": torch.full((largest, self.max_blocks_per_seq), scratch, dtype=torch.int32, device=dev),
+            "lens": torch.ones(largest, dtype=torch.int32, device=dev),
+        }
+        pool = None
+        with torch.inference_mode():
+            for size in reversed(self.graph_batch_sizes):
+                body = self._graph_body(size)
+                body()  # warm up: compiles the Triton kernels, picks the cuBLAS algorithms
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = body()
+                pool = graph.pool()
+                self.graphs[size] = (graph, logits)
+
+    def _graph_body(self, size: int):
+        s = self.static
+        attend = self._decode_attention(s["tables"][:size], s["lens"][:size])
+        return lambda: self.model.lm_head(self.forward(s["ids"][:size], s["pos"][:size], s["slots"][:size], attend))
+
+    def _replay(self, batch: ScheduledBatch, ids, positions, slots) -> torch.Tensor:
+        n = len(batch)
+        size = next(b for b in self.graph_batch_sizes if b >= n)
+        s = self.static
+        pad = size - n
+        scratch = self.num_blocks
+        s["ids"][:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        s["pos"][:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        s["slots"][:size].copy_(torch.tensor(slots + [scratch * self.block_size] * pad), non_blocking=True)
+        s["lens"][:size].copy_(torch.tensor([len(q) for q in batch.seqs] + [1] * pad, dtype=torch.int32), non_blocking=True)
+        # only the columns in use are refreshed: stale entries past a row's context length are never read
+        width = max(len(q.block_table) for q in batch.seqs)
+        rows = [q.block_table + [scratch] * (width - len(q.block_table)) for q in batch.seqs] + [[scratch] * width] * pad
+        s["tables"][:size, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:n]

@@ -1,0 +1,35 @@
+"""Fixtures of the runtime tests: a tiny random Llama (no downloads) and a stand-in tokenizer."""
+
+import pytest
+import torch
+
+
+class ByteTokenizer:
+    """Characters <-> ids 3..258; id 2 is eos. Enough for the engine's stop and text handling."""
+
+    eos_token_id = 2
+
+    def encode(self, text: str) -> list[int]:
+        return [min(ord(c), 255) + 3 for c in text]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i - 3) for i in ids if i >= 3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # sharper logits than the default init, so greedy picks are far from ties
+        for p in model.parameters():
+            p.mul_(4.0 if p.dim() > 1 else 1.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return ByteTokenizer()
