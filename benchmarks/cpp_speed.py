@@ -29,7 +29,7 @@ def prompts(batch: int) -> list[list[int]]:
 
 
 def bench_cpp(rt, path: Path, batch: int, threads: int) -> tuple[float, float]:
-    engine = rt.Engine(str(path), num_threads=threads, verify=False)
+    engine = rt.Engine(str(path), num_threads=threads, verify=False, enable_prefix_caching=False)  # measure real prefill
     engine.generate(prompts(1), max_new_tokens=4, ignore_eos=True)  # warm the pages of the mapping
     _, st = engine.generate(prompts(batch), max_new_tokens=NEW, ignore_eos=True, max_num_seqs=batch, max_num_batched_tokens=PROMPT * batch)
     return st.prefill_tokens / st.prefill_seconds, st.decode_tokens / st.decode_seconds

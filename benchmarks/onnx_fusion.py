@@ -7,6 +7,10 @@ step after 128 cached tokens, at batch 1 and 8. Prints a markdown table and the 
   python benchmarks/onnx_fusion.py --model /path/to/hf-folder --threads 2
   python benchmarks/onnx_fusion.py --random smollm2 --threads 4   # SmolLM2-135M shape, random weights
   python benchmarks/onnx_fusion.py --graphs fp32=EXPORT_DIR,FUSED_DIR   # time graphs already built
+  python benchmarks/onnx_fusion.py --graphs int8=DIR/model.onnx,DIR/fused.onnx --labels exported,fused --rounds 3
+
+Graphs given with --graphs are timed interleaved: each round runs every case on every graph in turn, and the
+table reports the median over rounds, so a load change on the shared machine hits all graphs alike.
 """
 
 from __future__ import annotations
@@ -61,12 +65,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", default="fp32,int8")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--graphs", help="LABEL=EXPORTED_DIR,FUSED_DIR: time artifacts built by export.onnx / fuse.onnx_graph")
+    parser.add_argument("--graphs", help="LABEL=PATH,PATH,...: artifact dirs (export.onnx / fuse.onnx_graph) or .onnx files beside one")
+    parser.add_argument("--labels", default="exported,fused", help="graph column for each --graphs path")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --graphs (median over rounds)")
     args = parser.parse_args()
     if args.graphs:
-        label, dirs = args.graphs.split("=")
-        rows = [time_built(label, Path(d), graph, args) for d, graph in zip(dirs.split(","), ("exported", "fused"))]
-        return print_table(rows, args, f"artifacts {dirs}")
+        label, paths = args.graphs.split("=")
+        rows = time_interleaved(label, [Path(p) for p in paths.split(",")], args.labels.split(","), args)
+        return print_table(rows, args, f"graphs {paths}")
     from optforge.passes.export.onnx_export import check_parity, export_decoder, graph_summary
     from optforge.passes.fuse.onnx_graph import fuse_graph
 
@@ -80,7 +86,7 @@ def main() -> None:
         vdir = work / variant
         vdir.mkdir(parents=True, exist_ok=True)
         export_decoder(model, vdir / "model.onnx", opset=18)
-        fused = fuse_graph(vdir / "model.onnx", vdir / "fused.onnx", int8_accuracy_level=1)
+        fused = fuse_graph(vdir / "model.onnx", vdir / "fused.onnx", int8_accuracy_level=1, max_positions=model.config.max_position_embeddings)
         for label, file in (("exported", "model.onnx"), ("fused", "fused.onnx")):
             parity = check_parity(model, vdir / file, 1e-2, pass_name="benchmark")["max_abs_logits_diff"]
             times = measure(vdir, file, args.threads, args.repeats)
@@ -89,12 +95,29 @@ def main() -> None:
     print_table(rows, args, "random " + args.random if args.random else args.model)
 
 
-def time_built(label: str, path: Path, graph: str, args) -> dict:
+def time_interleaved(label: str, paths: list[Path], graphs: list[str], args) -> list[dict]:
     import json
+    import statistics
 
-    info = json.loads((path / "optforge.json").read_text())["onnx"]
-    parity = max(info["parity"]["max_abs_logits_diff"].values())
-    return {"variant": label, "graph": graph, "nodes": info["num_nodes"], "parity": parity, **measure(path, info["file"], args.threads, args.repeats)}
+    from optforge.passes.export.onnx_export import graph_summary
+    from optforge.runtime.onnx_runner import OnnxCausalLM
+
+    runners, rows = [], []
+    for path, graph in zip(paths, graphs):
+        folder, file = (path.parent, path.name) if path.suffix == ".onnx" else (path, None)
+        runners.append(OnnxCausalLM(folder, onnx_file=file, num_threads=args.threads))
+        onnx_file = folder / (file or json.loads((folder / "optforge.json").read_text())["onnx"]["file"])
+        rows.append({"variant": label, "graph": graph, "nodes": graph_summary(onnx_file)["num_nodes"], "parity": float("nan")})
+    cases = {"prefill b1": (1, 128, 0), "prefill b8": (8, 128, 0), "decode b1": (1, 1, 128), "decode b8": (8, 1, 128)}
+    samples = {(i, case): [] for i in range(len(runners)) for case in cases}
+    for _ in range(args.rounds):
+        for case, (batch, seq, past) in cases.items():
+            for i, runner in enumerate(runners):
+                repeats = args.repeats if seq > 1 else args.repeats * 3
+                samples[(i, case)].append(runner.time_step(batch=batch, seq=seq, past=past, repeats=repeats, warmup=1) * 1e3)
+    for i, row in enumerate(rows):
+        row.update({case: statistics.median(samples[(i, case)]) for case in cases})
+    return rows
 
 
 def print_table(rows: list[dict], args, model: str) -> None:

@@ -51,6 +51,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+# perf_counter (wall) by default; `--clock process` counts this process's CPU seconds instead, which a
+# shared, overloaded CPU distorts far less (meaningful with --threads 1 only).
+CLOCK = time.perf_counter
+
+
 def timed(fn, device, repeat: int) -> float:
     """Median seconds of fn() over `repeat` runs, after 3 warmups."""
     for _ in range(3):
@@ -58,10 +63,10 @@ def timed(fn, device, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         _sync(device)
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return statistics.median(times)
 
 
@@ -79,11 +84,11 @@ def measure(model, *, batch: int, prompt: int, decode_steps: int, device: str, r
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         nxt = ids[:, -1:]
         _sync(device)
-        start = time.perf_counter()
+        start = CLOCK()
         for _ in range(decode_steps):
             nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         _sync(device)
-        return (time.perf_counter() - start) / decode_steps
+        return (CLOCK() - start) / decode_steps
 
     decode()
     step = statistics.median(decode() for _ in range(max(1, repeat // 2)))
@@ -116,13 +121,16 @@ def main() -> None:
     parser.add_argument("--two-four", action="store_true", help="also time dense vs 2:4 prefill (CUDA only)")
     parser.add_argument("--cutlass", action="store_true", help="2:4 through CUTLASS instead of cuSPARSELt")
     parser.add_argument("--skip-structured", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     shape = SHAPES[args.shape]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
-    print(f"\n{args.shape} shape, random weights, {str(dtype).removeprefix('torch.')}, {where}, torch {torch.__version__}; batch {args.batch}, prompt {args.prompt}, median of {args.repeat}\n")
+    print(f"\n{args.shape} shape, random weights, {str(dtype).removeprefix('torch.')}, {where}, torch {torch.__version__}; batch {args.batch}, prompt {args.prompt}, median of {args.repeat}, {args.clock} clock\n")
     print("| variant | params | prefill ms | prefill speedup | decode ms/step | decode tok/s | decode speedup |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     if args.cutlass:

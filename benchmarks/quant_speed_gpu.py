@@ -1,7 +1,7 @@
 """GPU speed of the quantized Linear kernels at decode shapes (issue 4), Llama-3.2-1B shaped, random weights.
 
 For each scheme every Linear of the 16 decoder layers (q, k, v, o, gate, up, down) is built as the module
-optforge's runtime loads (bf16 nn.Linear, WeightOnlyLinear int8/int4, Fp8Linear) and one decode step's
+optforge's runtime loads (bf16 nn.Linear, WeightOnlyLinear int8/int4, Fp8Linear dynamic/static, W8A8Linear) and one decode step's
 worth of matmuls (batch M rows through all 112 Linears) is captured in a CUDA graph and replayed, so the
 timing is the kernels' and not Python's. Attention, norms and the LM head are not included: this measures
 what quantization changes. Also checks each kernel against its dequantized weights. Prints markdown.
@@ -21,7 +21,7 @@ SHAPES = [("q", HIDDEN, HIDDEN), ("k", HIDDEN, KV), ("v", HIDDEN, KV), ("o", HID
 
 def build(scheme: str, weights: list[torch.Tensor]) -> list[torch.nn.Module]:
     from optforge.passes.quant.grid import Grid, qparams, quantize
-    from optforge.runtime.layers import Fp8Linear, WeightOnlyLinear
+    from optforge.runtime.layers import Fp8Linear, W8A8Linear, WeightOnlyLinear
 
     mods = []
     for w in weights:
@@ -31,6 +31,12 @@ def build(scheme: str, weights: list[torch.Tensor]) -> list[torch.nn.Module]:
             m.weight.data = w.to(torch.bfloat16)
         elif scheme == "fp8":
             m = Fp8Linear(k, n, False)
+            m.set_float(w)
+        elif scheme == "fp8-static":  # per-tensor W and A scales: the cheapest FP8 path (no per-token amax)
+            m = Fp8Linear(k, n, False, {"strategy": "tensor", "dynamic": False})
+            m.set_float(w, input_amax=4.5)
+        elif scheme == "w8a8":
+            m = W8A8Linear(k, n, False)
             m.set_float(w)
         else:
             bits, group = (8, None) if scheme == "int8" else (4, 128)
@@ -84,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 32])
+    ap.add_argument("--schemes", nargs="*", default=["bf16", "int8", "int4", "fp8", "fp8-static", "w8a8"])
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, k, generator=gen) * 0.02 for _ in range(LAYERS) for _, k, n in SHAPES]
@@ -91,7 +98,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| scheme | kernel | Linear weight bytes | max rel err vs dequant | " + " | ".join(f"ms/step M={m} | tok/s M={m}" for m in args.batches) + " |")
     print("| --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in args.batches) + " |")
-    for scheme in ("bf16", "int8", "int4", "fp8"):
+    for scheme in args.schemes:
         mods = None
         try:
             mods = build(scheme, weights)

@@ -3,12 +3,16 @@
 Builds each scheme through `optforge.build` (pass outputs cached in --cache-dir), then scores perplexity
 (BoolQ val rows 0-40) and ARC-Easy / HellaSwag (first --limit validation items) and prints a markdown table
 with deltas against fp32: perplexity by paired bootstrap over passages, accuracies by Agresti-Min paired
-intervals. Usage: python benchmarks/quant_table.py --cache-dir /tmp/ofcache --limit 100
+intervals. fp32 is the first scheme listed and the baseline of every delta; "bf16" casts the fp32 source at
+load; the KV rows run fp32 weights with K/V rounded through the calibrated cache scales.
+Usage: python benchmarks/quant_table.py --cache-dir /tmp/ofcache --limit 200
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import platform
 import time
 
@@ -21,7 +25,15 @@ SCHEMES = {
     "int4 AWQ g128": [{"name": "quant.awq", "config": {"bits": 4, "group_size": 128}}],
     "int4 GPTQ g128": [{"name": "quant.gptq", "config": {"bits": 4, "group_size": 128}}],
     "int4 GPTQ g128 act-order": [{"name": "quant.gptq", "config": {"bits": 4, "group_size": 128, "act_order": True}}],
+    "W8A8 int8 SmoothQuant": [{"name": "quant.smoothquant"}],
+    "FP8 E4M3 (channel W, dynamic token A)": [{"name": "quant.fp8"}],
+    "FP8 E4M3 (tensor W, static A)": [{"name": "quant.fp8", "config": {"strategy": "tensor", "dynamic": False}}],
+    "fp32 weights + INT8 KV cache": [{"name": "quant.kv_cache", "config": {"dtype": "int8"}}],
+    "fp32 weights + FP8 KV cache": [{"name": "quant.kv_cache", "config": {"dtype": "fp8"}}],
+    "bf16": [],
 }
+# Schemes evaluated in another dtype than fp32 (the artifact is the fp32 source).
+LOAD_DTYPE = {"bf16": "bfloat16"}
 
 
 def recipe(passes: list, calib_rows: int) -> dict:
@@ -48,23 +60,32 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache-dir", default="/tmp/ofcache")
-    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--calib-rows", type=int, default=64)
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    ap.add_argument("--json-out", default=None, help="append one JSON line per scheme (progress survives a crash)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows, base = [], None
+    print(f"| scheme | weight bytes | perplexity (BoolQ val 0-40) | delta [95% CI] | ARC-Easy acc_norm (n={args.limit}) | HellaSwag acc_norm (n={args.limit}) | calibration |")
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for label in args.schemes:
         started = time.perf_counter()
-        result = build(recipe(SCHEMES[label], args.calib_rows), cache_dir=args.cache_dir, output=f"/tmp/quant-table/{label.replace(' ', '_')}")
+        result = build(recipe(SCHEMES[label], args.calib_rows), cache_dir=args.cache_dir, output=f"/tmp/quant-table/{re.sub(r'[^A-Za-z0-9]+', '_', label)}")
         manifest = result.manifest
         passes = manifest["passes"]
-        model, tok = load_model(result.output)
+        model, tok = load_model(result.output, dtype=LOAD_DTYPE.get(label, "float32"))
+        layout = json.loads((result.output / "optforge.json").read_text())
         ppl = perplexity(model, tok, load_texts(PerplexitySpec(rows=(0, 40))), max_length=256).to_dict()
         lm = HFLM(model, tok, batch_size=16)
         tasks = {t: evaluate_task(lm, t, limit=args.limit) for t in ("arc_easy", "hellaswag")}
-        cur = {"label": label, "bytes": sum(f["bytes"] for f in manifest["files"] if f["path"].endswith(".safetensors")), "ppl": ppl, "tasks": tasks, "calib_s": passes[-1]["seconds"] if passes else 0.0}
+        nbytes = sum(f["bytes"] for f in manifest["files"] if f["path"].endswith(".safetensors"))
+        calib = (layout.get("kv_cache") or layout.get("quantization") or {}).get("calibration_seconds", passes[-1]["seconds"] if passes else 0.0)
+        cur = {"label": label, "bytes": nbytes // 2 if label in LOAD_DTYPE else nbytes, "ppl": ppl, "tasks": tasks, "calib_s": calib}
         cur["seconds"] = time.perf_counter() - started
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(json.dumps({"label": label, "bytes": cur["bytes"], "ppl": ppl["value"], "seconds": cur["seconds"], "tasks": {t: r.metrics for t, r in tasks.items()}}) + "\n")
         base = base or cur
         rows.append(cur)
         print(_row(cur, base, paired_bootstrap, paired_proportion_interval), flush=True)

@@ -44,6 +44,11 @@ class Pass:
     def run(self, artifact: "ModelArtifact", ctx: "PassContext") -> "ModelArtifact":
         raise NotImplementedError
 
+    def preflight(self) -> None:
+        """Check the machine, not the recipe (a library installed, a GPU present); raise a typed error.
+
+        Called while the recipe is validated, so a build that cannot finish stops before it loads anything."""
+
     def cache_key(self, input_digest: str, calibration: dict | None) -> str:
         payload = {
             "pass": self.name,
@@ -109,7 +114,7 @@ def validate_pass_specs(recipe: "Recipe", source: str) -> None:
             cls = get_pass(spec.name)
         except RecipeError as exc:
             raise RecipeError(str(exc), path=source, key=f"passes[{i}].name") from None
-        make_config(cls, spec.config, source=source, key=f"passes[{i}].config")
+        cls(make_config(cls, spec.config, source=source, key=f"passes[{i}].config")).preflight()
 
 
 def describe_config(cls: type[Pass]) -> list[dict[str, str]]:

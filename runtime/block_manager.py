@@ -92,15 +92,17 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Whether `allocate(seq, num_new_tokens)` would find enough free blocks."""
-        hits = self.prefix_hits(seq)
-        table = seq.block_table or hits
-        num_computed = self.num_cached_tokens(seq)
+        table, num_computed, extra_refs, num_revived = seq.block_table, seq.num_computed_tokens, 0, 0
+        if not table:
+            table = hits = self.prefix_hits(seq)
+            num_computed = self.num_cached_tokens(seq)
+            extra_refs = int(bool(hits))  # taking a hit adds a reference before the write
+            num_revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         num_needed = max(0, self.num_blocks_for(num_computed + num_new_tokens) - len(table))
-        num_revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         cow_index = num_computed // self.block_size
-        if cow_index < len(table) and not self._is_writable(table[cow_index], extra_refs=int(bool(hits))):
+        if cow_index < len(table) and not self._is_writable(table[cow_index], extra_refs):
             num_needed += 1
-        return num_needed + num_revived <= self.num_free_blocks
+        return num_needed + num_revived <= len(self.free_block_ids)
 
     # ---- actions -------------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:

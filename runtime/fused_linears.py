@@ -81,3 +81,18 @@ def fuse_sibling_linears(model: nn.Module, groups: tuple[tuple[str, ...], ...] =
                 setattr(module, name, FusedSlice(group, i, lin.in_features, lin.out_features))
             counts["+".join(names)] += 1
     return counts
+
+
+def apply_fusions(model: nn.Module, fusions: list[dict]) -> nn.Module:
+    """Re-apply the module fusions an artifact's optforge.json lists (written by `fuse.linears`); in place.
+
+    The stored weights stay in the standard unfused layout (any Hugging Face consumer loads them); only our
+    loader fuses. An unknown kind is an error rather than a silent slow (or wrong) model.
+    """
+    from optforge.errors import ArtifactError
+
+    for fusion in fusions:
+        if fusion.get("kind") != "sibling_linears":
+            raise ArtifactError(f"unknown module fusion {fusion!r} in optforge.json; this optforge knows 'sibling_linears' (upgrade optforge?)")
+        fuse_sibling_linears(model, tuple(tuple(group) for group in fusion["groups"]))
+    return model

@@ -173,6 +173,18 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
+def round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """The E4M3 value nearest each float (ties to even), kept in float32, saturated at +-448.
+
+    Same values as a cast to float8_e4m3fn and back, without the cast: on CPU that cast runs ~100x slower
+    than this (measured: ~120 ms for a 128 x 576 activation on the dev machine).
+    """
+    v = v.float().clamp(-FP8_MAX, FP8_MAX)
+    _, exp = torch.frexp(v)  # |v| in [2^(exp-1), 2^exp)
+    step = torch.exp2((exp.clamp(min=-5) - 4).float())  # 3 mantissa bits; subnormal spacing 2^-9
+    return torch.round(v / step) * step
+
+
 @scheme("fp8")
 class Fp8Linear(nn.Module):
     """FP8 (E4M3) weights and activations, W scale per output channel (default) or per tensor.
@@ -196,6 +208,7 @@ class Fp8Linear(nn.Module):
             self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.kernel: str | None = None
+        self._dense: torch.Tensor | None = None
 
     def set_float(self, w: torch.Tensor, input_amax: float | None = None) -> None:
         """Quantize float weights w (out, in); `input_amax` sets the static activation scale."""
@@ -204,6 +217,7 @@ class Fp8Linear(nn.Module):
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         self.weight = quantize_fp8(w, scale if self.strategy == "channel" else scale.reshape(1, 1))
         self.weight_scale = scale
+        self._dense = None
         if not self.dynamic:
             self.input_scale = torch.tensor([max(input_amax or 0.0, 1e-6) / FP8_MAX], dtype=torch.float32)
 
@@ -212,6 +226,7 @@ class Fp8Linear(nn.Module):
         key = prefix + "weight"
         if key in state_dict and state_dict[key].dtype != torch.float8_e4m3fn:
             state_dict[key] = state_dict[key].to(torch.float8_e4m3fn)
+        self._dense = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _activation_scale(self, x2: torch.Tensor) -> torch.Tensor:
@@ -224,13 +239,15 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         x_scale = self._activation_scale(x2)  # (M, 1)
         w_scale = self.weight_scale.reshape(1, -1).expand(1, self.out_features)  # (1, N)
-        xq = quantize_fp8(x2, x_scale)
         if x.device.type == "cuda":
             self.kernel = "torch._scaled_mm"
+            xq = quantize_fp8(x2, x_scale)
             y = torch._scaled_mm(xq, self.weight.T, scale_a=x_scale.contiguous(), scale_b=w_scale.contiguous(), out_dtype=torch.bfloat16).to(x.dtype)
         else:
             self.kernel = "fp8 emulated (dequantize+matmul)"
-            y = ((xq.float() @ self.weight.float().T) * x_scale * w_scale).to(x.dtype)
+            if self._dense is None or self._dense.device != x.device:
+                self._dense = self.weight.float()  # float copy of the E4M3 values: emulation, not a saving
+            y = ((round_to_e4m3(x2.float() / x_scale) @ self._dense.T) * x_scale * w_scale).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -303,7 +320,7 @@ KV_QMAX = {"fp8": FP8_MAX, "int8": 127.0}
 def fake_quantize_kv(t: torch.Tensor, scale: float, dtype: str) -> torch.Tensor:
     """Round a K or V tensor (B, H, T, D) to what an FP8/INT8 cache with this per-tensor scale stores."""
     if dtype == "fp8":
-        return (quantize_fp8(t, scale).float() * scale).to(t.dtype)
+        return (round_to_e4m3(t.float() / scale) * scale).to(t.dtype)
     return (torch.round(t.float() / scale).clamp(-127, 127) * scale).to(t.dtype)
 
 

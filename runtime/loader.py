@@ -32,7 +32,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not modules:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        return model.to(device).eval(), tokenizer
+        return _apply_layout(model, layout).to(device).eval(), tokenizer
 
     from safetensors.torch import load_file
 
@@ -52,7 +52,21 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ArtifactError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(device).eval(), tokenizer
+    return _apply_layout(model, layout).to(device).eval(), tokenizer
+
+
+def _apply_layout(model, layout: dict):
+    """Re-apply what optforge.json records beyond weights: module fusions (`fuse.linears`) and the quantized
+    KV cache (`quant.kv_cache`), so evals and gates see the model as it will be served."""
+    if layout.get("kv_cache"):
+        from optforge.runtime.layers import apply_kv_cache_layout
+
+        apply_kv_cache_layout(model, layout["kv_cache"])
+    if layout.get("fusions"):
+        from optforge.runtime.fused_linears import apply_fusions
+
+        model = apply_fusions(model, layout["fusions"])
+    return model
 
 
 def save_model(model: torch.nn.Module, tokenizer, path: str | Path) -> None:

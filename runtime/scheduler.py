@@ -74,13 +74,14 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        preempted: set[int] = set()
         for seq in list(self.running):
-            if seq not in self.running:  # preempted to make room for an older sequence this step
+            if seq.seq_id in preempted:  # preempted to make room for an older sequence this step
                 continue
             if budget == 0 or len(batch) == self.config.max_num_seqs:
                 break
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if self._make_room(seq, num_new, batch):
+            if self._make_room(seq, num_new, preempted):
                 batch.add(seq, num_new, self.block_manager.allocate(seq, num_new))
                 budget -= num_new
         while self.waiting and budget > 0 and len(batch) < self.config.max_num_seqs:
@@ -99,12 +100,15 @@ class Scheduler:
             budget -= num_new
         return batch
 
-    def _make_room(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
-        """Preempt the newest running sequences not yet in `batch` until `seq` fits; False if `seq` itself went."""
+    def _make_room(self, seq: Sequence, num_new: int, preempted: set[int]) -> bool:
+        """Preempt the newest running sequences until `seq` fits; False if `seq` itself had to go.
+
+        Running sequences are scheduled oldest first, so the newest one is never already in this batch
+        unless it is `seq` itself."""
         while not self.block_manager.can_allocate(seq, num_new):
-            victims = [s for s in self.running if s not in batch.seqs]
-            victim = victims[-1]
+            victim = self.running[-1]
             self.preempt(victim)
+            preempted.add(victim.seq_id)
             if victim is seq:
                 return False
         return True

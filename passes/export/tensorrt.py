@@ -55,8 +55,6 @@ class TensorRTConfig:
     parity_tolerance: float = option(5e-2, "largest allowed max |logits(TensorRT) - logits(PyTorch fp32)|; fp16 kernels need more than fp32")
 
     def __post_init__(self):
-        # Fail while the recipe is validated, so a build without TensorRT stops before it loads anything.
-        import_tensorrt()
         for name in ("batch", "sequence", "past"):
             lo, opt, hi = getattr(self, name)
             if not 0 <= lo <= opt <= hi:
@@ -132,6 +130,9 @@ class TensorRTExport(Pass):
     Config = TensorRTConfig
     requires = frozenset({"hf_causal_lm", "onnx_graph"})
     produces = frozenset({"hf_causal_lm", "onnx_graph", "tensorrt_engine"})
+
+    def preflight(self) -> None:
+        import_tensorrt()  # without TensorRT the build stops at recipe validation, before it loads anything
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         import torch

@@ -128,7 +128,7 @@ class CpuPack(Pass):
         for name in names:
             fmt = self.config.lm_head if name == "lm_head" else self.config.weights
             if name == "lm_head" and f"lm_head.weight" not in state and "lm_head.weight_packed" not in state:
-                weight, exact = state["model.embed_tokens.weight"].float(), None  # tied
+                weight, exact = state["model.embed_tokens.weight"].float().clone(), None  # tied: its own copy, not a view
             else:
                 weight, exact = _source_linear(state, name, modules.get(name))
             in_features = (weight if weight is not None else exact[1]).shape[1]

@@ -47,16 +47,14 @@ def tokenizer_lines(n: int) -> list[str]:
 
 
 def greedy_hf(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    out, logits_seen = [], []
-    past = None
-    x = torch.tensor([ids])
+    """`steps` greedy tokens of HF transformers (one KV-cached `generate`, EOS ignored) and the raw logits
+    (vocab,) of each step."""
+    model.generation_config.eos_token_id = None  # run all `steps`, as the C++ engine does with ignore_eos
     with torch.no_grad():
-        for _ in range(steps):
-            res = model(input_ids=x, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            logits = res.logits[0, -1].float()
-            tok = int(torch.argmax(logits))
-            out.append(tok)
-            logits_seen.append(logits)
-            x = torch.tensor([[tok]])
-    return out, logits_seen
+        res = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+    out = res.sequences[0, len(ids):].tolist()
+    logits = [step[0].float() for step in res.logits]
+    if len(out) != steps or any(int(torch.argmax(lg)) != tok for lg, tok in zip(logits, out)):
+        raise RuntimeError(f"HF generate did not return {steps} plain greedy tokens (got {len(out)}); check its generation_config")
+    return out, logits

@@ -46,8 +46,8 @@ def test_every_task_builds_requests_and_a_valid_gold_index():
 
 
 class LengthLM:
-    """Scores each continuation as -0.5 per character: raw log-likelihood prefers the shortest choice,
-    length-normalized log-likelihood ties them all (so acc_norm falls back to the first choice)."""
+    """Scores each continuation (" " + choice) as -0.5 per character. Raw log-likelihood prefers the shortest
+    choice; acc_norm divides by len(choice) without the space, -0.5 * (L + 1) / L, which prefers the longest."""
 
     last_tokens = 0
 
@@ -65,7 +65,8 @@ def test_acc_and_acc_norm_follow_their_definitions():
     gold = [d["choices"]["label"].index(d["answerKey"]) for d in docs]
     assert [ex["pred"] for ex in result.per_example] == shortest
     assert result.metrics["acc"] == pytest.approx(sum(s == g for s, g in zip(shortest, gold)) / 20)
-    assert result.metrics["acc_norm"] == pytest.approx(sum(g == 0 for g in gold) / 20)
+    longest = [max(range(len(d["choices"]["text"])), key=lambda i: len(d["choices"]["text"][i])) for d in docs]
+    assert result.metrics["acc_norm"] == pytest.approx(sum(s == g for s, g in zip(longest, gold)) / 20)
     assert result.n == 20 and [ex["row"] for ex in result.per_example] == list(range(20))
 
 

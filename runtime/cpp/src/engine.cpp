@@ -27,28 +27,50 @@ Engine::Engine(const std::string& artifact_dir, int num_threads, int num_kv_bloc
   blocks_ = std::make_unique<BlockManager>(num_kv_blocks, block_size, enable_prefix_caching);
 }
 
+// Runs through the engine's own block manager: a private manager would write this sequence's KV into
+// blocks that the engine's prefix cache still maps to other tokens. Prefix hits are exact (every output
+// row is computed independently of the batch), so the logits equal those of a run from scratch.
 std::vector<float> Engine::last_logits(const std::vector<int>& tokens) {
   if (tokens.empty()) throw std::invalid_argument("last_logits: empty token list");
   Sequence seq;
   seq.seq_id = next_seq_id_++;
   seq.token_ids = tokens;
-  BlockManager fresh(model_->num_kv_blocks(), model_->block_size(), false);  // no prefix reuse: a clean run
-  if (!fresh.can_allocate(seq, seq.size())) throw std::runtime_error("last_logits: prompt does not fit the KV cache");
-  fresh.allocate(seq, seq.size());
+  int num_new = seq.size() - blocks_->num_cached_tokens(seq);
+  if (!blocks_->can_allocate(seq, num_new)) throw std::runtime_error("last_logits: " + std::to_string(seq.size()) + " tokens do not fit the KV cache");
+  for (auto [src, dst] : blocks_->allocate(seq, num_new)) model_->copy_block(src, dst);
   ForwardBatch batch;
   batch.block_tables.push_back(seq.block_table);
-  for (int p = 0; p < seq.size(); ++p) {
+  for (int p = seq.num_computed_tokens; p < seq.size(); ++p) {
     batch.tokens.push_back(tokens[p]);
     batch.positions.push_back(p);
     batch.seq_of.push_back(0);
   }
-  batch.logits_for.push_back(seq.size() - 1);
-  return model_->forward(batch, pool_);
+  batch.logits_for.push_back(static_cast<int>(batch.tokens.size()) - 1);
+  try {
+    std::vector<float> logits = model_->forward(batch, pool_);
+    blocks_->free(seq);
+    return logits;
+  } catch (...) {
+    blocks_->free(seq);
+    throw;
+  }
 }
 
 std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int>>& prompts, const GenerationConfig& cfg, GenerationStats* stats) {
-  const ModelConfig& mc = model_->config();
   std::vector<Sequence> seqs(prompts.size());
+  try {
+    return run(seqs, prompts, cfg, stats);
+  } catch (...) {  // a bad prompt or a full cache: hand back every block before the error leaves the engine
+    for (Sequence& s : seqs) {
+      if (!s.block_table.empty()) blocks_->free(s);
+    }
+    throw;
+  }
+}
+
+std::vector<std::vector<int>> Engine::run(std::vector<Sequence>& seqs, const std::vector<std::vector<int>>& prompts, const GenerationConfig& cfg,
+                                          GenerationStats* stats) {
+  const ModelConfig& mc = model_->config();
   std::deque<int> waiting;
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (prompts[i].empty()) throw std::invalid_argument("prompt " + std::to_string(i) + " is empty");

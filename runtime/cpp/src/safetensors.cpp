@@ -118,6 +118,9 @@ SafeTensors::SafeTensors(const uint8_t* data, size_t size, std::string name) : n
       throw FormatError(where + ": " + std::to_string(view.nbytes) + " bytes do not match its shape and dtype");
     }
     view.data = base + begin;
+    if (reinterpret_cast<uintptr_t>(view.data) % dtype_size(view.dtype) != 0) {  // the writer pads the header to 8 bytes
+      throw FormatError(where + ": data is not aligned to its " + std::to_string(dtype_size(view.dtype)) + "-byte dtype (unpadded header?)");
+    }
     tensors_[key] = std::move(view);
   }
 }

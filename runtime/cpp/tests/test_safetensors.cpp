@@ -7,7 +7,9 @@
 
 using namespace optforge_rt;
 
-static std::string image(const std::string& header, const std::string& data) {
+// A safetensors image; the header is padded with spaces to 8 bytes as the reference writer does.
+static std::string image(std::string header, const std::string& data) {
+  header.resize((header.size() + 7) / 8 * 8, ' ');
   uint64_t n = header.size();
   std::string out(reinterpret_cast<const char*>(&n), 8);
   return out + header + data;
@@ -35,6 +37,10 @@ int main() {
   CHECK_THROWS(FormatError, parse(image(R"({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [8, 4]}})", data)));    // reversed
   CHECK_THROWS(FormatError, parse(image(R"({"w": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}})", data)));        // dtype
   CHECK_THROWS(FormatError, parse(image(R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", data)));      // negative dim
+  std::string h = R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})";  // unpadded header
+  if (h.size() % 4 == 0) h += ' ';  // make the float data misaligned
+  uint64_t hl = h.size();
+  CHECK_THROWS(FormatError, parse(std::string(reinterpret_cast<const char*>(&hl), 8) + h + data));
   std::string huge(8, '\xff');
   CHECK_THROWS(FormatError, parse(huge + "{}"));  // header length past the end
   return 0;

@@ -30,3 +30,9 @@ def fused_fp32(tiny_model_dir, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def fused_int8(tiny_model_dir, tmp_path_factory) -> dict:
     return _build(tiny_model_dir, tmp_path_factory, [{"name": "quant.int8_weight_only"}, {"name": "export.onnx"}, {"name": "fuse.onnx_graph"}])
+
+
+@pytest.fixture(scope="session")
+def fused_fp32_onnxscript(tiny_model_dir, tmp_path_factory) -> dict:
+    passes = [{"name": "export.onnx"}, {"name": "fuse.onnx_graph", "config": {"attention": "onnxscript"}}]
+    return _build(tiny_model_dir, tmp_path_factory, passes)

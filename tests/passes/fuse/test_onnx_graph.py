@@ -17,8 +17,12 @@ def test_fp32_fusions_fire_and_shrink_the_graph(fused_fp32):
     assert info["fused"] is True
     assert info["num_nodes_after"] < info["num_nodes_before"] * 0.8
     ops = info["op_counts"]
-    # 2 layers: 2 attention blocks; 2 per layer residual+RMSNorm minus the first, plus the final norm.
-    assert ops["com.microsoft.MultiHeadAttention"] == 2
+    # 2 layers: 2 attention blocks, each with rotary, KV concat and repeat-kv inside one GroupQueryAttention;
+    # 2 per layer residual+RMSNorm minus the first, plus the final norm.
+    assert ops["com.microsoft.GroupQueryAttention"] == 2
+    assert info["fusions"]["group_query_attention"] == 2
+    for leftover in ("com.microsoft.MultiHeadAttention", "Transpose", "Concat", "Cos", "Sin", "Neg"):
+        assert leftover not in ops
     assert ops["com.microsoft.SkipSimplifiedLayerNormalization"] + ops.get("SimplifiedLayerNormalization", 0) + ops.get("com.microsoft.SimplifiedLayerNormalization", 0) == 5
     assert max(info["parity"]["max_abs_logits_diff"].values()) < 1e-4
 

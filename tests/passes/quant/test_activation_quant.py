@@ -134,3 +134,11 @@ def test_kv_cache_after_weight_quantization_keeps_both_layouts(build_tiny):
 def test_per_token_int8_has_no_zero_scales():
     q, s = quantize_rows_int8(torch.zeros(3, 8))
     assert (s > 0).all() and q.abs().sum() == 0
+
+
+def test_float_e4m3_rounding_equals_the_fp8_cast():
+    from optforge.runtime.layers import round_to_e4m3
+
+    gen = torch.Generator().manual_seed(3)
+    v = torch.cat([torch.randn(20000, generator=gen) * s for s in (300.0, 1.0, 1e-2, 1e-3)] + [torch.tensor([448.0, 500.0, -1e4, 0.0, 2.0**-9, 3 * 2.0**-10])])
+    torch.testing.assert_close(round_to_e4m3(v), v.clamp(-448, 448).to(torch.float8_e4m3fn).float(), rtol=0, atol=0)

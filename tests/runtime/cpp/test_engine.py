@@ -87,3 +87,27 @@ def test_missing_artifact_and_bad_config(rt, tmp_path, tiny_model_dir):
     (bad / "config.json").write_text('{"model_type": "mamba"}')
     with pytest.raises(rt.ArtifactError, match="not supported"):
         rt.Engine(str(bad))
+
+
+def test_last_logits_leaves_the_prefix_cache_intact(rt, tiny_artifact):
+    prompt = list(range(10, 60))  # 50 tokens: three full blocks go to the prefix cache
+    engine = rt.Engine(str(tiny_artifact))
+    first, _ = engine.generate([prompt], max_new_tokens=8, ignore_eos=True)
+    engine.last_logits(list(range(100, 180)))  # another sequence's KV must not land in the cached blocks
+    hits_before = engine.prefix_hits
+    again, _ = engine.generate([prompt], max_new_tokens=8, ignore_eos=True)
+    assert engine.prefix_hits > hits_before and again == first  # the rerun reused cached blocks
+    reused = engine.last_logits(prompt + first[0])  # 48 of these tokens come from the prefix cache
+    fresh = rt.Engine(str(tiny_artifact), enable_prefix_caching=False).last_logits(prompt + first[0])
+    assert engine.prefix_hits >= hits_before + 2 * 48
+    assert np.array_equal(reused, fresh)  # prefix reuse is exact, and nothing overwrote the cached KV
+    assert engine.num_free_blocks == 1024
+
+
+def test_failed_generate_returns_its_blocks(rt, tiny_artifact):
+    engine = rt.Engine(str(tiny_artifact))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.generate([[5, 6, 7], [5, 100_000]], max_new_tokens=4, ignore_eos=True)
+    assert engine.num_free_blocks == 1024
+    with pytest.raises(RuntimeError, match="does not fit"):
+        rt.Engine(str(tiny_artifact), num_kv_blocks=2).generate([list(range(40))], max_new_tokens=2)

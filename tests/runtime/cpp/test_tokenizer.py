@@ -69,3 +69,7 @@ def test_smollm2_greedy_matches_hf(rt, smollm2_dir):
             here = torch.tensor(engine.last_logits(ids + ref[:k]))
             assert float(top2[0] - top2[1]) < 1e-3 and float((here - ref_logits[k]).abs().max()) < 1e-3
     assert tok.decode(ours[0]).startswith(" Paris")
+    engine.last_logits(prompts[1] + ours[1])  # must not disturb the blocks the prefix cache holds
+    hits = engine.prefix_hits
+    resumed, _ = engine.generate([prompts[0] + ours[0][:32]], max_new_tokens=16, ignore_eos=True)
+    assert engine.prefix_hits >= hits + 32 and resumed[0] == ours[0][32:48]

@@ -95,10 +95,13 @@ class Engine {
 
   // Greedy generation for every prompt with continuous batching; returns the new tokens of each.
   std::vector<std::vector<int>> generate(const std::vector<std::vector<int>>& prompts, const GenerationConfig& cfg, GenerationStats* stats = nullptr);
-  // Logits (vocab,) after running `tokens` from scratch (a fresh sequence, freed afterwards).
+  // Logits (vocab,) after `tokens` (a new sequence through the block manager, freed afterwards).
   std::vector<float> last_logits(const std::vector<int>& tokens);
 
  private:
+  std::vector<std::vector<int>> run(std::vector<Sequence>& seqs, const std::vector<std::vector<int>>& prompts, const GenerationConfig& cfg,
+                                    GenerationStats* stats);
+
   ThreadPool pool_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<BlockManager> blocks_;
