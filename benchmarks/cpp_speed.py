@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import platform
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 PROMPT, NEW = 128, 64
+log = logging.getLogger(__name__)
 
 
 def prompts(batch: int) -> list[list[int]]:
@@ -110,7 +112,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.llama_site:
         sys.path.insert(0, args.llama_site)
+    logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     rt = load()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -128,6 +132,7 @@ def main() -> None:
         for batch in (1, 8):
             p, d = bench_cpp(rt, path, batch, args.threads)
             rows.append(("optforge C++", fmt, batch, p, d))
+            log.info("C++ %s batch %d: prefill %.1f, decode %.1f tok/s", fmt, batch, p, d)
     try:
         ggufs = llama_ggufs(work)
         for fmt, path in ggufs.items():
@@ -139,8 +144,10 @@ def main() -> None:
         for batch in (1, 8):
             p, d = bench_hf(src.path, batch)
             rows.append((f"HF transformers (torch {torch.__version__})", "fp32", batch, p, d))
+            log.info("HF batch %d: prefill %.1f, decode %.1f tok/s", batch, p, d)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    print(f"Machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads; C++ ISA {rt.active_isa()}; load average {os.getloadavg()[0]:.1f}")
+    print(f"Machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads; C++ ISA {rt.active_isa()}; "
+          f"load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(f"SmolLM2-135M-Instruct, prompt {PROMPT}, {NEW} new tokens, greedy\n")
     print("| runtime | weights | batch | prefill tok/s | decode tok/s |\n| --- | --- | --- | --- | --- |")
     for name, fmt, batch, p, d in rows:

@@ -63,12 +63,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--calib-rows", type=int, default=64)
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    ap.add_argument("--tasks", default="arc_easy,hellaswag", help="comma-separated tasks scored per scheme; empty for perplexity only")
     ap.add_argument("--json-out", default=None, help="append one JSON line per scheme (progress survives a crash)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows, base = [], None
-    print(f"| scheme | weight bytes | perplexity (BoolQ val 0-40) | delta [95% CI] | ARC-Easy acc_norm (n={args.limit}) | HellaSwag acc_norm (n={args.limit}) | calibration |")
-    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    task_names = [t for t in args.tasks.split(",") if t]
+    task_cols = "".join(f" {t} acc_norm (n={args.limit}) |" for t in task_names)
+    print(f"| scheme | weight bytes | perplexity (BoolQ val 0-40) | delta [95% CI] |{task_cols} calibration |")
+    print("| --- " * (5 + len(task_names)) + "|", flush=True)
     for label in args.schemes:
         started = time.perf_counter()
         result = build(recipe(SCHEMES[label], args.calib_rows), cache_dir=args.cache_dir, output=f"/tmp/quant-table/{re.sub(r'[^A-Za-z0-9]+', '_', label)}")
@@ -78,7 +81,7 @@ def main() -> None:
         layout = json.loads((result.output / "optforge.json").read_text())
         ppl = perplexity(model, tok, load_texts(PerplexitySpec(rows=(0, 40))), max_length=256).to_dict()
         lm = HFLM(model, tok, batch_size=16)
-        tasks = {t: evaluate_task(lm, t, limit=args.limit) for t in ("arc_easy", "hellaswag")}
+        tasks = {t: evaluate_task(lm, t, limit=args.limit) for t in filter(None, args.tasks.split(","))}
         nbytes = sum(f["bytes"] for f in manifest["files"] if f["path"].endswith(".safetensors"))
         calib = (layout.get("kv_cache") or layout.get("quantization") or {}).get("calibration_seconds", passes[-1]["seconds"] if passes else 0.0)
         cur = {"label": label, "bytes": nbytes // 2 if label in LOAD_DTYPE else nbytes, "ppl": ppl, "tasks": tasks, "calib_s": calib}
@@ -106,7 +109,7 @@ def _row(cur, base, paired_bootstrap, paired_proportion_interval) -> str:
         cells.append(f"{ci.diff:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]")
     else:
         cells.append("")
-    for t in ("arc_easy", "hellaswag"):
+    for t in cur["tasks"]:
         r, r0 = cur["tasks"][t], base["tasks"][t]
         acc = r.metrics.get("acc_norm", r.metrics["acc"])
         key = "acc_norm" if "acc_norm" in r.metrics else "correct"
