@@ -22,15 +22,8 @@ def scheme(name: str):
     return deco
 
 
-@scheme("int8_weight_only")
-class Int8WeightOnlyLinear(nn.Module):
-    """y = (x @ q.T) * s + b with q int8 (out, in) and s one scale per output channel.
-
-    Kernel choice, measured (benchmarks/): on CUDA `aten._weight_int8pack_mm` reads the int8 weights directly.
-    On CPU that op costs ~0.5 ms per row for a 576x1536 weight (slower than fp32 at any batch), so the CPU
-    path casts q to the activation dtype per call and applies s after the matmul; the weights stay int8 in
-    memory, the compute is dense. `kernel` names the path that ran.
-    """
+class _ChannelInt8Linear(nn.Module):
+    """Buffers shared by the int8 schemes: weight int8 (out, in), weight_scale float32 (out, 1), optional bias."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: dict | None = None):
         super().__init__()
@@ -39,6 +32,17 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.kernel: str | None = None
+
+
+@scheme("int8_weight_only")
+class Int8WeightOnlyLinear(_ChannelInt8Linear):
+    """y = (x @ q.T) * s + b with q int8 (out, in) and s one scale per output channel.
+
+    Kernel choice, measured (benchmarks/): on CUDA `aten._weight_int8pack_mm` reads the int8 weights directly.
+    On CPU that op costs ~0.5 ms per row for a 576x1536 weight (slower than fp32 at any batch), so the CPU
+    path casts q to the activation dtype per call and applies s after the matmul; the weights stay int8 in
+    memory, the compute is dense. `kernel` names the path that ran.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -263,7 +267,7 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @scheme("w8a8_int8")
-class W8A8Linear(nn.Module):
+class W8A8Linear(_ChannelInt8Linear):
     """INT8 weights (one scale per output channel) x INT8 activations (one dynamic scale per token).
 
     y = (q_x @ q_w.T) * s_x * s_w with an int32 accumulator: `torch._int_mm` on CPU and on CUDA (where it
@@ -271,14 +275,6 @@ class W8A8Linear(nn.Module):
     compressed-tensors' "int-quantized" W8A8 checkpoints (weight int8 (out, in), weight_scale (out, 1)).
     SmoothQuant (passes/quant/smoothquant.py) folds the activation outliers into the weights beforehand.
     """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, spec: dict | None = None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32))
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.kernel: str | None = None
 
     def set_float(self, w: torch.Tensor) -> None:
         q, scale = quantize_rows_int8(w.detach())
