@@ -78,21 +78,27 @@ def bench_runtime(engine, workload: Workload) -> dict:
     }
 
 
-def bench_batch1_decode(engine, input_len: int = 128, output_len: int = 256) -> dict:
-    """One request; tokens/s over the decode steps only (the prefill step is timed apart)."""
+def bench_decode(engine, batch: int = 1, input_len: int = 128, output_len: int = 256) -> dict:
+    """`batch` requests started together; tokens/s over the decode steps only (prefill steps timed apart)."""
     from optforge.runtime.sequence import SamplingParams
 
-    prompt = Workload(input_len=input_len, num_requests=1).prompts(engine.runner.config.vocab_size)[0]
-    engine.add_request("batch1", prompt, SamplingParams(max_tokens=output_len, ignore_eos=True))
+    prompts = Workload(input_len=input_len, num_requests=batch).prompts(engine.runner.config.vocab_size)
+    seqs = [engine.add_request(f"decode-{i}", p, SamplingParams(max_tokens=output_len, ignore_eos=True)) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
-    engine.step()
+    while any(not s.output_token_ids for s in seqs):  # prefill: every prompt gets its first token
+        engine.step()
     _sync(engine.runner.device)
     t1 = time.perf_counter()
+    done = sum(len(s.output_token_ids) for s in seqs)
     while engine.has_unfinished:
         engine.step()
     _sync(engine.runner.device)
     t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_tok_s": (output_len - 1) / (t2 - t1)}
+    return {"batch": batch, "prefill_s": t1 - t0, "decode_tok_s": (batch * output_len - done) / (t2 - t1)}
+
+
+def bench_batch1_decode(engine, input_len: int = 128, output_len: int = 256) -> dict:
+    return bench_decode(engine, 1, input_len, output_len)
 
 
 def bench_hf(model, workload: Workload, *, batch_size: int, static_cache: bool = False) -> dict:

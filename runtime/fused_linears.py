@@ -6,9 +6,9 @@ still calls `q_proj(x)`, `k_proj(x)`, `v_proj(x)` in turn, so each sibling is re
 that shares one `FusedLinearGroup`: the first call computes the fused product for `x`, the others return
 their column slice of it for the same `x` (same tensor object), and the group forgets it after the last
 slice. This keeps the Hugging Face forward untouched, so every architecture whose siblings read one input
-gets the fusion. Limits: dense float Linears only (quantized layers keep their own kernels); the group
-must be called in the usual order within one forward (a call with another tensor recomputes: correct,
-just unfused).
+gets the fusion. Quantized siblings fuse too when their scales are per output row (`stack_linears`), and
+keep their low-bit kernel. Limits: the group must be called in the usual order within one forward (a call
+with another tensor recomputes: correct, just unfused).
 """
 
 from __future__ import annotations
@@ -20,19 +20,99 @@ from torch import nn
 DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-class FusedLinearGroup(nn.Module):
-    """One Linear holding the concatenated weights of its members; remembers its last output."""
+def _spec(m: nn.Module) -> dict | None:
+    """The constructor spec of a quantized module (what two modules must share to be stacked)."""
+    from optforge.runtime.layers import Fp8Linear, WeightOnlyLinear
 
-    def __init__(self, linears: list[nn.Linear]):
+    if isinstance(m, WeightOnlyLinear):
+        return {"bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric}
+    if isinstance(m, Fp8Linear):
+        return {"strategy": m.strategy, "dynamic": m.dynamic}
+    return None
+
+
+def _row_tensors(m: nn.Module) -> list[tuple[str, int]] | None:
+    """Names of m's tensors whose dim 0 runs over output features, each with the output features per row
+    (8 for int4 zero points, packed along dim 0); None where m's layout cannot be stacked by rows."""
+    from optforge.runtime.layers import Fp8Linear, WeightOnlyLinear, _ChannelInt8Linear
+
+    if type(m) is nn.Linear:
+        names = [("weight", 1)]
+    elif isinstance(m, _ChannelInt8Linear):
+        names = [("weight", 1), ("weight_scale", 1)]
+    elif isinstance(m, WeightOnlyLinear):
+        names = [("weight_packed" if m.bits == 4 else "weight", 1), ("weight_scale", 1)]
+        if not m.symmetric:
+            names.append(("weight_zero_point", 8 if m.bits == 4 else 1))
+    elif isinstance(m, Fp8Linear) and m.strategy == "channel":  # per-tensor scales differ between members
+        names = [("weight", 1), ("weight_scale", 1)]
+    else:
+        return None
+    return names
+
+
+def can_stack(mods: list[nn.Module]) -> bool:
+    """True when `stack_linears` can make one module of `mods` (same class, input, layout and scales)."""
+    first = mods[0]
+    names = _row_tensors(first)
+    if names is None or any(type(m) is not type(first) or _row_tensors(m) != names or m.in_features != first.in_features or _spec(m) != _spec(first) for m in mods):
+        return False
+    if any(m.out_features % per for m in mods for _, per in names):
+        return False
+    static = [m.input_scale for m in mods if hasattr(m, "input_scale")]
+    return all(torch.equal(s, static[0]) for s in static)
+
+
+def stack_linears(mods: list[nn.Module], *, share: bool = False) -> nn.Module:
+    """One module whose output is the members' outputs side by side: their row tensors concatenated.
+
+    Works for dense nn.Linear and for the quantized modules whose scales are per output row (weight-only
+    int8/int4, W8A8, FP8 per channel), so a fused projection keeps its low-bit kernel. With `share`, the
+    members are re-pointed at views of the stacked tensors, so no second copy of the weights stays alive.
+    """
+    if not can_stack(mods):
+        raise ValueError(f"cannot stack {[type(m).__name__ for m in mods]}: layouts or scales differ")
+    first, names = mods[0], _row_tensors(mods[0])
+    out_features = sum(m.out_features for m in mods)
+    has_bias = any(m.bias is not None for m in mods)
+    if type(first) is nn.Linear:
+        fused = nn.Linear(first.in_features, out_features, bias=has_bias, device=first.weight.device, dtype=first.weight.dtype)
+    else:
+        fused = type(first)(first.in_features, out_features, has_bias, _spec(first)).to(first.weight_scale.device)
+    for name, per in names:
+        stacked = torch.cat([getattr(m, name).detach() for m in mods])
+        _set(fused, name, stacked)
+        if share:
+            start = 0
+            for m in mods:
+                _set(m, name, stacked[start // per : (start + m.out_features) // per])
+                start += m.out_features
+    if has_bias:  # members without a bias add zeros
+        dtype = next(m.bias.dtype for m in mods if m.bias is not None)
+        bias = [m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=dtype, device=fused.bias.device) for m in mods]
+        _set(fused, "bias", torch.cat(bias))
+    if hasattr(fused, "weight_shape"):
+        fused.weight_shape = torch.tensor([out_features, first.in_features], dtype=torch.int64)
+    if hasattr(first, "input_scale"):
+        fused.input_scale = first.input_scale.clone()
+    return fused
+
+
+def _set(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    if isinstance(getattr(module, name), nn.Parameter):
+        setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+    else:
+        setattr(module, name, tensor)
+    if hasattr(module, "_prepared"):
+        module._prepared = None  # kernel layouts derived from the old tensors
+
+
+class FusedLinearGroup(nn.Module):
+    """One module holding the stacked weights of its members (see `stack_linears`); remembers its last output."""
+
+    def __init__(self, linears: list[nn.Module]):
         super().__init__()
-        weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # (sum N, K)
-        has_bias = any(lin.bias is not None for lin in linears)
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            if has_bias:
-                bias = [lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features, device=weight.device, dtype=weight.dtype) for lin in linears]
-                self.linear.bias.copy_(torch.cat(bias))
+        self.linear = stack_linears(linears)
         self.bounds = []
         start = 0
         for lin in linears:
@@ -74,7 +154,7 @@ def fuse_sibling_linears(model: nn.Module, groups: tuple[tuple[str, ...], ...] =
     for module in list(model.modules()):
         for names in groups:
             members = [getattr(module, n, None) for n in names]
-            if not all(type(m) is nn.Linear for m in members):
+            if any(m is None for m in members) or not can_stack(members):
                 continue
             group = FusedLinearGroup(members)
             for i, (name, lin) in enumerate(zip(names, members)):

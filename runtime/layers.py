@@ -22,6 +22,21 @@ def scheme(name: str):
     return deco
 
 
+# Above this many rows the FP8 / W8A8 layers use the vendor GEMMs (compute-bound); below, our Triton kernel.
+TRITON_MAX_ROWS = 64
+
+
+def triton_w8(x2: torch.Tensor, weight: torch.Tensor):
+    """The Triton 8-bit-weight kernel module (runtime/kernels/w8_matmul.py) when it can run this call, else None."""
+    if x2.device.type != "cuda":
+        return None
+    try:
+        from optforge.runtime.kernels import w8_matmul
+    except ImportError:  # no triton on this machine
+        return None
+    return w8_matmul if w8_matmul.supported(x2, weight) else None
+
+
 class _ChannelInt8Linear(nn.Module):
     """Buffers shared by the int8 schemes: weight int8 (out, in), weight_scale float32 (out, 1), optional bias."""
 
@@ -33,20 +48,32 @@ class _ChannelInt8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.kernel: str | None = None
 
+    def set_float(self, w: torch.Tensor) -> None:
+        """Round float weights w (out, in) to int8 with one symmetric scale per output channel (RTN)."""
+        q, scale = quantize_rows_int8(w.detach())
+        self.weight, self.weight_scale = q.contiguous(), scale
+
 
 @scheme("int8_weight_only")
 class Int8WeightOnlyLinear(_ChannelInt8Linear):
     """y = (x @ q.T) * s + b with q int8 (out, in) and s one scale per output channel.
 
-    Kernel choice, measured (benchmarks/): on CUDA `aten._weight_int8pack_mm` reads the int8 weights directly.
-    On CPU that op costs ~0.5 ms per row for a 576x1536 weight (slower than fp32 at any batch), so the CPU
-    path casts q to the activation dtype per call and applies s after the matmul; the weights stay int8 in
-    memory, the compute is dense. `kernel` names the path that ran.
+    Kernel choice, measured (benchmarks/): on CUDA our Triton kernel (runtime/kernels/w8_matmul.py) reads the
+    int8 weights and widens them in registers; `aten._weight_int8pack_mm` (13x slower than bf16 on an H100 at
+    decode sizes) is the fallback where Triton is missing. On CPU that op costs ~0.5 ms per row for a
+    576x1536 weight (slower than fp32 at any batch), so the CPU path casts q to the activation dtype per call
+    and applies s after the matmul; the weights stay int8 in memory, the compute is dense. `kernel` names
+    the path that ran.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        kernel = triton_w8(x2, self.weight)
+        if kernel is not None:
+            self.kernel = "triton w8_matmul"
+            y = kernel.w8_matmul(x2, self.weight, self.weight_scale, bias=self.bias)
+            return y.reshape(*shape[:-1], self.out_features)
         scale = self.weight_scale.reshape(-1).to(x.dtype)  # (N,)
         if x.device.type == "cuda":
             self.kernel = "aten._weight_int8pack_mm"
@@ -69,9 +96,9 @@ class WeightOnlyLinear(nn.Module):
     Buffers are the compressed-tensors tensors, so the saved state dict is a checkpoint `transformers` loads:
     int8 `weight` (out, in) or int4 `weight_packed` (out, in / 8) int32 + `weight_shape`; `weight_scale`
     (out, G) float32; asymmetric adds `weight_zero_point` (out, G) int8, packed (out / 8, G) for int4.
-    Kernels (see runtime/kernels/int4.py): int4 runs PyTorch's packed int4 matmul where its shape limits
-    allow; int8 per channel runs `aten._weight_int8pack_mm` on CUDA; everything else dequantizes then
-    multiplies, and `kernel` says so.
+    Kernels (see runtime/kernels/): int4 runs PyTorch's packed int4 matmul where its shape limits allow; int8
+    per channel runs our Triton kernel on CUDA (`aten._weight_int8pack_mm` without Triton) and a cast+matmul
+    on CPU; everything else dequantizes then multiplies, and `kernel` says so.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: dict | None = None):
@@ -108,6 +135,15 @@ class WeightOnlyLinear(nn.Module):
             self.weight_zero_point = pack_int4(zero, dim=0) if self.bits == 4 else zero.to(torch.int8).contiguous()
         self._prepared = None
 
+    def set_float(self, w: torch.Tensor) -> None:
+        """Round float weights w (out, in) to this layer's grid (RTN); the passes make better grids (AWQ, GPTQ)."""
+        from optforge.passes.quant.grid import Grid, qparams, quantize
+
+        grid = Grid(self.bits, self.group_size, self.symmetric)
+        w = w.detach().float()
+        scale, zero = qparams(w, grid)
+        self.set_quantized(quantize(w, scale, zero, grid), scale, zero)
+
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q (out, in) int8, scale (out, G) float32, zero (out, G) int8 or None)."""
         from optforge.runtime.packing import unpack_int4
@@ -133,7 +169,7 @@ class WeightOnlyLinear(nn.Module):
         if self.bits == 4 and supports_int4(self.out_features, self.in_features, self.group_size, device):
             state.update(prepare_int4(q, scale, zero, device), kernel="int4pack_mm")
         elif self.bits == 8 and self.symmetric and self.group_size is None and device.type == "cuda":
-            state.update(kernel="aten._weight_int8pack_mm")
+            state.update(kernel="triton w8_matmul" if triton_w8(torch.empty(0, device=device), self.weight) else "aten._weight_int8pack_mm")
         elif self.bits == 8 and self.symmetric and self.group_size is None:
             state.update(kernel="int8 cast+matmul")
         else:
@@ -151,6 +187,10 @@ class WeightOnlyLinear(nn.Module):
         self.kernel = state["kernel"]
         if self.kernel == "int4pack_mm":
             y = int4_mm(x2, state, self.group_size)
+        elif self.kernel == "triton w8_matmul":
+            from optforge.runtime.kernels.w8_matmul import w8_matmul
+
+            y = w8_matmul(x2, self.weight, self.weight_scale)
         elif self.kernel == "aten._weight_int8pack_mm":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.weight_scale.reshape(-1).to(x.dtype))
         elif self.kernel == "int8 cast+matmul":
@@ -213,15 +253,18 @@ class Fp8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.kernel: str | None = None
         self._dense: torch.Tensor | None = None
+        self._w_scale_rows: torch.Tensor | None = None  # weight_scale as (N,), for the Triton kernel
 
     def set_float(self, w: torch.Tensor, input_amax: float | None = None) -> None:
         """Quantize float weights w (out, in); `input_amax` sets the static activation scale."""
+        if not self.dynamic and input_amax is None:
+            raise ValueError("a static FP8 layer needs input_amax (the calibrated max |x|) for its activation scale")
         w = w.detach().float()
         amax = w.abs().amax(dim=1, keepdim=True) if self.strategy == "channel" else w.abs().amax().reshape(1)
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         self.weight = quantize_fp8(w, scale if self.strategy == "channel" else scale.reshape(1, 1))
         self.weight_scale = scale
-        self._dense = None
+        self._dense = self._w_scale_rows = None
         if not self.dynamic:
             self.input_scale = torch.tensor([max(input_amax or 0.0, 1e-6) / FP8_MAX], dtype=torch.float32)
 
@@ -230,7 +273,7 @@ class Fp8Linear(nn.Module):
         key = prefix + "weight"
         if key in state_dict and state_dict[key].dtype != torch.float8_e4m3fn:
             state_dict[key] = state_dict[key].to(torch.float8_e4m3fn)
-        self._dense = None
+        self._dense = self._w_scale_rows = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _activation_scale(self, x2: torch.Tensor) -> torch.Tensor:
@@ -238,9 +281,23 @@ class Fp8Linear(nn.Module):
             return x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # (M, 1)
         return self.input_scale.reshape(1, 1).expand(x2.shape[0], 1)
 
+    def _triton(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """Decode-sized batches on CUDA: our kernel rounds x to E4M3 in the same launch (no extra kernels)."""
+        kernel = triton_w8(x2, self.weight) if x2.shape[0] <= TRITON_MAX_ROWS else None
+        if kernel is None:
+            return None
+        if self._w_scale_rows is None or self._w_scale_rows.device != x2.device:
+            self._w_scale_rows = self.weight_scale.reshape(-1).expand(self.out_features).contiguous()
+        self.kernel = "triton w8_matmul (E4M3 activations)"
+        act = kernel.ACT_FP8_TOKEN if self.dynamic else kernel.ACT_FP8_STATIC
+        return kernel.w8_matmul(x2, self.weight, self._w_scale_rows, act=act, input_scale=None if self.dynamic else self.input_scale, bias=self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        y = self._triton(x2)
+        if y is not None:
+            return y.reshape(*shape[:-1], self.out_features)
         x_scale = self._activation_scale(x2)  # (M, 1)
         w_scale = self.weight_scale.reshape(1, -1).expand(1, self.out_features)  # (1, N)
         if x.device.type == "cuda":
@@ -271,14 +328,11 @@ class W8A8Linear(_ChannelInt8Linear):
     """INT8 weights (one scale per output channel) x INT8 activations (one dynamic scale per token).
 
     y = (q_x @ q_w.T) * s_x * s_w with an int32 accumulator: `torch._int_mm` on CPU and on CUDA (where it
-    needs M > 16, so decode-sized batches are padded to 17 rows, and K, N multiples of 8). Buffers match
+    needs M > 16, so small batches are padded to 17 rows, and K, N multiples of 8). On CUDA, batches up to
+    `TRITON_MAX_ROWS` rows run our Triton kernel instead (exact int products, fp32 sums; see w8_matmul.py). Buffers match
     compressed-tensors' "int-quantized" W8A8 checkpoints (weight int8 (out, in), weight_scale (out, 1)).
     SmoothQuant (passes/quant/smoothquant.py) folds the activation outliers into the weights beforehand.
     """
-
-    def set_float(self, w: torch.Tensor) -> None:
-        q, scale = quantize_rows_int8(w.detach())
-        self.weight, self.weight_scale = q.contiguous(), scale
 
     def _int_mm(self, xq: torch.Tensor) -> torch.Tensor:
         m = xq.shape[0]
@@ -296,6 +350,11 @@ class W8A8Linear(_ChannelInt8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        kernel = triton_w8(x2, self.weight) if x2.shape[0] <= TRITON_MAX_ROWS else None
+        if kernel is not None:  # decode sizes: per-token int8 rounding inside our kernel, one launch
+            self.kernel = "triton w8_matmul (int8 activations)"
+            y = kernel.w8_matmul(x2, self.weight, self.weight_scale, act=kernel.ACT_INT8_TOKEN, bias=self.bias)
+            return y.reshape(*shape[:-1], self.out_features)
         xq, x_scale = quantize_rows_int8(x2)
         acc = self._int_mm(xq)  # (M, N) int32
         y = (acc.float() * x_scale * self.weight_scale.reshape(1, -1)).to(x.dtype)
@@ -366,6 +425,21 @@ def apply_kv_cache_layout(model: nn.Module, kv_layout: dict | None) -> bool:
 def kernels_used(model: nn.Module) -> dict[str, str | None]:
     """{module name: kernel that ran last} for every quantized module (None: not run yet)."""
     return {name: m.kernel for name, m in model.named_modules() if hasattr(m, "scheme") and hasattr(m, "kernel")}
+
+
+def quantize_in_memory(model: nn.Module, spec: dict, *, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Swap every nn.Linear (names containing a `skip` entry excepted) for `spec`'s module, rounded from its
+    float weights (RTN, on the weights' device). For speed measurements and tests: artifacts come from the
+    passes, which calibrate. Returns the swapped names."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not any(s in n for s in skip)]
+    for name in names:
+        old = model.get_submodule(name)
+        new = swap_linear(model, name, spec)
+        new.set_float(old.weight)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
+        new.to(old.weight.device)
+    return names
 
 
 def swap_linear(model: nn.Module, name: str, spec: dict) -> nn.Module:

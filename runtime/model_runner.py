@@ -7,9 +7,9 @@ block at the end is scratch space for the padded rows of a CUDA graph.
 
 Attention: on CPU (and for prefill chunks on CUDA) each sequence's keys and values are gathered from its
 blocks and go through torch SDPA with a causal mask offset by its cached context. On CUDA, decode-only steps
-use our Triton paged-attention kernel, and with dense weights the layer runs fused (q/k/v and gate/up as one
-matmul each, residual+RMSNorm, rotary+KV write and SiLU*up as Triton kernels), captured in CUDA graphs for
-the decode batch sizes in `graph_batch_sizes`.
+use our Triton paged-attention kernel, and the layer runs fused (q/k/v and gate/up as one matmul each, dense
+or quantized with per-row scales, residual+RMSNorm, rotary+KV write and SiLU*up as Triton kernels), captured
+in CUDA graphs for the decode batch sizes in `graph_batch_sizes`.
 """
 
 from __future__ import annotations
@@ -99,26 +99,17 @@ class ModelRunner:
         return max(1, kv_cache_bytes // per_block)
 
     def _fuse_weights(self) -> list[dict] | None:
-        """One q|k|v and one gate|up weight per layer; the HF modules keep views into them (no copies kept)."""
+        """One q|k|v and one gate|up module per layer, dense or quantized (`stack_linears`); the HF modules keep
+        views into the stacked tensors, so no second copy of the weights stays alive."""
+        from optforge.runtime.fused_linears import can_stack, stack_linears
+
         fused = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            linears = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
-            if not all(type(m) is nn.Linear for m in linears) or hasattr(attn, "q_norm") or self.config.hidden_act != "silu":
+            groups = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "gate_up": [mlp.gate_proj, mlp.up_proj]}
+            if hasattr(attn, "q_norm") or self.config.hidden_act != "silu" or not all(can_stack(g) for g in groups.values()):
                 return None
-            entry = {}
-            for key, mods in (("qkv", linears[:3]), ("gate_up", linears[3:])):
-                weight = torch.cat([m.weight.data for m in mods])
-                bias = torch.cat([m.bias.data for m in mods]) if mods[0].bias is not None else None
-                start = 0
-                for m in mods:
-                    rows = m.weight.shape[0]
-                    m.weight.data = weight[start : start + rows]
-                    if bias is not None:
-                        m.bias.data = bias[start : start + rows]
-                    start += rows
-                entry[key] = (weight, bias)
-            fused.append(entry)
+            fused.append({key: stack_linears(mods, share=True) for key, mods in groups.items()})
         return fused
 
     # ---- one step -----------------------------------------------------------------------------------
@@ -249,14 +240,14 @@ class ModelRunner:
         residual = h.clone()
         x = add_rms_norm(h, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(x, *self.fused[i]["qkv"])  # (T, (Hq + 2 Hkv) D)
+            qkv = self.fused[i]["qkv"](x)  # (T, (Hq + 2 Hkv) D)
             q = qkv[:, :q_width].view(num_tokens, self.num_heads, self.head_dim)
             k = qkv[:, q_width : q_width + kv_width].view(num_tokens, self.num_kv_heads, self.head_dim)
             v = qkv[:, q_width + kv_width :].view(num_tokens, self.num_kv_heads, self.head_dim)
             rope_and_cache(q, k, v, cos, sin, slot_mapping, self.kv_cache[i, 0], self.kv_cache[i, 1])
             a = layer.self_attn.o_proj(attend(i, q).reshape(num_tokens, -1))
             x = add_rms_norm(a, layer.post_attention_layernorm.weight, eps, residual)
-            m = layer.mlp.down_proj(silu_mul(F.linear(x, *self.fused[i]["gate_up"])))
+            m = layer.mlp.down_proj(silu_mul(self.fused[i]["gate_up"](x)))
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.base.norm
             x = add_rms_norm(m, next_norm.weight, eps, residual)
         return x

@@ -3,7 +3,7 @@
 Both kernels compute y = x @ ((u - 8) * s + z).T with u in [0, 15] packed by `_convert_weight_to_int4pack*`
 and `scales_and_zeros` (K / group, N, 2). Our grid is w = (q - zero_point) * s with q = u - 8, so
 z = -zero_point * s, exact. Limits (checked by `supports_int4`): group in {32, 64, 128, 256}, K a multiple
-of the group and N a multiple of 8 on CPU. Measured on the 2-core dev CPU (benchmarks/quant_speed.py): the
+of the group and N a multiple of 16 on CPU. Measured on the 2-core dev CPU (benchmarks/quant_speed.py): the
 CPU kernel is fast only with bf16 activations (fp32 activations take a ~30x slower path), so x is cast
 to bf16 and the result back to x's dtype.
 """
@@ -20,7 +20,7 @@ def supports_int4(n: int, k: int, group_size: int | None, device: torch.device) 
         return False
     if device.type == "cuda":
         return n % 8 == 0 and k % 128 == 0  # innerKTiles 8 x 16
-    return device.type == "cpu" and n % 8 == 0
+    return device.type == "cpu" and n % 16 == 0  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 
 
 def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

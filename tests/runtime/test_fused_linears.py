@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from optforge.runtime.fused_linears import FusedLinearGroup, fuse_sibling_linears
+from optforge.runtime.fused_linears import FusedLinearGroup, can_stack, fuse_sibling_linears, stack_linears
 from optforge.runtime.loader import load_model
 
 
@@ -43,3 +44,63 @@ def test_quantized_or_missing_members_are_left_alone():
     block.q_proj, block.k_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)  # no v_proj
     assert fuse_sibling_linears(block) == {"q_proj+k_proj+v_proj": 0, "gate_proj+up_proj": 0}
     assert type(block.q_proj) is torch.nn.Linear
+
+
+def _quantized_siblings(scheme: str, sizes=(16, 8, 8), k: int = 64) -> list[torch.nn.Module]:
+    from optforge.passes.quant.grid import Grid, qparams, quantize
+    from optforge.runtime.layers import Fp8Linear, Int8WeightOnlyLinear, W8A8Linear, WeightOnlyLinear
+
+    mods = []
+    for i, n in enumerate(sizes):
+        w = torch.randn(n, k) * 0.05
+        if scheme.startswith("int4") or scheme == "int8-asym-g32":
+            bits, group, sym = (4, 32, scheme == "int4-sym") if scheme.startswith("int4") else (8, 32, False)
+            m = WeightOnlyLinear(k, n, i == 0, {"bits": bits, "group_size": group, "symmetric": sym})
+            s, z = qparams(w, Grid(bits, group, sym))
+            m.set_quantized(quantize(w, s, z, Grid(bits, group, sym)), s, z)
+        elif scheme == "int8":
+            m = Int8WeightOnlyLinear(k, n, i == 0)
+            m.weight, m.weight_scale = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, 1) * 0.01
+        elif scheme == "w8a8":
+            m = W8A8Linear(k, n, i == 0)
+            m.set_float(w)
+        else:
+            m = Fp8Linear(k, n, i == 0, {"strategy": "channel", "dynamic": scheme == "fp8-dynamic"})
+            m.set_float(w, input_amax=3.0)
+        if m.bias is not None:
+            m.bias.data = torch.randn(n)
+        mods.append(m)
+    return mods
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-asym-g32", "int4-sym", "int4-asym", "w8a8", "fp8-dynamic", "fp8-static"])
+def test_stacked_quantized_siblings_match_their_members(scheme):
+    """One stacked module gives each member's output (its low-bit layout and kernel kept), sharing memory."""
+    torch.manual_seed(0)
+    mods = _quantized_siblings(scheme)
+    x = torch.randn(5, 64)
+    refs = [m(x) for m in mods]
+    assert can_stack(mods)
+    fused = stack_linears(mods, share=True)
+    assert type(fused) is type(mods[0]) and fused.out_features == 32
+    # int4 goes through a bf16 kernel on CPU, whose rounding depends on the matmul's width
+    tol = 2e-2 if scheme.startswith("int4") else 1e-5
+    torch.testing.assert_close(fused(x), torch.cat(refs, dim=1), rtol=tol, atol=tol)
+    first_tensor = mods[0].weight_packed if scheme.startswith("int4") else mods[0].weight
+    fused_tensor = fused.weight_packed if scheme.startswith("int4") else fused.weight
+    assert first_tensor.data_ptr() == fused_tensor.data_ptr()  # members are views: no second copy
+    torch.testing.assert_close(mods[1](x), refs[1], rtol=tol, atol=tol)
+
+
+def test_layouts_that_cannot_stack_are_refused():
+    from optforge.runtime.layers import Fp8Linear
+
+    per_tensor = [Fp8Linear(64, 8, False, {"strategy": "tensor", "dynamic": True}) for _ in range(2)]
+    assert not can_stack(per_tensor)
+    mixed = _quantized_siblings("int8")[:1] + _quantized_siblings("w8a8")[:1]
+    assert not can_stack(mixed)
+    static = _quantized_siblings("fp8-static")
+    static[1].input_scale = static[1].input_scale * 2  # members calibrated to different activation scales
+    assert not can_stack(static)
+    with pytest.raises(ValueError, match="cannot stack"):
+        stack_linears(mixed)
