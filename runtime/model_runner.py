@@ -134,7 +134,7 @@ class ModelRunner:
             as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
             input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
             if self.use_triton and batch.is_decode_only:
-                attend = self._decode_attention(*self._decode_metadata(batch))
+                attend = self._decode_attention(*self._decode_metadata(batch.seqs))
             else:
                 attend = self._gathered_attention(batch)
             hidden = self.forward(input_ids, pos_t, slot_t, attend)
@@ -148,16 +148,22 @@ class ModelRunner:
     def _gathered_attention(self, batch: ScheduledBatch):
         """SDPA over KV gathered from the blocks (CPU, and steps with prefill chunks on CUDA).
 
-        Fresh prompts of equal length (no cached context) go through one batched causal SDPA call;
-        every other sequence (a chunk after cached context, a decode) gets its own call with an offset mask.
+        Fresh prompts of equal length (no cached context) go through one batched causal SDPA call; on CUDA
+        the decode rows of a mixed step go through one paged-attention launch; every other sequence (a chunk
+        after cached context, a decode on CPU) gets its own call with an offset mask.
         """
         bs, q_start = self.block_size, 0
         offsets = torch.arange(bs, device=self.device)
         fresh: dict[int, list[tuple[int, torch.Tensor]]] = {}  # prompt length -> [(first row, gather index)]
         single = []
+        decodes = []  # (row, seq, context length): one new token each, for the paged kernel (CUDA)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             ctx = start + n
+            if n == 1 and self.use_triton:
+                decodes.append((q_start, seq, ctx))
+                q_start += 1
+                continue
             table = torch.tensor(seq.block_table[: -(-ctx // bs)], dtype=torch.long, device=self.device)
             gather = (table[:, None] * bs + offsets).reshape(-1)[:ctx]
             if n > 1 and start == 0:
@@ -173,10 +179,16 @@ class ModelRunner:
             rows = torch.cat([torch.arange(r, r + n, device=self.device) for r, _ in members])  # (G n,)
             groups.append((len(members), n, rows, torch.stack([g for _, g in members])))  # gather (G, n)
 
+        if decodes:  # decode rows of a mixed step: one batched paged-attention launch instead of one SDPA each
+            decode_rows = torch.tensor([r for r, _, _ in decodes], dtype=torch.long, device=self.device)
+            decode_attend = self._decode_attention(*self._decode_metadata([s for _, s, _ in decodes], [c for _, _, c in decodes]))
+
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q (T, Hq, D) -> (T, Hq, D)
             k_flat = self.kv_cache[layer, 0].view(-1, self.num_kv_heads, self.head_dim)
             v_flat = self.kv_cache[layer, 1].view(-1, self.num_kv_heads, self.head_dim)
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            if decodes:
+                out[decode_rows] = decode_attend(layer, q[decode_rows])
             for num_seqs, n, rows, gather in groups:
                 qq = q[rows].view(num_seqs, n, self.num_heads, self.head_dim).transpose(1, 2)  # (G, Hq, n, D)
                 kk, vv = k_flat[gather].transpose(1, 2), v_flat[gather].transpose(1, 2)  # (G, Hkv, n, D)
@@ -192,11 +204,12 @@ class ModelRunner:
 
         return attend
 
-    def _decode_metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [self.num_blocks] * (width - len(s.block_table)) for s in batch.seqs]
+    def _decode_metadata(self, seqs, context_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables padded with the scratch block, and context lengths (default: each whole sequence)."""
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [self.num_blocks] * (width - len(s.block_table)) for s in seqs]
         block_tables = torch.tensor(tables, dtype=torch.int32, device=self.device)
-        context_lens = torch.tensor([len(s) for s in batch.seqs], dtype=torch.int32, device=self.device)
+        context_lens = torch.tensor(context_lens or [len(s) for s in seqs], dtype=torch.int32, device=self.device)
         return block_tables, context_lens
 
     def _decode_attention(self, block_tables: torch.Tensor, context_lens: torch.Tensor):

@@ -169,7 +169,7 @@ class HeadsPrune(_StructuredPrune):
             # transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 even with head_dim set.
             raise PassError(self.name, f"{new_heads} query heads do not divide hidden_size {conf.hidden_size}, so transformers would refuse the config; choose a ratio that keeps a divisor of {conf.hidden_size} heads (now {heads})")
         for layer, score in zip(layers, scores):
-            grouped = score.view(kv, per_group)  # query heads h = g * per_group + i share KV head g
+            grouped = score.view(kv, per_group).cpu()  # query heads h = g * per_group + i share KV head g; index math on CPU
             if cfg.unit == "query":
                 keep_q = grouped.topk(per_group - drop, dim=1).indices.sort(dim=1).values + torch.arange(kv).unsqueeze(1) * per_group
                 keep_kv = torch.arange(kv)

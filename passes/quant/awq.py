@@ -102,7 +102,7 @@ class AWQ(WeightOnlyPass):
             prefix = names[id(layer)]
             heads = {op: layer.get_submodule(fed[0]) for op, fed in folds if f"{prefix}.{fed[0]}" in targets}
             kept: dict[str, list] = {op: [] for op in heads}
-            sums = {op: torch.zeros(m.in_features) for op, m in heads.items()}
+            sums = {op: torch.zeros(m.in_features, device=m.weight.device) for op, m in heads.items()}
             counts = dict.fromkeys(heads, 0)
 
             def record(op, x):

@@ -10,6 +10,7 @@ next layer's inputs. Memory holds one layer's inputs and outputs, never every la
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from typing import Callable, Iterator
 
@@ -28,8 +29,34 @@ def calibration_samples(pass_name: str, tokenizer, ctx, num_samples: int | None)
         raise PassError(pass_name, "needs calibration text: set data.calibration in the recipe (e.g. {dataset: boolq, rows: [2000, 2128]})")
     texts = texts[:num_samples] if num_samples else texts
     max_length = ctx.calibration.max_length
-    samples = [torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]]) for t in texts]
+    bos = leading_bos(tokenizer)
+    samples = [torch.tensor([(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length]], device=ctx.device) for t in texts]
     return [s for s in samples if s.shape[1] > 1]
+
+
+def leading_bos(tokenizer) -> list[int]:
+    """[bos id] when the tokenizer puts BOS first in every encoding (Gemma, Llama-3), else [] (SmolLM2).
+
+    Models trained to always see BOS first run far off their serving distribution without it (Gemma-3-270M:
+    BoolQ rows 0-20 perplexity 108 without BOS, 17 with), so calibrating without it would fit scales to activations the
+    served model never produces.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    return [bos] if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+
+def calibration_forward(model: nn.Module, ids: torch.Tensor, *, all_logits: bool = False):
+    """model(ids) for calibration, computing the last position's logits only unless `all_logits`.
+
+    Calibration reads what goes into layers, not the logits; with Gemma-3's 262k vocabulary the output head
+    costs more than the 18 decoder layers together, so skipping it for T - 1 positions matters.
+    """
+    kwargs = {"input_ids": ids, "use_cache": False}
+    if not all_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(**kwargs)
 
 
 def decoder_layers(model: nn.Module, pass_name: str) -> nn.ModuleList:
@@ -60,7 +87,7 @@ def _capture(model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor
         layer.forward = stub(i)
     try:
         for ids in samples:
-            model(input_ids=ids, use_cache=False)
+            calibration_forward(model, ids)  # the stubbed layers pass hidden states through: logits unused
     finally:
         for layer in layers:
             del layer.forward  # back to the class's forward

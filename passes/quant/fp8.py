@@ -36,16 +36,18 @@ class Fp8Config:
 @torch.no_grad()
 def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samples: list[torch.Tensor]) -> dict[str, float]:
     """Max |x| each Linear sees over the samples (running max only: memory does not grow with samples)."""
-    from optforge.passes.quant.calibration import watch_inputs
+    from optforge.passes.quant.calibration import calibration_forward, watch_inputs
 
     amax = dict.fromkeys(linears, 0.0)
+    head = model.get_output_embeddings()
+    all_logits = any(m is head for m in linears.values())  # a quantized output head must see every position
 
     def record(name, x):
         amax[name] = max(amax[name], float(x.abs().max()))
 
     with watch_inputs(linears, record):
         for ids in samples:
-            model(input_ids=ids, use_cache=False)
+            calibration_forward(model, ids, all_logits=all_logits)
     return amax
 
 
@@ -65,15 +67,13 @@ class Fp8(Pass):
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.passes.quant.calibration import calibration_samples
         from optforge.passes.quant.output import write_quantized
-        from optforge.passes.quant.targets import select_linears
+        from optforge.passes.quant.targets import pass_targets
         from optforge.runtime.layers import swap_linear
         from optforge.runtime.loader import load_model
 
         cfg = self.config
-        model, tokenizer = load_model(artifact.path, dtype="float32")
-        targets = select_linears(model, cfg.include, cfg.exclude)
-        if not targets:
-            raise PassError(self.name, f"no Linear layer matches include={cfg.include} exclude={cfg.exclude}")
+        model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
+        targets = pass_targets(self.name, model, cfg.include, cfg.exclude)
         started = time.perf_counter()
         report: dict = {"method": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
         amax: dict[str, float] = {}

@@ -42,9 +42,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, ac
     W[:, dead] = 0
     static = act_order or grid.group_size is None
     scale, zero = qparams(W, grid)  # up front: static groups / per channel; else refilled per group below
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=H.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W, dtype=torch.int8)
     for i1 in range(0, n, block_size):
@@ -92,7 +92,7 @@ class GPTQ(WeightOnlyPass):
         def visit(index, layer, forward_all):
             prefix = names[id(layer)]
             local = layer_targets(layer, prefix, targets)
-            hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in local.items()}
+            hessians = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in local.items()}
             counts = dict.fromkeys(local, 0)
 
             def accumulate(n, x):  # running mean of 2 x^T x over tokens

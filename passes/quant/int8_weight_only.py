@@ -13,7 +13,6 @@ import torch
 
 from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
-from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
 
 
@@ -43,14 +42,12 @@ class Int8WeightOnly(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.passes.quant.output import write_quantized
-        from optforge.passes.quant.targets import select_linears
+        from optforge.passes.quant.targets import pass_targets
         from optforge.runtime.layers import swap_linear
         from optforge.runtime.loader import load_model
 
         model, tokenizer = load_model(artifact.path, dtype=ctx.model.dtype)
-        targets = select_linears(model, self.config.include, self.config.exclude)
-        if not targets:
-            raise PassError(self.name, f"no Linear layer matches include={self.config.include} exclude={self.config.exclude}")
+        targets = pass_targets(self.name, model, self.config.include, self.config.exclude)
         spec = {"scheme": "int8_weight_only", "bits": 8, "symmetric": True, "granularity": "channel"}
         advance = ctx.progress("int8 weight-only", len(targets))
         for name, linear in targets.items():

@@ -33,6 +33,7 @@ class KvCacheConfig:
 @torch.no_grad()
 def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor]) -> dict[int, tuple[float, float]]:
     """{layer index: (max |K|, max |V|)} over the samples, K after RoPE as the cache stores it."""
+    from optforge.passes.quant.calibration import calibration_forward
     from optforge.runtime.layers import attention_layers, use_kv_attention
 
     layers = attention_layers(model)
@@ -41,7 +42,7 @@ def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor]) -> dict[in
     use_kv_attention(model, state)
     try:
         for ids in samples:
-            model(input_ids=ids, use_cache=False)
+            calibration_forward(model, ids)
     finally:
         for module in layers.values():
             module.kv_quant = None
@@ -67,7 +68,7 @@ class KvCacheQuant(Pass):
         if cfg.margin < 1.0:
             raise PassError(self.name, f"margin must be >= 1 (it widens the calibrated range), found {cfg.margin}")
         started = time.perf_counter()
-        model, tokenizer = load_model(artifact.path, dtype="float32")
+        model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
         if not attention_layers(model):
             raise PassError(self.name, f"{type(model).__name__} has no attention modules with `layer_idx` and `k_proj`; KV-cache quantization supports HF decoder-only attention")
         observed = calibrate_kv(model, calibration_samples(self.name, tokenizer, ctx, cfg.num_samples))

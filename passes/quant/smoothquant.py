@@ -90,20 +90,18 @@ class SmoothQuant(Pass):
         from optforge.passes.quant.awq import FOLDS
         from optforge.passes.quant.calibration import calibration_samples, decoder_layers, run_layerwise
         from optforge.passes.quant.output import write_quantized
-        from optforge.passes.quant.targets import select_linears
+        from optforge.passes.quant.targets import pass_targets
         from optforge.runtime.loader import load_model
 
         cfg = self.config
         if cfg.alpha is not None and not 0.0 <= cfg.alpha <= 1.0:
             raise PassError(self.name, f"alpha must be in [0, 1] or null (searched), found {cfg.alpha}")
-        model, tokenizer = load_model(artifact.path, dtype="float32")
+        model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
         folds = FOLDS.get(model.config.model_type)
         if folds is None:
             layer = type(decoder_layers(model, self.name)[0]).__name__
             raise PassError(self.name, f"no scale-folding map for architecture '{model.config.model_type}' (decoder layer {layer}); supported: {', '.join(sorted(FOLDS))}")
-        targets = select_linears(model, cfg.include, cfg.exclude)
-        if not targets:
-            raise PassError(self.name, f"no Linear layer matches include={cfg.include} exclude={cfg.exclude}")
+        targets = pass_targets(self.name, model, cfg.include, cfg.exclude)
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
         spec = {"scheme": "w8a8_int8", "method": "smoothquant"}
@@ -128,7 +126,7 @@ class SmoothQuant(Pass):
         def visit(index, layer, forward_all):
             prefix = names[id(layer)]
             heads = {op: layer.get_submodule(fed[0]) for op, fed in folds if all(f"{prefix}.{n}" in targets for n in fed)}
-            act_max = {op: torch.zeros(m.in_features) for op, m in heads.items()}
+            act_max = {op: torch.zeros(m.in_features, device=m.weight.device) for op, m in heads.items()}
             kept: dict[str, list] = {op: [] for op in heads}
 
             def record(op, x):  # x (tokens, in)

@@ -67,15 +67,13 @@ class WeightOnlyPass(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.passes.quant.output import write_quantized
-        from optforge.passes.quant.targets import select_linears
+        from optforge.passes.quant.targets import pass_targets
         from optforge.runtime.layers import swap_linear
         from optforge.runtime.loader import load_model
 
         check_grid(self.name, self.config)
-        model, tokenizer = load_model(artifact.path, dtype="float32")
-        targets = select_linears(model, self.config.include, self.config.exclude)
-        if not targets:
-            raise PassError(self.name, f"no Linear layer matches include={self.config.include} exclude={self.config.exclude}")
+        model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
+        targets = pass_targets(self.name, model, self.config.include, self.config.exclude)
         grids = plan_grids(targets, self.config)
         results, report = self.quantize(model, tokenizer, targets, grids, ctx)
         modules = {}

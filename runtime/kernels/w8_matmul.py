@@ -15,7 +15,8 @@ Numerics: with rounded activations the MMA runs in fp16: every INT8 and E4M3 val
 of them, is exact in fp16 x fp16 -> fp32, so the result is the scheme's integer / FP8 arithmetic up to fp32
 summation order, not an approximation of it. Weight-only layers multiply in x's dtype (bf16/fp16; fp32 as
 IEEE fp32), into which every INT8 / E4M3 weight converts exactly. Rounding matches the CPU reference: INT8 round-half-even and
-clamp to +-127; E4M3 round-to-nearest-even, saturated to +-448.
+clamp to +-127; E4M3 round-to-nearest-even, saturated to +-448; x / scale is an IEEE division (`div_rn`, not
+Triton's default approximate one), so a value on a rounding tie lands where torch puts it.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def _w8_matmul_kernel(
             x = tl.load(x_rows + (k0 + rk)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
         if ACT == _INT8_TOKEN:
-            x_scale = tl.maximum(amax, 1e-12) / 127.0  # (BLOCK_M,)
+            x_scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 127.0)  # (BLOCK_M,)
         else:
-            x_scale = tl.maximum(amax, 1e-12) / 448.0
+            x_scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
     else:
         x_scale = tl.full([BLOCK_M], 1.0, tl.float32)
     if ACT == _FP8_STATIC:
@@ -74,10 +75,10 @@ def _w8_matmul_kernel(
         x = tl.load(x_rows + (k0 + rk)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
         w = tl.load(w_rows + (k0 + rk)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
         if ACT == _INT8_TOKEN:
-            xq = tl.minimum(tl.maximum(libdevice.rint(x.to(tl.float32) / x_scale[:, None]), -127.0), 127.0).to(tl.float16)
+            xq = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(x.to(tl.float32), x_scale[:, None])), -127.0), 127.0).to(tl.float16)
             acc += tl.dot(xq, tl.trans(w.to(tl.float16)))
         elif ACT == _FP8_TOKEN or ACT == _FP8_STATIC:
-            xs = tl.minimum(tl.maximum(x.to(tl.float32) / x_scale[:, None], -448.0), 448.0)
+            xs = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), x_scale[:, None]), -448.0), 448.0)
             xq = xs.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float16)
             acc += tl.dot(xq, tl.trans(w.to(tl.float16)))
         elif X_F32:
@@ -118,9 +119,9 @@ def _w8_gemv_kernel(
         for k0 in range(0, K, BLOCK_K):
             amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)))
         if ACT == _INT8_TOKEN:
-            x_scale = tl.maximum(tl.max(amax, 0), 1e-12) / 127.0
+            x_scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 127.0)
         else:
-            x_scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
+            x_scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)
     if ACT == _FP8_STATIC:
         x_scale = tl.load(x_scale_ptr)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -128,9 +129,9 @@ def _w8_gemv_kernel(
         k_mask = k0 + rk < K
         x = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)  # (BK,)
         if ACT == _INT8_TOKEN:
-            x = tl.minimum(tl.maximum(libdevice.rint(x / x_scale), -127.0), 127.0)
+            x = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(x, x_scale)), -127.0), 127.0)
         elif ACT == _FP8_TOKEN or ACT == _FP8_STATIC:
-            x = tl.minimum(tl.maximum(x / x_scale, -448.0), 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
+            x = tl.minimum(tl.maximum(tl.math.div_rn(x, x_scale), -448.0), 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
         w = tl.load(w_rows + (k0 + rk)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         acc += w * x[None, :]
     y = tl.sum(acc, 1) * tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)

@@ -1,0 +1,73 @@
+"""Where the runtime's time goes on the GPU: host profile of batch-1 decode, GPU time of one decode graph,
+and per-step wall time by step kind for the 256 x 128/128 throughput workload (Llama-3.2-1B shape, bf16).
+Usage (GPU machine): python benchmarks/profile_runtime_gpu.py
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runtime_gpu import SHAPES, build  # noqa: E402
+
+from optforge.runtime.bench import Workload, bench_decode  # noqa: E402
+from optforge.runtime.llm import Engine, EngineConfig  # noqa: E402
+from optforge.runtime.sequence import SamplingParams  # noqa: E402
+
+
+def batch1(model) -> None:
+    engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
+    bench_decode(engine, 1, 128, 16)
+    prof = cProfile.Profile()
+    prof.enable()
+    print("batch-1 decode:", bench_decode(engine, 1, 128, 256))
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+    print(out.getvalue())
+    graph, _ = engine.runner.graphs[1]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(200):
+        graph.replay()
+    torch.cuda.synchronize()
+    print(f"GPU time of one batch-1 decode graph: {(time.perf_counter() - start) / 200 * 1e3:.3f} ms")
+
+
+def throughput(model) -> None:
+    engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=512))
+    work = Workload(input_len=128, output_len=128, num_requests=256, concurrency=256)
+    params = SamplingParams(max_tokens=128, ignore_eos=True)
+    for i, prompt in enumerate(work.prompts(model.config.vocab_size)):
+        engine.add_request(str(i), prompt, params)
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    start = time.perf_counter()
+    while engine.has_unfinished:
+        sched = engine.scheduler
+        has_prefill = bool(sched.waiting) or any(q.num_uncomputed_tokens > 1 for q in sched.running)
+        t = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        by_kind["with prefill" if has_prefill else "decode-only"].append(time.perf_counter() - t)
+    total = time.perf_counter() - start
+    print(f"throughput workload: {256 * 128 / total:,.0f} output tok/s, {total:.2f} s")
+    for kind, times in by_kind.items():
+        print(f"  {kind}: {len(times)} steps, {sum(times):.2f} s, mean {1e3 * sum(times) / len(times):.1f} ms, max {1e3 * max(times):.1f} ms")
+
+
+def main() -> None:
+    model = build(SHAPES["Llama-3.2-1B"])
+    batch1(model)
+    throughput(model)
+
+
+if __name__ == "__main__":
+    main()
