@@ -108,8 +108,8 @@ def _print_summary(manifest: dict) -> None:
     for col in ("pass", "seconds", "cached", "weight MB", "gate"):
         table.add_column(col)
     for rec in manifest["passes"]:
-        gate = rec.get("gate")
-        verdict = "-" if not gate else ("[green]pass[/] " if gate["passed"] else "[red]fail[/] ") + _gate_line(gate)
+        gates = rec.get("gates") or ([rec["gate"]] if rec.get("gate") else [])
+        verdict = "\n".join(("[green]pass[/] " if g["passed"] else "[red]fail[/] ") + _gate_line(g) for g in gates) or "-"
         table.add_row(rec["name"], f"{rec['seconds']:.1f}", "yes" if rec["cached"] else "no", f"{rec['weight_bytes'] / 1e6:.1f}", verdict)
     _console().print(table)
 

@@ -31,7 +31,8 @@ class PassRecord:
     seconds: float = 0.0
     cached: bool = False
     metrics: dict = field(default_factory=dict)
-    gate: dict | None = None
+    gate: dict | None = None  # the failing gate, else the first one (what single-gate readers show)
+    gates: list[dict] = field(default_factory=list)
     weight_bytes: int = 0
 
     def to_dict(self) -> dict:
@@ -43,6 +44,7 @@ class PassRecord:
             "cached": self.cached,
             "metrics": _summaries(self.metrics),
             "gate": self.gate,
+            "gates": self.gates,
             "weight_bytes": self.weight_bytes,
         }
 
@@ -130,12 +132,14 @@ def _run_pass(index, spec: PassSpec, recipe: Recipe, current: ModelArtifact, cur
     record.weight_bytes = result.weight_bytes()
     metrics, _ = run_evals(result, recipe.data.eval, dtype=recipe.model.dtype, cache=cache, device=device, progress=progress)
     record.metrics = metrics
-    if spec.gate is not None:
-        baseline = source_metrics if spec.gate.baseline == "source" else current_metrics
-        gate = evaluate_gate(spec.gate, baseline, metrics)
-        record.gate = gate.to_dict()
-        if not gate.passed:
-            raise GateFailed(p.name, gate.describe(), gate.to_dict())
+    results = [evaluate_gate(g, source_metrics if g.baseline == "source" else current_metrics, metrics) for g in spec.gates()]
+    record.gates = [r.to_dict() for r in results]
+    failed = [r for r in results if not r.passed]
+    if results:
+        record.gate = (failed or results)[0].to_dict()
+    if failed:
+        raise GateFailed(p.name, "; ".join(r.describe() for r in failed), failed[0].to_dict())
+    for gate in results:
         log.info("gate after %s %s: %s", p.name, "passed" if gate.verdict == "pass" else "passed (undecided, on_undecided: pass)", gate.describe())
     return result, metrics, record
 

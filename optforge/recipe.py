@@ -142,8 +142,14 @@ class PassSpec(_Strict):
     name: str
     # Keyword arguments of the pass's config dataclass.
     config: dict[str, Any] = Field(default_factory=dict)
-    # Quality gate evaluated after the pass; None runs the pass ungated.
-    gate: GateSpec | None = None
+    # Quality gate(s) evaluated after the pass: one gate or a list (e.g. perplexity and two tasks); the pass
+    # fails if any gate fails. None runs the pass ungated.
+    gate: GateSpec | list[GateSpec] | None = None
+
+    def gates(self) -> list[GateSpec]:
+        if self.gate is None:
+            return []
+        return list(self.gate) if isinstance(self.gate, list) else [self.gate]
 
 
 Target = Literal["hf"]
@@ -183,15 +189,16 @@ class Recipe(_Strict):
     def _gates_read_computed_metrics(self) -> "Recipe":
         tasks = {t.name for t in self.data.eval.tasks}
         for i, spec in enumerate(self.passes):
-            gate = spec.gate
-            if gate is None:
-                continue
-            if gate.metric == "perplexity":
-                if self.data.eval.perplexity is None:
-                    raise ValueError(f"passes[{i}].gate reads perplexity, but data.eval.perplexity is disabled")
-            elif gate.metric.split(".")[0] not in tasks:
-                raise ValueError(f"passes[{i}].gate reads '{gate.metric}', but task '{gate.metric.split('.')[0]}' is not under data.eval.tasks (listed: {sorted(tasks) or 'none'})")
+            for gate in spec.gates():
+                self._check_gate_metric(i, gate, tasks)
         return self
+
+    def _check_gate_metric(self, i: int, gate: GateSpec, tasks: set[str]) -> None:
+        if gate.metric == "perplexity":
+            if self.data.eval.perplexity is None:
+                raise ValueError(f"passes[{i}].gate reads perplexity, but data.eval.perplexity is disabled")
+        elif gate.metric.split(".")[0] not in tasks:
+            raise ValueError(f"passes[{i}].gate reads '{gate.metric}', but task '{gate.metric.split('.')[0]}' is not under data.eval.tasks (listed: {sorted(tasks) or 'none'})")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -230,8 +237,21 @@ def recipe_digest(recipe: Recipe) -> str:
     return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()
 
 
+def _clean_errors(errors: list[dict]) -> list[dict]:
+    """Errors as a user reads them: union-branch tags (`function-after[...]`, `list[...]`) dropped from the key
+    path, and a branch's 'wrong type' error dropped where another branch reports a deeper, real problem (a gate
+    given as one mapping is not also wrong for not being a list)."""
+    errs = [{**e, "loc": tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or "(" in p)))} for e in errors]
+
+    def shadowed(e: dict) -> bool:
+        return e["type"].endswith("_type") and any(len(o["loc"]) > len(e["loc"]) and o["loc"][: len(e["loc"])] == e["loc"] for o in errs)
+
+    return [e for e in errs if not shadowed(e)] or errs
+
+
 def _recipe_error(exc: ValidationError, data: dict, source: str) -> RecipeError:
-    err = exc.errors()[0]
+    errors = _clean_errors(exc.errors())
+    err = errors[0]
     loc = err["loc"]
     key = format_key(loc)
     found = _lookup(data, loc)
@@ -244,7 +264,7 @@ def _recipe_error(exc: ValidationError, data: dict, source: str) -> RecipeError:
     else:
         found_text = "" if found is _MISSING else f" (found {found!r})"
         msg = f"{err['msg']}{found_text}"
-    more = f" [{len(exc.errors()) - 1} more error(s) after this one]" if len(exc.errors()) > 1 else ""
+    more = f" [{len(errors) - 1} more error(s) after this one]" if len(errors) > 1 else ""
     return RecipeError(msg + more, path=source, key=key or None)
 
 

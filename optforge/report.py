@@ -36,7 +36,7 @@ def _verdict(gate: dict) -> str:
 
 def gate_rows(records: list[dict]) -> list[dict]:
     """One row per gated pass: pass name and its gate dict."""
-    return [{"pass": r["name"], "index": i, "gate": r["gate"]} for i, r in enumerate(records) if r.get("gate")]
+    return [{"pass": r["name"], "index": i, "gate": g} for i, r in enumerate(records) for g in (r.get("gates") or ([r["gate"]] if r.get("gate") else []))]
 
 
 def markdown(name: str, source_metrics: dict, records: list[dict]) -> str:

@@ -74,3 +74,17 @@ def test_config_change_misses_the_cache(tiny_model_dir, tmp_path, cache_dir, mak
     assert a.manifest["passes"][0]["cache_key"] != b.manifest["passes"][0]["cache_key"]
     assert b.manifest["passes"][0]["cached"] is False
     assert b.manifest["passes"][0]["weight_bytes"] > a.manifest["passes"][0]["weight_bytes"]
+
+
+def test_every_gate_of_a_pass_is_evaluated_and_any_failure_fails_the_build(tiny_model_dir, tmp_path, cache_dir, make_recipe):
+    """A list of gates: each is recorded; the build fails on the one that fails and names it."""
+    loose = {"metric": "perplexity", "max_increase_pct": 1e6}
+    strict = {"metric": "perplexity", "max_increase_pct": 1.0}
+    ok = optforge.build(make_recipe(tiny_model_dir, tmp_path / "ok", passes=[{"name": "test.scramble", "gate": [loose, loose]}]), cache_dir=cache_dir)
+    record = ok.manifest["passes"][0]
+    assert len(record["gates"]) == 2 and all(g["passed"] for g in record["gates"])
+    with pytest.raises(GateFailed) as exc:
+        optforge.build(make_recipe(tiny_model_dir, tmp_path / "bad", passes=[{"name": "test.scramble", "gate": [loose, strict]}]), cache_dir=cache_dir)
+    assert exc.value.pass_name == "test.scramble"
+    assert exc.value.result["passed"] is False and exc.value.result["threshold"] < 1e5  # the strict gate, not the loose one
+    assert not (tmp_path / "bad").exists()

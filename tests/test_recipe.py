@@ -117,3 +117,14 @@ def test_python_and_yaml_forms_are_the_same(tmp_path):
     data = _base()
     from_yaml, _ = load_recipe(_write(tmp_path, data))
     assert from_yaml == parse_recipe(data)
+
+
+def test_a_pass_takes_a_list_of_gates_and_each_is_checked():
+    from optforge.recipe import Recipe
+
+    base = {"model": {"source": "x"}, "data": {"eval": {"tasks": [{"name": "arc_easy", "limit": 10}]}}}
+    gates = [{"metric": "perplexity", "max_increase_pct": 5}, {"metric": "arc_easy", "max_drop": 3}]
+    recipe = Recipe.model_validate({**base, "passes": [{"name": "quant.rtn", "gate": gates}]})
+    assert [g.metric for g in recipe.passes[0].gates()] == ["perplexity", "arc_easy"]
+    with pytest.raises(ValueError, match="hellaswag"):
+        Recipe.model_validate({**base, "passes": [{"name": "quant.rtn", "gate": [*gates, {"metric": "hellaswag", "max_drop": 3}]}]})
