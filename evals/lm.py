@@ -17,6 +17,8 @@ batched whole. Batches are sorted by length so they pad little.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import time
 from dataclasses import dataclass
@@ -83,14 +85,21 @@ class HFLM:
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
+        bos = self._bos
         if not context:
-            eos = self.tokenizer.eos_token_id
-            return [eos], self._encode(continuation)
+            return bos or [self.tokenizer.eos_token_id], self._encode(continuation)
         whole = self._encode(context + continuation)
         ctx = self._encode(context)
         if whole[: len(ctx)] != ctx:  # a merge across the boundary changed the context's tokens
-            return ctx, self._encode(continuation)
-        return ctx, whole[len(ctx) :]
+            return bos + ctx, self._encode(continuation)
+        return bos + ctx, whole[len(ctx) :]
+
+    @functools.cached_property
+    def _bos(self) -> list[int]:
+        """BOS first, as the model saw in training, for tokenizers that add it (Gemma); [] otherwise (SmolLM2)."""
+        from optforge.evals.perplexity import leading_bos
+
+        return leading_bos(self.tokenizer)
 
     # -------------------------------------------------------------------------------------- scoring
 

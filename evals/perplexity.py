@@ -14,7 +14,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-EVAL_VERSION = 1
+# 2: BOS first where the tokenizer adds one (Gemma); unchanged numbers for tokenizers without (SmolLM2).
+EVAL_VERSION = 2
+
+
+def leading_bos(tokenizer) -> list[int]:
+    """[bos id] when the tokenizer puts BOS first in every encoding (Gemma, Llama-3), else [] (SmolLM2).
+
+    Models trained to always see BOS first run far off their serving distribution without it (Gemma-3-270M:
+    BoolQ rows 0-20 perplexity 108 without BOS, 17 with), so calibrating without it would fit scales to activations the
+    served model never produces.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    return [bos] if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos] else []
 
 
 @dataclass(frozen=True)
@@ -41,7 +55,8 @@ class PerplexityResult:
 @torch.inference_mode()
 def perplexity(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_size: int = 8, progress=None) -> PerplexityResult:
     start = time.perf_counter()
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    bos = leading_bos(tokenizer)  # scored from the first text token on: BOS is context, never a target
+    encoded = [(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length] for t in texts]
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll = [0.0] * len(encoded)

@@ -34,7 +34,7 @@ from typing import Callable
 from optforge.errors import DataError
 from optforge.evals.lm import LM, LoglikelihoodRequest
 
-TASKS_VERSION = 1
+TASKS_VERSION = 2  # 2: BOS first for tokenizers that add it (evals/lm.py)
 
 
 @dataclass(frozen=True)

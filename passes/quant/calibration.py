@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from optforge.evals.perplexity import leading_bos  # noqa: F401  (re-exported: passes import it from here)
 from optforge.errors import PassError
 
 log = logging.getLogger(__name__)
@@ -32,19 +33,6 @@ def calibration_samples(pass_name: str, tokenizer, ctx, num_samples: int | None)
     bos = leading_bos(tokenizer)
     samples = [torch.tensor([(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length]], device=ctx.device) for t in texts]
     return [s for s in samples if s.shape[1] > 1]
-
-
-def leading_bos(tokenizer) -> list[int]:
-    """[bos id] when the tokenizer puts BOS first in every encoding (Gemma, Llama-3), else [] (SmolLM2).
-
-    Models trained to always see BOS first run far off their serving distribution without it (Gemma-3-270M:
-    BoolQ rows 0-20 perplexity 108 without BOS, 17 with), so calibrating without it would fit scales to activations the
-    served model never produces.
-    """
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    return [bos] if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos] else []
 
 
 def calibration_forward(model: nn.Module, ids: torch.Tensor, *, all_logits: bool = False):
