@@ -94,9 +94,7 @@ def main() -> int:
     parser.add_argument("--table-only", nargs="*", default=None, help="print the table of these JSON result files and exit")
     args = parser.parse_args()
     if args.table_only is not None:
-        docs = [json.loads(Path(p).read_text()) for p in args.table_only]
-        rows = {r["label"]: r for d in docs for r in d["rows"]}  # a label in several files: the last one
-        print(table({"machine": docs[0]["machine"], "rows": list(rows.values())}))
+        print(table(scoring.saved_results(args.table_only)))
         return 0
     unknown = [s for s in args.schemes if s not in SCHEMES]
     if unknown:

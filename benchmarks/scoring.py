@@ -134,3 +134,10 @@ class Results:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.doc))
             os.replace(tmp, self.path)
+
+
+def saved_results(paths: list[str]) -> dict:
+    """The rows of several JSON result files as one results dict (a label in several files: the last one wins)."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = {r["label"]: r for d in docs for r in d["rows"]}
+    return {"machine": docs[0]["machine"], "rows": list(rows.values())}

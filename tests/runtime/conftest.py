@@ -16,18 +16,30 @@ class ByteTokenizer:
         return "".join(chr(i - 3) for i in ids if i >= 3)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama():
+def make_tiny_llama(hidden: int = 64, intermediate: int = 128, head_dim: int = 16):
+    """A random Llama with 2 layers, 4 query and 2 KV heads, vocab 300; weights x4 for sharper logits, so greedy
+    picks are far from ties."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=2, bos_token_id=1)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512, eos_token_id=2, bos_token_id=1)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # sharper logits than the default init, so greedy picks are far from ties
+    with torch.no_grad():
         for p in model.parameters():
             p.mul_(4.0 if p.dim() > 1 else 1.0)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_factory():
+    """`make_tiny_llama` for tests that need other widths (conftest modules are not importable by name)."""
+    return make_tiny_llama
 
 
 @pytest.fixture(scope="session")

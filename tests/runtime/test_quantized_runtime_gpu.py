@@ -21,18 +21,9 @@ SPECS = {
 
 
 @pytest.fixture(scope="module")
-def llama_128():
-    """A tiny random Llama whose widths (128, 256) meet every kernel's shape limits (tinygemm: K % 128 == 0)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=32, max_position_embeddings=512, eos_token_id=2, bos_token_id=1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # sharper logits than the default init, so greedy picks are far from ties
-        for p in model.parameters():
-            p.mul_(4.0 if p.dim() > 1 else 1.0)
-    return model
+def llama_128(tiny_llama_factory):
+    """Widths (128, 256) that meet every kernel's shape limits (tinygemm: K % 128 == 0)."""
+    return tiny_llama_factory(hidden=128, intermediate=256, head_dim=32)
 
 
 @pytest.mark.parametrize("scheme", list(SPECS))
