@@ -33,7 +33,7 @@ def batch1(model) -> None:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
     print(out.getvalue())
-    graph, _ = engine.runner.graphs[1]
+    graph = engine.runner.graphs[1][0]
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(200):
@@ -49,18 +49,28 @@ def throughput(model) -> None:
     for i, prompt in enumerate(work.prompts(model.config.vocab_size)):
         engine.add_request(str(i), prompt, params)
     by_kind: dict[str, list[float]] = defaultdict(list)
+    profiled = None
     start = time.perf_counter()
     while engine.has_unfinished:
         sched = engine.scheduler
         has_prefill = bool(sched.waiting) or any(q.num_uncomputed_tokens > 1 for q in sched.running)
         t = time.perf_counter()
-        engine.step()
-        torch.cuda.synchronize()
+        if has_prefill and len(by_kind["with prefill"]) == 1:  # the second prefill step (mixed with decodes)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as profiled:
+                engine.step()
+                torch.cuda.synchronize()
+        else:
+            engine.step()
+            torch.cuda.synchronize()
         by_kind["with prefill" if has_prefill else "decode-only"].append(time.perf_counter() - t)
     total = time.perf_counter() - start
     print(f"throughput workload: {256 * 128 / total:,.0f} output tok/s, {total:.2f} s")
     for kind, times in by_kind.items():
         print(f"  {kind}: {len(times)} steps, {sum(times):.2f} s, mean {1e3 * sum(times) / len(times):.1f} ms, max {1e3 * max(times):.1f} ms")
+        print("    step ms:", " ".join(f"{1e3 * x:.1f}" for x in times[:8]))
+    if profiled is not None:  # where the second prefill step's time goes (profiled, so slower than the rest)
+        for key in ("self_cuda_time_total", "self_cpu_time_total"):
+            print(profiled.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
 
 
 def main() -> None:

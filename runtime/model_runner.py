@@ -19,12 +19,17 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from optforge.errors import UserInputError
 from optforge.runtime.sampler import Sampler
 from optforge.runtime.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
+
+# cuDNN's SDPA is left out: it builds a cuDNN graph per new shape on the host, ~26 ms per call on an H100
+# host (benchmarks/RESULTS.md), and every prefill step brings new shapes; flash attention needs no such step.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -80,8 +85,9 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.fused = self._fuse_weights() if self.use_triton else None
+        self.decode_weights = self._decode_weights() if self.fused is not None else None
         self.sampler = Sampler()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # size -> graph, logits, argmax
         self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b <= max_num_seqs]
         if self.use_triton and use_cuda_graphs:
             self._capture_graphs()
@@ -112,6 +118,40 @@ class ModelRunner:
             fused.append({key: stack_linears(mods, share=True) for key, mods in groups.items()})
         return fused
 
+    def _decode_weights(self) -> dict | None:
+        """Weights of the batch-1 decode path with six launches per layer (`kernels/fused_decode.py`), or None
+        where it does not apply: every projection dense in the model dtype or per-channel int8, without bias;
+        rotary that depends on the position only; head_dim / 2 a power of two >= 16 (the attention tiles)."""
+        from optforge.runtime.layers import Int8WeightOnlyLinear
+
+        def weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+            if getattr(m, "bias", None) is not None:
+                return None
+            if type(m) is nn.Linear and m.weight.dtype == self.dtype:
+                return m.weight, None
+            if type(m) is Int8WeightOnlyLinear and m.weight.dtype == torch.int8:
+                return m.weight, m.weight_scale.reshape(-1).float().contiguous()
+            return None
+
+        half = self.head_dim // 2
+        if half < 16 or half & (half - 1) or getattr(self.base.rotary_emb, "rope_type", "default") not in ("default", "llama3", "linear"):
+            return None
+        layers = []
+        for layer, fused in zip(self.layers, self.fused):
+            ws = {"qkv": weight(fused["qkv"]), "o": weight(layer.self_attn.o_proj), "gate_up": weight(fused["gate_up"]), "down": weight(layer.mlp.down_proj)}
+            if any(w is None for w in ws.values()):
+                return None
+            layers.append(ws)
+        head = weight(self.model.lm_head)
+        if head is None:
+            return None
+        positions = torch.arange(self.max_model_len, device=self.device)[None]
+        cos, sin = self.base.rotary_emb(torch.empty(1, 1, dtype=self.dtype, device=self.device), positions)
+        cos, sin = cos[0], sin[0]
+        if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+            return None
+        return {"layers": layers, "head": head, "cos": cos[:, :half].contiguous(), "sin": sin[:, :half].contiguous()}
+
     # ---- one step -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[int, int]:
@@ -128,8 +168,9 @@ class ModelRunner:
             if start + n == len(seq):
                 sample_rows.append(len(ids) - 1)
         sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+        greedy = None
         if batch.is_decode_only and len(batch) <= (self.graph_batch_sizes[-1] if self.graphs else 0):
-            logits = self._replay(batch, ids, positions, slots)
+            logits, greedy = self._replay(batch, ids, positions, slots)
         else:
             as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
             input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
@@ -141,7 +182,7 @@ class ModelRunner:
             logits = self.model.lm_head(hidden[as_tensor(sample_rows)]) if sample_rows else None
         if not sampled_seqs:
             return {}
-        tokens = self.sampler(logits, sampled_seqs)
+        tokens = self.sampler(logits, sampled_seqs, greedy)
         return {seq.seq_id: token for seq, token in zip(sampled_seqs, tokens)}
 
     # ---- attention ----------------------------------------------------------------------------------
@@ -184,6 +225,10 @@ class ModelRunner:
             decode_attend = self._decode_attention(*self._decode_metadata([s for _, s, _ in decodes], [c for _, _, c in decodes]))
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q (T, Hq, D) -> (T, Hq, D)
+            with sdpa_kernel(_SDPA_BACKENDS):
+                return gathered(layer, q)
+
+        def gathered(layer: int, q: torch.Tensor) -> torch.Tensor:
             k_flat = self.kv_cache[layer, 0].view(-1, self.num_kv_heads, self.head_dim)
             v_flat = self.kv_cache[layer, 1].view(-1, self.num_kv_heads, self.head_dim)
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -269,13 +314,16 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         largest = self.graph_batch_sizes[-1]
         dev, scratch = self.device, self.num_blocks
-        self.static = {
-            "ids": torch.zeros(largest, dtype=torch.long, device=dev),
-            "pos": torch.zeros(largest, dtype=torch.long, device=dev),
-            "slots": torch.full((largest,), scratch * self.block_size, dtype=torch.long, device=dev),
-            "tables": torch.full((largest, self.max_blocks_per_seq), scratch, dtype=torch.int32, device=dev),
-            "lens": torch.ones(largest, dtype=torch.int32, device=dev),
-        }
+        # ids, positions, slots and context lengths of a graph's rows live in one int64 buffer, refreshed by one
+        # copy per step from a pinned host mirror; block tables only when they changed
+        meta = torch.zeros(4, largest, dtype=torch.long, device=dev)
+        self.static = {"meta": meta, "ids": meta[0], "pos": meta[1], "slots": meta[2], "lens": meta[3],
+                       "tables": torch.full((largest, self.max_blocks_per_seq), scratch, dtype=torch.int32, device=dev)}
+        self.host = {"meta": torch.zeros(4, largest, dtype=torch.long).pin_memory(),
+                     "tables": torch.full((largest, self.max_blocks_per_seq), scratch, dtype=torch.int32).pin_memory()}
+        self.host["meta_np"], self.host["tables_np"] = self.host["meta"].numpy(), self.host["tables"].numpy()
+        self.host["pad_column"] = torch.tensor([[0], [0], [scratch * self.block_size], [1]]).numpy()
+        self._tables_shown: dict[int, list] = {}  # graph size -> the block-table rows last copied for it
         pool = None
         with torch.inference_mode():
             for size in reversed(self.graph_batch_sizes):
@@ -285,28 +333,53 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = body()
+                    greedy = logits.argmax(-1)
                 pool = graph.pool()
-                self.graphs[size] = (graph, logits)
+                self.graphs[size] = (graph, logits, greedy)
+
+    def _forward_decode_fused(self, ids, positions, slots, block_tables, context_lens) -> torch.Tensor:
+        """Logits (1, vocab) of one decode token: embedding, then per layer RMSNorm+q|k|v, rotary+KV write+attention,
+        o_proj+residual, RMSNorm+gate|up, SiLU*up+down+residual, then final norm+LM head: 6 launches per layer
+        (attention takes two: its context splits, then their combination)."""
+        from optforge.runtime.kernels.fused_decode import PRO_RMSNORM, PRO_SILU_MUL, gemv, rope_paged_attention
+
+        dw = self.decode_weights
+        eps = self.layers[0].input_layernorm.variance_epsilon
+        residual = self.base.embed_tokens(ids)  # (1, H), a fresh tensor: updated in place below
+        for i, (layer, ws) in enumerate(zip(self.layers, dw["layers"])):
+            qkv = gemv(residual, *ws["qkv"], prologue=PRO_RMSNORM, norm_weight=layer.input_layernorm.weight, eps=eps)
+            attn = rope_paged_attention(qkv, dw["cos"], dw["sin"], positions, slots, self.kv_cache[i, 0], self.kv_cache[i, 1],
+                                        block_tables, context_lens, self.num_heads, self.scale)
+            gemv(attn, *ws["o"], residual=residual)
+            gate_up = gemv(residual, *ws["gate_up"], prologue=PRO_RMSNORM, norm_weight=layer.post_attention_layernorm.weight, eps=eps)
+            gemv(gate_up, *ws["down"], prologue=PRO_SILU_MUL, residual=residual)
+        return gemv(residual, *dw["head"], prologue=PRO_RMSNORM, norm_weight=self.base.norm.weight, eps=eps)
 
     def _graph_body(self, size: int):
         s = self.static
+        if size == 1 and self.decode_weights is not None:
+            return lambda: self._forward_decode_fused(s["ids"][:1], s["pos"][:1], s["slots"][:1], s["tables"][:1], s["lens"][:1])
         attend = self._decode_attention(s["tables"][:size], s["lens"][:size])
         return lambda: self.model.lm_head(self.forward(s["ids"][:size], s["pos"][:size], s["slots"][:size], attend))
 
-    def _replay(self, batch: ScheduledBatch, ids, positions, slots) -> torch.Tensor:
+    def _replay(self, batch: ScheduledBatch, ids, positions, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (n, vocab) and their argmax (n,) from the graph of the smallest captured size >= n."""
         n = len(batch)
         size = next(b for b in self.graph_batch_sizes if b >= n)
-        s = self.static
-        pad = size - n
-        scratch = self.num_blocks
-        s["ids"][:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        s["pos"][:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        s["slots"][:size].copy_(torch.tensor(slots + [scratch * self.block_size] * pad), non_blocking=True)
-        s["lens"][:size].copy_(torch.tensor([len(q) for q in batch.seqs] + [1] * pad, dtype=torch.int32), non_blocking=True)
-        # only the columns in use are refreshed: stale entries past a row's context length are never read
-        width = max(len(q.block_table) for q in batch.seqs)
-        rows = [q.block_table + [scratch] * (width - len(q.block_table)) for q in batch.seqs] + [[scratch] * width] * pad
-        s["tables"][:size, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        graph, logits = self.graphs[size]
+        s, host, scratch = self.static, self.host, self.num_blocks
+        meta = host["meta_np"]
+        meta[:, :size] = host["pad_column"]  # padded rows: token 0 at position 0 in the scratch block
+        meta[0, :n], meta[1, :n], meta[2, :n] = ids, positions, slots
+        meta[3, :n] = [len(q) for q in batch.seqs]
+        s["meta"].copy_(host["meta"], non_blocking=True)
+        rows = [q.block_table for q in batch.seqs]
+        if self._tables_shown.get(size) != rows:  # stale entries past a row's context length are never read
+            tables = host["tables_np"]
+            for r, table in enumerate(rows):
+                tables[r, : len(table)] = table
+            tables[n:size] = scratch
+            s["tables"][:size].copy_(host["tables"][:size], non_blocking=True)
+            self._tables_shown = {size: [list(t) for t in rows]}
+        graph, logits, greedy = self.graphs[size]
         graph.replay()
-        return logits[:n]
+        return logits[:n], greedy[:n]

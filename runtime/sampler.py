@@ -59,10 +59,11 @@ def _logprobs(raw: torch.Tensor, token: int, top_n: int) -> dict:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits (B, V) for `seqs` in order -> one token id per sequence; records logprobs on the sequence."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None) -> list[int]:
+        """logits (B, V) for `seqs` in order -> one token id per sequence; records logprobs on the sequence.
+        `argmax` (B,), where the caller has it already (a CUDA graph computes it), saves a launch for greedy rows."""
         if all(s.params.is_greedy and s.params.logprobs is None for s in seqs):
-            return logits.argmax(-1).tolist()
+            return (argmax if argmax is not None else logits.argmax(-1)).tolist()
         tokens = []
         for row, seq in zip(logits.float(), seqs):
             tokens.append(self._sample_row(row, seq))

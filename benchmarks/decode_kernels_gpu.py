@@ -1,0 +1,115 @@
+"""Batch-1 decode kernels on the GPU, Llama-3.2-1B shapes, bf16: where the decode step's time goes.
+
+1. Each projection of a layer and the LM head: cuBLAS (`F.linear`) against `fused_decode.gemv` with its
+   prologue, each config of the gemv timed on its own, in us and GB/s of weight reads (CUDA graphs of 50
+   calls, so launch gaps between graph nodes are included as they are in the decode graph).
+2. The whole decode step: GPU time of the batch-1 CUDA graph with the fused path (5 launches per layer) and
+   without it (the layer kernels of `_forward_fused`), and a kernel-by-kernel profile of the fused step.
+Usage (GPU machine): python benchmarks/decode_kernels_gpu.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runtime_gpu import SHAPES, build  # noqa: E402
+
+from optforge.runtime.kernels import fused_decode as fd  # noqa: E402
+from optforge.runtime.llm import Engine, EngineConfig  # noqa: E402
+
+REPS = 50
+
+
+def graph_us(fn) -> float:
+    """Mean GPU time of fn() in microseconds, from a CUDA graph of REPS calls."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (10 * REPS) * 1e6
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, reps: int = 200) -> float:
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e6
+
+
+def projections() -> None:
+    h, i, v = 2048, 8192, 128256
+    shapes = {"qkv": (3072, h, fd.PRO_RMSNORM), "o": (h, h, fd.PRO_NONE), "gate_up": (2 * i, h, fd.PRO_RMSNORM),
+              "down": (h, i, fd.PRO_SILU_MUL), "lm_head": (v, h, fd.PRO_RMSNORM)}
+    print("| projection | N x K | MB | cuBLAS us | GB/s | gemv best us | GB/s | best config | gemv autotuned us |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, (n, k, pro) in shapes.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(1, 2 * k if pro == fd.PRO_SILU_MUL else k, device="cuda", dtype=torch.bfloat16)
+        norm = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        mb = n * k * 2 / 1e6
+        cublas = graph_us(lambda: F.linear(x[:, :k], w))
+        timings = []
+        for cfg in fd._GEMV_CONFIGS:
+            bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+
+            def run(bn=bn, bk=bk, cfg=cfg):
+                fd._gemv_kernel.fn[(triton.cdiv(n, bn),)](
+                    x, w, y, norm, y, y, n, k, w.stride(0), 1e-5, PROLOGUE=pro, RESIDUAL=False, HAS_SCALE=False,
+                    BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            timings.append((graph_us(run), f"{bn}x{bk} w{cfg.num_warps} s{cfg.num_stages}"))
+        best, label = min(timings)
+        tuned = graph_us(lambda: fd.gemv(x, w, prologue=pro, norm_weight=norm))
+        print(f"| {name} | {n} x {k} | {mb:.1f} | {cublas:.1f} | {mb / cublas * 1e3:.0f} | {best:.1f} | {mb / best * 1e3:.0f} | {label} | {tuned:.1f} |")
+
+
+def decode_step(model) -> None:
+    engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
+    runner = engine.runner
+    print("fused decode path active:", runner.decode_weights is not None)
+    graph = runner.graphs[1][0]
+    fused_ms = replay_us(graph) / 1e3
+    s = runner.static
+    body = runner._graph_body(1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        body()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50))
+    saved, runner.decode_weights = runner.decode_weights, None
+    unfused = runner._graph_body(1)
+    runner.decode_weights = saved
+    unfused()
+    torch.cuda.synchronize()
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        unfused()
+    unfused_ms = replay_us(g2) / 1e3
+    print(f"batch-1 decode graph GPU time: fused {fused_ms:.3f} ms, unfused {unfused_ms:.3f} ms (static ids {s['ids'][:1].tolist()})")
+
+
+def main() -> None:
+    print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
+    projections()
+    decode_step(build(SHAPES["Llama-3.2-1B"]))
+
+
+if __name__ == "__main__":
+    main()

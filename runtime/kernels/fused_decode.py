@@ -1,0 +1,248 @@
+"""Triton kernels for batch-1 decode with fewer launches: six per decoder layer instead of nine.
+
+Why: a batch-1 decode step of a 1B Llama on an H100 is ~1.6 ms of GPU time against ~0.8 ms of weight reads
+(benchmarks/RESULTS.md). Besides the matmuls, each layer launched RMSNorm twice, rotary+KV write, attention
+and SiLU*up on their own, and cuBLAS's GEMVs do not reach the memory roofline on 2048-wide layers. Here the
+small operations ride inside the kernels that read the weights:
+
+- `gemv`: y = W x for one row, W (N, K) dense or int8 with one scale per row. The input can be built on
+  the fly from what the previous kernel wrote: RMSNorm(x) * w_norm (each program sums the row's squares
+  in the same pass: x is K values against N x K weights), or SiLU(gate) * up from a fused gate|up output. The result
+  can be added into a residual row in place (y is then not returned).
+- `rope_paged_attention`: one query token per sequence, GQA-aware (a program per sequence, KV head and
+  split of the context): rotary on q and the new k, the new k and v written to their cache slot, attention
+  over the cached positions plus the new token (taken from registers, so no barrier is needed between
+  write and read); a small second launch combines the splits (flash-decoding), since one program per KV
+  head leaves most of the GPU idle at batch 1 while it walks a long context.
+
+Numerics follow the unfused kernels (`triton_ops.add_rms_norm`, `silu_mul`, `rope_and_cache`): values are
+rounded to the model dtype where those kernels store them, except the normed input of a projection, which
+stays in fp32 (W (x * w_norm) is scaled by 1 / rms(x) after the sum, so x is read once).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.testing
+import triton.language as tl
+
+PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
+_PRO_RMSNORM, _PRO_SILU_MUL = tl.constexpr(1), tl.constexpr(2)
+
+_GEMV_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bn, bk, w, st in (
+        (4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 4), (16, 512, 4, 3),
+        (16, 512, 8, 3), (32, 256, 4, 3), (32, 256, 8, 4), (64, 128, 4, 4), (64, 256, 8, 3), (2, 2048, 4, 2), (4, 2048, 8, 2),
+    )
+]
+
+
+def _bench_in_graph(fn, quantiles=None):
+    """Autotuning times each config inside a CUDA graph, as the decode step runs: plain launches would add
+    microseconds of host overhead to kernels that take 3-30 us and pick configs at random."""
+    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
+
+
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "PROLOGUE", "RESIDUAL", "HAS_SCALE"], restore_value=["res_ptr"], do_bench=_bench_in_graph)
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, w_scale_ptr, norm_ptr, res_ptr, y_ptr, N, K, stride_wn, eps,
+    PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    dtype = y_ptr.dtype.element_ty
+    sq = tl.zeros([BLOCK_K], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = k0 + rk < K
+        if PROLOGUE == _PRO_RMSNORM:  # W (x * w_norm), scaled by 1 / rms(x) after the sum: one pass over x
+            xv = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+            sq += xv * xv
+            xv = xv * tl.load(norm_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+        elif PROLOGUE == _PRO_SILU_MUL:  # x is [gate | up], each K wide, as silu_mul
+            gate = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+            xv = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype).to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + (k0 + rk)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += w * xv[None, :]
+    y = tl.sum(acc, 1)
+    if PROLOGUE == _PRO_RMSNORM:
+        y = y * tl.rsqrt(tl.sum(sq, 0) / K + eps)
+    if HAS_SCALE:
+        y = y * tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
+    y = y.to(dtype)
+    if RESIDUAL:  # as add_rms_norm's residual update: the sum in fp32, stored in the model dtype
+        r = tl.load(res_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(res_ptr + rn, (r + y.to(tl.float32)).to(dtype), mask=n_mask)
+    else:
+        tl.store(y_ptr + rn, y, mask=n_mask)
+
+
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None, *, prologue: int = PRO_NONE,
+    norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """One row x (1, K), or (1, 2K) [gate | up] for PRO_SILU_MUL; weight (N, K), rows contiguous, in x's dtype
+    or int8 with `weight_scale` (N,) float32. Returns y (1, N) in x's dtype, or None after adding y into
+    `residual` (1, N) in place."""
+    n, k = weight.shape
+    if weight.stride(1) != 1 or x.shape[0] != 1 or not x.is_contiguous():
+        raise ValueError("gemv: one contiguous row of x and a weight with contiguous rows")
+    if weight.dtype == torch.int8 and weight_scale is None:
+        raise ValueError("gemv: int8 weights need weight_scale")
+    if prologue == PRO_RMSNORM and norm_weight is None:
+        raise ValueError("gemv: PRO_RMSNORM needs norm_weight")
+    y = residual if residual is not None else torch.empty(1, n, dtype=x.dtype, device=x.device)
+    dummy = weight_scale if weight_scale is not None else y
+    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x, weight, dummy, norm_weight if norm_weight is not None else y, y, y, n, k, weight.stride(0), eps,
+        PROLOGUE=prologue, RESIDUAL=residual is not None, HAS_SCALE=weight_scale is not None,
+    )
+    return None if residual is not None else y
+
+
+@triton.jit
+def _rope_paged_attention_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+    m_ptr, l_ptr, acc_ptr, scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    SPLITS: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
+    dtype = out_ptr.dtype.element_ty
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HALF)
+    s = tl.arange(0, BLOCK_SIZE)
+    g_mask = g < GROUP
+    pos = tl.load(pos_ptr + seq).to(tl.int64)
+    cos = tl.load(cos_ptr + pos * stride_cos + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_cos + d).to(tl.float32)
+    row = qkv_ptr + seq * stride_qkv
+
+    # rotary on the group's query heads (every split) and on the new key, rounded like rope_and_cache
+    q_offs = (kv_head * GROUP + g)[:, None] * (2 * HALF) + d[None, :]
+    q1 = tl.load(row + q_offs, mask=g_mask[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(row + HALF + q_offs, mask=g_mask[:, None], other=0.0).to(tl.float32)
+    q1, q2 = (q1 * cos - q2 * sin).to(dtype), (q2 * cos + q1 * sin).to(dtype)
+
+    # online softmax over this split's share of the cached positions (all but the new token) ...
+    cached = tl.load(context_lens_ptr + seq) - 1
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc1 = tl.zeros([GROUP_PAD, HALF], tl.float32)
+    acc2 = tl.zeros([GROUP_PAD, HALF], tl.float32)
+    first = split * PAGES_PER_SPLIT
+    for page in range(first, tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(cached, BLOCK_SIZE))):
+        block = tl.load(block_tables_ptr + seq * stride_bt + page).to(tl.int64)
+        s_mask = page * BLOCK_SIZE + s < cached
+        offs = block * stride_cb + s[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
+        kc1 = tl.load(k_cache_ptr + offs, mask=s_mask[:, None], other=0.0)
+        kc2 = tl.load(k_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
+        scores = (tl.dot(q1, tl.trans(kc1), input_precision=PRECISION) + tl.dot(q2, tl.trans(kc2), input_precision=PRECISION)) * scale
+        scores = tl.where(s_mask[None, :], scores, float("-inf"))  # (G, S)
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        vc1 = tl.load(v_cache_ptr + offs, mask=s_mask[:, None], other=0.0)
+        vc2 = tl.load(v_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p.to(dtype), vc1, input_precision=PRECISION)
+        acc2 = acc2 * alpha[:, None] + tl.dot(p.to(dtype), vc2, input_precision=PRECISION)
+        m = m_new
+    # ... and split 0 writes the new k, v to their slot and adds the new token, from registers
+    if split == 0:
+        k_row = row + NUM_HEADS * 2 * HALF + kv_head * 2 * HALF
+        v_row = row + (NUM_HEADS + NUM_KV_HEADS) * 2 * HALF + kv_head * 2 * HALF
+        k1 = tl.load(k_row + d).to(tl.float32)
+        k2 = tl.load(k_row + HALF + d).to(tl.float32)
+        k1, k2 = (k1 * cos - k2 * sin).to(dtype), (k2 * cos + k1 * sin).to(dtype)
+        v1 = tl.load(v_row + d)
+        v2 = tl.load(v_row + HALF + d)
+        dst = tl.load(slot_ptr + seq).to(tl.int64) * stride_cs + kv_head * stride_ch
+        tl.store(k_cache_ptr + dst + d, k1)
+        tl.store(k_cache_ptr + dst + HALF + d, k2)
+        tl.store(v_cache_ptr + dst + d, v1)
+        tl.store(v_cache_ptr + dst + HALF + d, v2)
+        score = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], 1) + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], 1)) * scale
+        m_new = tl.maximum(m, score)
+        p = tl.exp(score - m_new)
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + p
+        acc1 = acc1 * alpha[:, None] + p[:, None] * v1.to(tl.float32)[None, :]
+        acc2 = acc2 * alpha[:, None] + p[:, None] * v2.to(tl.float32)[None, :]
+        m = m_new
+    heads = kv_head * GROUP + g
+    if SPLITS == 1:
+        o_offs = seq * stride_ob + heads[:, None] * (2 * HALF) + d[None, :]
+        tl.store(out_ptr + o_offs, (acc1 / l[:, None]).to(dtype), mask=g_mask[:, None])
+        tl.store(out_ptr + HALF + o_offs, (acc2 / l[:, None]).to(dtype), mask=g_mask[:, None])
+    else:  # partial results, (B, SPLITS, Hq) and (B, SPLITS, Hq, D) in fp32, for _combine_kernel
+        part = (seq * SPLITS + split) * NUM_HEADS + heads
+        tl.store(m_ptr + part, m, mask=g_mask)
+        tl.store(l_ptr + part, l, mask=g_mask)
+        tl.store(acc_ptr + part[:, None] * (2 * HALF) + d[None, :], acc1, mask=g_mask[:, None])
+        tl.store(acc_ptr + part[:, None] * (2 * HALF) + HALF + d[None, :], acc2, mask=g_mask[:, None])
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    part = (seq * SPLITS + sp) * NUM_HEADS + head
+    sp_mask = sp < SPLITS
+    m = tl.load(m_ptr + part, mask=sp_mask, other=float("-inf"))
+    weight = tl.exp(m - tl.max(m, 0))  # split 0 always holds the new token, so the max is finite
+    l = tl.sum(tl.load(l_ptr + part, mask=sp_mask, other=0.0) * weight, 0)
+    acc = tl.load(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=sp_mask[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / l
+    tl.store(out_ptr + seq * stride_ob + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+def attention_splits(max_pages: int) -> tuple[int, int]:
+    """(splits, pages per split) for sequences of up to `max_pages` KV pages: at least 4 pages per split and
+    at most 16 splits, so that a batch-1 step spreads a long context over (KV heads x splits) programs."""
+    per_split = max(4, -(-max_pages // 16))
+    return -(-max_pages // per_split), per_split
+
+
+def rope_paged_attention(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+    num_heads: int, scale: float,
+) -> torch.Tensor:
+    """qkv (B, (Hq + 2 Hkv) D) one new token per sequence, unrotated; cos/sin (max_positions, D / 2) (the first
+    half of HF's rotary output); positions, slots (B,) int64; caches (num_blocks, block_size, Hkv, D);
+    block_tables (B, max_blocks) int32; context_lens (B,) int32 including the new token. Writes the new
+    k, v into the caches and returns the attention output (B, Hq * D). The context is split over
+    programs (`attention_splits` of the block table's width) and the splits combined by a second launch."""
+    batch = qkv.shape[0]
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    splits, per_split = attention_splits(block_tables.shape[1])
+    out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    m = torch.empty(batch, splits, num_heads, dtype=torch.float32, device=qkv.device) if splits > 1 else out
+    l = torch.empty_like(m) if splits > 1 else out
+    acc = torch.empty(batch, splits, num_heads, head_dim, dtype=torch.float32, device=qkv.device) if splits > 1 else out
+    _rope_paged_attention_kernel[(batch, num_kv_heads, splits)](
+        qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc,
+        scale, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
+        HALF=head_dim // 2, BLOCK_SIZE=block_size, SPLITS=splits, PAGES_PER_SPLIT=per_split,
+        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=4,
+    )
+    if splits > 1:
+        _combine_kernel[(batch, num_heads)](m, l, acc, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+                                             SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
+    return out
