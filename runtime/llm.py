@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from optforge.errors import UserInputError
 from optforge.runtime.block_manager import BlockManager
 from optforge.runtime.scheduler import Scheduler, SchedulerConfig
 from optforge.runtime.sequence import SamplingParams, Sequence
@@ -31,6 +32,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     use_cuda_graphs: bool = True
+    backend: str = "torch"  # torch (ModelRunner) | cpp (the C++ runtime's kernels and KV cache, CPU, fp32 KV)
+    num_threads: int = 0  # cpp backend: CPU threads (0: all cores)
 
 
 @dataclass
@@ -47,11 +50,12 @@ class RequestOutput:
 class Engine:
     """Owns the model runner, the scheduler and the tokenizer; one `step()` advances every running request."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), runner=None):
+        """`model`: an HF module for the torch ModelRunner; or None with a ready `runner` (the C++ backend)."""
         from optforge.runtime.model_runner import ModelRunner
 
         self.config, self.tokenizer = config, tokenizer
-        self.runner = ModelRunner(
+        self.runner = runner or ModelRunner(
             model, block_size=config.block_size, num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
             max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, use_cuda_graphs=config.use_cuda_graphs,
         )
@@ -119,6 +123,22 @@ class Engine:
         return RequestOutput(seq.request_id, seq.token_ids[: seq.num_prompt_tokens], list(seq.output_token_ids), text, seq.finish_reason, seq.num_cached_tokens, seq.logprobs)
 
 
+def _cpp_engine(path: Path, config: EngineConfig) -> tuple[Engine, object]:
+    """The Python engine over the C++ runtime's model (runtime/cpp_runner.py); CPU only, fp32 activations."""
+    from transformers import AutoTokenizer
+
+    from optforge.runtime.cpp_runner import CppModelRunner
+
+    if config.device != "cpu":
+        raise UserInputError(f"the cpp backend runs on the CPU; got --device {config.device}")
+    if config.dtype != "float32":
+        raise UserInputError(f"the cpp backend computes in float32 (weights as the artifact stores them); got --dtype {config.dtype}")
+    runner = CppModelRunner(path, block_size=config.block_size, num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
+                            num_threads=config.num_threads)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Engine(None, tokenizer, config, runner=runner), tokenizer
+
+
 class LLM:
     """Offline batch generation over an optforge artifact or any model directory the loader reads."""
 
@@ -126,6 +146,11 @@ class LLM:
         from optforge.runtime.loader import load_model
 
         config = replace(config or EngineConfig(), **overrides)
+        if config.backend == "cpp":
+            self.engine, self.tokenizer = _cpp_engine(Path(model), config)
+            return
+        if config.backend != "torch":
+            raise UserInputError(f"unknown backend '{config.backend}' (torch or cpp)")
         hf_model, tokenizer = load_model(model, dtype=config.dtype, device=config.device)
         self.engine = Engine(hf_model, tokenizer, config)
         self.tokenizer = tokenizer

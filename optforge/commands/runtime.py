@@ -15,12 +15,19 @@ DTYPE = typer.Option("float32", "--dtype", help="Weights and KV cache dtype: flo
 DEVICE = typer.Option("cpu", "--device", help="cpu or cuda.")
 NO_PREFIX = typer.Option(False, "--no-prefix-caching", help="Do not reuse KV blocks of earlier prompts.")
 MAX_SEQS = typer.Option(64, "--max-num-seqs", help="Sequences batched in one step, at most.")
+BACKEND = typer.Option(
+    "torch", "--backend",
+    help="torch: the PyTorch runtime (CPU or CUDA). cpp: the C++ runtime's kernels and KV cache under the same scheduler, "
+    "sampler and server (CPU, float32; build it with `make cpp`; runs HF fp32 folders, int8 artifacts and pack.cpu engines).",
+)
+THREADS = typer.Option(0, "--threads", help="CPU threads of the cpp backend (0: all cores).")
 
 
-def _engine_config(dtype: str, device: str, no_prefix: bool, max_num_seqs: int, **extra):
+def _engine_config(dtype: str, device: str, no_prefix: bool, max_num_seqs: int, backend: str = "torch", threads: int = 0, **extra):
     from optforge.runtime.llm import EngineConfig
 
-    return EngineConfig(dtype=dtype, device=device, enable_prefix_caching=not no_prefix, max_num_seqs=max_num_seqs, **extra)
+    return EngineConfig(dtype=dtype, device=device, enable_prefix_caching=not no_prefix, max_num_seqs=max_num_seqs, backend=backend,
+                        num_threads=threads, **extra)
 
 
 def _load(artifact: Path, config):
@@ -46,6 +53,8 @@ def generate(
     device: str = DEVICE,
     no_prefix: bool = NO_PREFIX,
     max_num_seqs: int = MAX_SEQS,
+    backend: str = BACKEND,
+    threads: int = THREADS,
 ):
     """Generate completions for PROMPTS with the runtime (continuous batching, paged KV cache)."""
     from optforge.cli import _fail, _setup_logging
@@ -54,7 +63,7 @@ def generate(
 
     _setup_logging(False)
     try:
-        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs))
+        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads))
         if chat:
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -80,6 +89,8 @@ def serve(
     device: str = DEVICE,
     no_prefix: bool = NO_PREFIX,
     max_num_seqs: int = MAX_SEQS,
+    backend: str = BACKEND,
+    threads: int = THREADS,
 ):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from optforge.cli import _console, _fail, _setup_logging
@@ -91,7 +102,7 @@ def serve(
         from optforge.runtime.async_engine import AsyncEngine
         from optforge.runtime.server import serve as run_server
 
-        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs))
+        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads))
     except OptforgeError as exc:
         _fail(exc)
     _console().print(f"serving {artifact} on http://{host}:{port} (OpenAI API under /v1)")
@@ -111,6 +122,8 @@ def bench(
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Also run the workload through HF transformers generate."),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    backend: str = BACKEND,
+    threads: int = THREADS,
 ):
     """Throughput, TTFT and inter-token latency of ARTIFACT on random prompts, beside HF generate."""
     from optforge.cli import _console, _fail, _setup_logging
@@ -120,16 +133,21 @@ def bench(
     _setup_logging(False)
     workload = Workload(input_len=input_len, output_len=output_len, num_requests=num_requests, concurrency=concurrency)
     try:
-        config = _engine_config(dtype, device, False, concurrency, max_model_len=input_len + output_len + 16)
+        config = _engine_config(dtype, device, False, concurrency, backend, threads, max_model_len=input_len + output_len + 16)
         llm = _load(artifact, config)
     except OptforgeError as exc:
         _fail(exc)
     ours = bench_runtime(llm.engine, workload)
     rows = [("optforge runtime", ours)]
     if hf:
-        rows.append((f"HF generate, batch {concurrency}", bench_hf(llm.engine.runner.model, workload, batch_size=concurrency)))
+        model = llm.engine.runner.model
+        if model is None:  # the cpp backend holds no torch module: load the same folder into HF transformers
+            from optforge.runtime.loader import load_model
+
+            model, _ = load_model(artifact, dtype=dtype, device=device)
+        rows.append((f"HF generate, batch {concurrency}", bench_hf(model, workload, batch_size=concurrency)))
     console = _console()
-    console.print(f"{num_requests} requests, {input_len} in / {output_len} out, concurrency {concurrency}, {device} {dtype}")
+    console.print(f"{num_requests} requests, {input_len} in / {output_len} out, concurrency {concurrency}, {device} {dtype}, backend {backend}")
     console.print("| engine | output tok/s | seconds | TTFT p50/p90/p99 s | ITL p50/p90/p99 ms |")
     console.print("| --- | --- | --- | --- | --- |")
     for name, r in rows:

@@ -12,6 +12,17 @@
 namespace py = pybind11;
 using namespace optforge_rt;
 
+namespace {
+// The model and its KV cache without the C++ scheduler: the Python engine (runtime/cpp_runner.py) schedules,
+// keeps the block tables and samples, and calls forward() once per step.
+struct StepRunner {
+  StepRunner(const std::string& path, int num_threads, int num_kv_blocks, int block_size, bool verify)
+      : pool(num_threads), model(open_artifact(path, verify), num_kv_blocks, block_size) {}
+  ThreadPool pool;
+  Model model;
+};
+}  // namespace
+
 PYBIND11_MODULE(_optforge_rt, m) {
   m.doc() = "optforge C++ runtime";
   py::register_exception<ArtifactError>(m, "ArtifactError", PyExc_ValueError);
@@ -43,6 +54,39 @@ PYBIND11_MODULE(_optforge_rt, m) {
       .def_readonly("prefill_tokens", &GenerationStats::prefill_tokens)
       .def_readonly("decode_tokens", &GenerationStats::decode_tokens)
       .def_readonly("num_preemptions", &GenerationStats::num_preemptions);
+
+  py::class_<StepRunner>(m, "StepRunner")
+      .def(py::init<const std::string&, int, int, int, bool>(), py::arg("path"), py::arg("num_threads") = 0, py::arg("num_kv_blocks") = 1024,
+           py::arg("block_size") = 16, py::arg("verify") = true)
+      .def("forward",
+           [](StepRunner& r, std::vector<int> tokens, std::vector<int> positions, std::vector<int> seq_of, std::vector<std::vector<int>> block_tables,
+              std::vector<int> logits_for) {
+             if (positions.size() != tokens.size() || seq_of.size() != tokens.size()) throw std::invalid_argument("forward: tokens, positions and seq_of differ in length");
+             for (int s : seq_of) {
+               if (s < 0 || s >= static_cast<int>(block_tables.size())) throw std::invalid_argument("forward: seq_of index out of range");
+             }
+             for (int t : logits_for) {
+               if (t < 0 || t >= static_cast<int>(tokens.size())) throw std::invalid_argument("forward: logits_for index out of range");
+             }
+             ForwardBatch batch{std::move(tokens), std::move(positions), std::move(seq_of), std::move(block_tables), std::move(logits_for)};
+             std::vector<float> logits;
+             {
+               py::gil_scoped_release release;
+               logits = r.model.forward(batch, r.pool);
+             }
+             const py::ssize_t rows = static_cast<py::ssize_t>(batch.logits_for.size()), vocab = r.model.config().vocab_size;
+             return py::array_t<float>({rows, vocab}, logits.data());
+           },
+           py::arg("tokens"), py::arg("positions"), py::arg("seq_of"), py::arg("block_tables"), py::arg("logits_for"),
+           "Logits (len(logits_for), vocab) of one flat step; K/V of every token written to its slot.")
+      .def("copy_block", [](StepRunner& r, int src, int dst) {
+             if (src < 0 || dst < 0 || src >= r.model.num_kv_blocks() || dst >= r.model.num_kv_blocks()) throw std::invalid_argument("copy_block: block id out of range");
+             r.model.copy_block(src, dst);
+           })
+      .def_property_readonly("num_kv_blocks", [](StepRunner& r) { return r.model.num_kv_blocks(); })
+      .def_property_readonly("vocab_size", [](StepRunner& r) { return r.model.config().vocab_size; })
+      .def_property_readonly("weight_format", [](StepRunner& r) { return r.model.weight_format(); })
+      .def_property_readonly("num_threads", [](StepRunner& r) { return r.pool.num_threads(); });
 
   py::class_<Engine>(m, "Engine")
       .def(py::init<const std::string&, int, int, int, bool, bool>(), py::arg("path"), py::arg("num_threads") = 0, py::arg("num_kv_blocks") = 1024,
