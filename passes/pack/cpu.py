@@ -1,13 +1,20 @@
 """pack.cpu: write the engine of the C++ runtime (`runtime/cpp`): weights pre-packed for its CPU kernels.
 
 Each decoder Linear is stored as fp32 (`<name>.weight`) or in the kernels' block format: blocks of 32 input
-columns with one float32 scale each, `<name>.qweight` int8 (out, in) or, for int4, uint8 (out, in / 2) where
+columns with one IEEE fp16 scale each, `<name>.qweight` int8 (out, in) or, for int4, uint8 (out, in / 2) where
 byte j of a block holds column j in its low nibble and column j + 16 in its high nibble (values + 8), and
-`<name>.qscales` float32 (out, in / 32). The tied `lm_head` gets its own packed copy (the embedding lookup
+`<name>.qscales` float16 (out, in / 32). The tied `lm_head` gets its own packed copy (the embedding lookup
 stays fp32), as llama.cpp does. Quantization is symmetric round-to-nearest per block (the Q8_0 / Q4_0 grids
-of llama.cpp), or exact re-packing where the input already holds quantized weights on a compatible grid:
-per-channel int8 (`quant.int8_weight_only`) and symmetric int4 with a group size that divides by 32. Limits:
-asymmetric int4 inputs are dequantized and re-quantized symmetric (lossy); Llama-family names only.
+of llama.cpp): each block's scale amax / qmax is rounded to fp16 first and the weights are quantized with that
+rounded scale, so the stored scale is the one they were fit to. Where the input already holds quantized
+weights on a compatible grid (per-channel int8 from `quant.int8_weight_only`, symmetric int4 with a group size
+that divides by 32) the integers are kept and only the scales are rounded to fp16 (relative change <= 2^-11
+in fp16's normal range; a scale that would underflow to 0 or overflow falls back to re-quantizing).
+
+Format "optforge-cpu/2" (safetensors metadata `format`, and `cpu_pack.format` in optforge.json). Version 1 had
+float32 scales (36 bytes per 32 int8 weights instead of 34, 20 instead of 18 for int4); the C++ runtime still
+loads it, rounding those scales to fp16 at load. Limits: asymmetric int4 inputs are dequantized and
+re-quantized symmetric (lossy); Llama-family names only.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
 
 BLOCK = 32
-PACK_FORMAT = "optforge-cpu/1"
+PACK_FORMAT = "optforge-cpu/2"
 _LINEAR = re.compile(r"^(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head)$")
 
 
@@ -34,22 +41,29 @@ class CpuPackConfig:
     lm_head: Literal["fp32", "int8", "int4"] = option("int8", "format of the output projection (its own copy when tied)")
 
 
+def _block_scales_f16(blocks: torch.Tensor, qmax: float) -> torch.Tensor:
+    """fp16 scales amax / qmax of (out, nb, 32) float blocks, rounded before use; 1 where that is 0 (an
+    all-zero block, or one whose scale underflows fp16: its weights then quantize to 0)."""
+    scale = (blocks.abs().amax(dim=-1) / qmax).half()
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"a block's scale overflows fp16 (|w| > {65504 * qmax:.3g}); pack this layer as fp32")
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).contiguous()
+
+
 def pack_int8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float -> int8 (out, in) in [-127, 127] and float32 scales (out, in / 32)."""
+    """(out, in) float -> int8 (out, in) in [-127, 127] and float16 scales (out, in / 32)."""
     blocks = w.detach().float().reshape(w.shape[0], -1, BLOCK)
-    amax = blocks.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.clamp(torch.round(blocks / scale.unsqueeze(-1)), -127, 127).to(torch.int8)
-    return q.reshape(w.shape).contiguous(), scale.contiguous()
+    scale = _block_scales_f16(blocks, 127.0)
+    q = torch.clamp(torch.round(blocks / scale.float().unsqueeze(-1)), -127, 127).to(torch.int8)
+    return q.reshape(w.shape).contiguous(), scale
 
 
 def quantize_int4_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float -> int8 values in [-8, 7] (out, in) and float32 scales (out, in / 32)."""
+    """(out, in) float -> int8 values in [-8, 7] (out, in) and float16 scales (out, in / 32)."""
     blocks = w.detach().float().reshape(w.shape[0], -1, BLOCK)
-    amax = blocks.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
-    q = torch.clamp(torch.round(blocks / scale.unsqueeze(-1)), -8, 7).to(torch.int8)
-    return q.reshape(w.shape), scale.contiguous()
+    scale = _block_scales_f16(blocks, 7.0)
+    q = torch.clamp(torch.round(blocks / scale.float().unsqueeze(-1)), -8, 7).to(torch.int8)
+    return q.reshape(w.shape), scale
 
 
 def nibble_pack(q: torch.Tensor) -> torch.Tensor:
@@ -67,7 +81,7 @@ def nibble_unpack(packed: torch.Tensor) -> torch.Tensor:
 def dequantize_packed(qweight: torch.Tensor, qscales: torch.Tensor) -> torch.Tensor:
     """Float (out, in) weights of a packed Linear (the reference the C++ kernels are tested against)."""
     q = qweight if qweight.dtype == torch.int8 else nibble_unpack(qweight)
-    return (q.float().reshape(q.shape[0], -1, BLOCK) * qscales.unsqueeze(-1)).reshape(q.shape)
+    return (q.float().reshape(q.shape[0], -1, BLOCK) * qscales.float().unsqueeze(-1)).reshape(q.shape)
 
 
 def _source_linear(state: dict, name: str, spec: dict | None) -> tuple[torch.Tensor | None, tuple | None]:
@@ -94,9 +108,11 @@ def _source_linear(state: dict, name: str, spec: dict | None) -> tuple[torch.Ten
 def _pack(name: str, weight: torch.Tensor | None, exact: tuple | None, fmt: str, out: dict) -> None:
     if exact is not None and fmt == ("int8" if exact[0] == 8 else "int4"):
         bits, q, scales = exact
-        out[f"{name}.qweight"] = q.to(torch.int8).contiguous() if bits == 8 else nibble_pack(q)
-        out[f"{name}.qscales"] = scales.float().contiguous()
-        return
+        half = scales.half()
+        if bool(torch.isfinite(half).all()) and bool((half != 0).all()):  # else re-quantize below
+            out[f"{name}.qweight"] = q.to(torch.int8).contiguous() if bits == 8 else nibble_pack(q)
+            out[f"{name}.qscales"] = half.contiguous()
+            return
     if weight is None:
         weight = dequantize_packed(exact[1].to(torch.int8) if exact[0] == 8 else nibble_pack(exact[1]), exact[2])
     if fmt == "fp32":
@@ -111,7 +127,7 @@ def _pack(name: str, weight: torch.Tensor | None, exact: tuple | None, fmt: str,
 @register
 class CpuPack(Pass):
     name = "pack.cpu"
-    version = 1
+    version = 2  # optforge-cpu/2: fp16 block scales
     Config = CpuPackConfig
     requires = frozenset({"hf_causal_lm"})
     produces = frozenset({"hf_causal_lm", "cpu_packed"})
@@ -134,7 +150,10 @@ class CpuPack(Pass):
             in_features = (weight if weight is not None else exact[1]).shape[1]
             if fmt != "fp32" and in_features % BLOCK:
                 raise PassError(self.name, f"{name}: in_features {in_features} does not divide by {BLOCK}; use weights: fp32")
-            _pack(name, weight, exact, fmt, out)
+            try:
+                _pack(name, weight, exact, fmt, out)
+            except ValueError as err:
+                raise PassError(self.name, f"{name}: {err}") from err
             advance(1)
         for key, value in state.items():
             if not _LINEAR.match(key.rsplit(".", 1)[0]):

@@ -8,9 +8,27 @@
 
 #include "optforge_rt/errors.h"
 
+// GCC 12's AVX-512 headers pass _mm512_undefined_*() through masked builtins (permutexvar, cvtepi32_ps,
+// reduce_add) and then warn that it is uninitialized (GCC bug 105593, fixed in GCC 13): silence only that.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace optforge_rt {
 
 namespace {
+
+// The activations of one matmul, quantized once and shared by every output row and thread. A token's row is
+// zero padded to a whole number of block pairs (64 columns) so the AVX-512 kernels never read past it.
+struct PreparedActs {
+  int M = 0, nb = 0, np = 0, stride = 0;  // blocks, block pairs, bytes per token row (np * 64)
+  std::vector<int8_t> q;                  // (M, stride) int8, column order
+  std::vector<float> xs;                  // (M, nb) per-block scales
+  std::vector<int8_t> q4;                 // (M, stride) AVX-512 int4 order (see q4_rows_avx512)
+  std::vector<float> pat8, pat4;          // (M, np, 16) the scale of each vpdpbusd lane's block
+  std::vector<int32_t> neg8, neg4;        // (M, np, 16) minus the unsigned-weight excess of each lane
+};
 
 // ------------------------------------------------------------------------------------------- scalar
 
@@ -20,17 +38,17 @@ float dot_f32_scalar(const float* a, const float* b, int n) {
   return s;
 }
 
-float dot_q8_scalar(const int8_t* w, const float* ws, const int8_t* x, const float* xs, int nblocks) {
+float dot_q8_scalar(const int8_t* w, const uint16_t* ws, const int8_t* x, const float* xs, int nblocks) {
   float s = 0.f;
   for (int b = 0; b < nblocks; ++b) {
     int32_t acc = 0;
     for (int j = 0; j < kQuantBlock; ++j) acc += int32_t(w[b * kQuantBlock + j]) * x[b * kQuantBlock + j];
-    s += ws[b] * xs[b] * static_cast<float>(acc);
+    s += f16_to_f32(ws[b]) * xs[b] * static_cast<float>(acc);
   }
   return s;
 }
 
-float dot_q4_scalar(const uint8_t* w, const float* ws, const int8_t* x, const float* xs, int nblocks) {
+float dot_q4_scalar(const uint8_t* w, const uint16_t* ws, const int8_t* x, const float* xs, int nblocks) {
   float s = 0.f;
   for (int b = 0; b < nblocks; ++b) {
     int32_t acc = 0;
@@ -39,15 +57,15 @@ float dot_q4_scalar(const uint8_t* w, const float* ws, const int8_t* x, const fl
     for (int j = 0; j < 16; ++j) {
       acc += (int32_t(wb[j] & 0xF) - 8) * xb[j] + (int32_t(wb[j] >> 4) - 8) * xb[j + 16];
     }
-    s += ws[b] * xs[b] * static_cast<float>(acc);
+    s += f16_to_f32(ws[b]) * xs[b] * static_cast<float>(acc);
   }
   return s;
 }
 
 // --------------------------------------------------------------------------------------------- AVX2
 
-#define OF_AVX2 __attribute__((target("avx2,fma")))
-#define OF_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define OF_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define OF_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 OF_AVX2 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -83,21 +101,21 @@ OF_AVX2 inline __m256i block_dot_avx2(__m256i w, __m256i x) {
   return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
-OF_AVX2 float dot_q8_avx2(const int8_t* w, const float* ws, const int8_t* x, const float* xs, int nblocks) {
+OF_AVX2 float dot_q8_avx2(const int8_t* w, const uint16_t* ws, const int8_t* x, const float* xs, int nblocks) {
   __m256 acc = _mm256_setzero_ps();
   for (int b = 0; b < nblocks; ++b) {
     __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kQuantBlock));
     __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * kQuantBlock));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wv, xv)), _mm256_set1_ps(ws[b] * xs[b]), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(wv, xv)), _mm256_set1_ps(_cvtsh_ss(ws[b]) * xs[b]), acc);
   }
   return hsum256(acc);
 }
 
-OF_AVX2 float dot_q4_avx2(const uint8_t* w, const float* ws, const int8_t* x, const float* xs, int nblocks) {
+OF_AVX2 float dot_q4_avx2(const uint8_t* w, const uint16_t* ws, const int8_t* x, const float* xs, int nblocks) {
   __m256 acc = _mm256_setzero_ps();
   for (int b = 0; b < nblocks; ++b) {
     __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * kQuantBlock));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(unpack_q4(w + b * 16), xv)), _mm256_set1_ps(ws[b] * xs[b]), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(unpack_q4(w + b * 16), xv)), _mm256_set1_ps(_cvtsh_ss(ws[b]) * xs[b]), acc);
   }
   return hsum256(acc);
 }
@@ -117,57 +135,219 @@ OF_AVX512 float dot_f32_avx512(const float* a, const float* b, int n) {
   return s;
 }
 
-OF_AVX512 inline __m256i block_dot_vnni(__m256i w, __m256i x) {
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+// Decode GEMV on AVX-512: R output rows at once share each activation load, and each 64-byte step covers two
+// blocks in one 512-bit vpdpbusd. vpdpbusd multiplies unsigned by signed bytes, so the weights are made
+// unsigned (int8: w ^ 0x80 = w + 128; int4: the stored nibble q + 8) and the excess, C * sum(x) per lane with
+// C = 128 or 8, is the accumulator's starting value (prepared once per token, shared by all rows). Every row
+// runs the same instruction sequence whatever R is, so a row's result does not depend on its neighbours.
+
+// The fp16 scales of a row's block pair (a lone last block reads only its own) widened by vcvtph2ps and
+// spread over the lanes of their blocks, times the token's per-lane activation scales.
+OF_AVX512 inline __m512 scale_pair(const uint16_t* s, bool both, __m512i lanes, __m512 xs) {
+  uint32_t pair = s[0];
+  if (both) std::memcpy(&pair, s, 4);
+  const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(pair)));
+  return _mm512_mul_ps(_mm512_permutexvar_ps(lanes, _mm512_zextps128_ps512(two)), xs);
 }
 
-OF_AVX512 float dot_q8_avx512(const int8_t* w, const float* ws, const int8_t* x, const float* xs, int nblocks) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int b = 0; b < nblocks; ++b) {
-    __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kQuantBlock));
-    __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * kQuantBlock));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_vnni(wv, xv)), _mm256_set1_ps(ws[b] * xs[b]), acc);
+// Rows ahead whose weights are requested while these are computed: the hardware prefetcher alone left the
+// decode GEMV waiting on memory (perf showed the weight load as the stall). A prefetch never faults, so
+// reaching past the matrix's end is harmless.
+#ifndef OF_PREFETCH_ROWS
+#define OF_PREFETCH_ROWS 8
+#endif
+constexpr int kPrefetchRows = OF_PREFETCH_ROWS;
+
+template <int R>
+OF_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int K, int nb, const PreparedActs& a, int m, float* y) {
+  const int8_t* x = a.q.data() + static_cast<size_t>(m) * a.stride;
+  const float* pat = a.pat8.data() + static_cast<size_t>(m) * a.np * 16;
+  const int32_t* neg = a.neg8.data() + static_cast<size_t>(m) * a.np * 16;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int p = 0; p < a.np; ++p) {
+    const bool both = 2 * p + 1 < nb;
+    const __m512i xv = _mm512_loadu_si512(x + 64 * p);
+    const __m512i nv = _mm512_loadu_si512(neg + 16 * p);
+    const __m512 pv = _mm512_loadu_ps(pat + 16 * p);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* wp = w + static_cast<size_t>(r) * K + 64 * p;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchRows * K, _MM_HINT_T0);
+      __m512i wv = both ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, wp);
+      __m512i d = _mm512_dpbusd_epi32(nv, _mm512_xor_si512(wv, flip), xv);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale_pair(s + static_cast<size_t>(r) * nb + 2 * p, both, lanes, pv), acc[r]);
+    }
   }
-  return hsum256(acc);
+  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-OF_AVX512 float dot_q4_avx512(const uint8_t* w, const float* ws, const int8_t* x, const float* xs, int nblocks) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int b = 0; b < nblocks; ++b) {
-    __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * kQuantBlock));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_vnni(unpack_q4(w + b * 16), xv)), _mm256_set1_ps(ws[b] * xs[b]), acc);
+// int4 pair p is 32 bytes: low nibbles (columns 0-15 of both blocks) then high nibbles (16-31) after the
+// unpack, so the activations are prepared in that order: [b0 0-15 | b1 0-15 | b0 16-31 | b1 16-31].
+template <int R>
+OF_AVX512 void q4_rows_avx512(const uint8_t* w, const uint16_t* s, int K, int nb, const PreparedActs& a, int m, float* y) {
+  const int8_t* x = a.q4.data() + static_cast<size_t>(m) * a.stride;
+  const float* pat = a.pat4.data() + static_cast<size_t>(m) * a.np * 16;
+  const int32_t* neg = a.neg4.data() + static_cast<size_t>(m) * a.np * 16;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int p = 0; p < a.np; ++p) {
+    const bool both = 2 * p + 1 < nb;
+    const __m512i xv = _mm512_loadu_si512(x + 64 * p);
+    const __m512i nv = _mm512_loadu_si512(neg + 16 * p);
+    const __m512 pv = _mm512_loadu_ps(pat + 16 * p);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wp = w + static_cast<size_t>(r) * (K / 2) + 32 * p;
+      if (p % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchRows * (K / 2), _MM_HINT_T0);
+      __m256i v = both ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
+                       : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)), 0);
+      __m512i wv = _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_and_si256(v, nibble)), _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), 1);
+      __m512i d = _mm512_dpbusd_epi32(nv, wv, xv);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale_pair(s + static_cast<size_t>(r) * nb + 2 * p, both, lanes, pv), acc[r]);
+    }
   }
-  return hsum256(acc);
+  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 // ------------------------------------------------------------------------------------------ dispatch
 
+void axpy_f32_scalar(float a, const float* x, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+OF_AVX2 void axpy_f32_avx2(float a, const float* x, float* y, int n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+OF_AVX512 void axpy_f32_avx512(float a, const float* x, float* y, int n) {
+  const __m512 av = _mm512_set1_ps(a);
+  int i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// y[o] for o in [o0, o1) of token m: one dot product per row (scalar and AVX2).
+template <float (*Dot)(const int8_t*, const uint16_t*, const int8_t*, const float*, int)>
+void q8_rows_by_dot(const Linear& w, int o0, int o1, const PreparedActs& a, int m, float* y) {
+  const int K = w.in_features, nb = a.nb;
+  for (int o = o0; o < o1; ++o) {
+    y[o] = Dot(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, a.q.data() + static_cast<size_t>(m) * a.stride,
+               a.xs.data() + static_cast<size_t>(m) * nb, nb);
+  }
+}
+
+template <float (*Dot)(const uint8_t*, const uint16_t*, const int8_t*, const float*, int)>
+void q4_rows_by_dot(const Linear& w, int o0, int o1, const PreparedActs& a, int m, float* y) {
+  const int K = w.in_features, nb = a.nb;
+  for (int o = o0; o < o1; ++o) {
+    y[o] = Dot(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, a.q.data() + static_cast<size_t>(m) * a.stride,
+               a.xs.data() + static_cast<size_t>(m) * nb, nb);
+  }
+}
+
+// Batches (prefill) take four rows at a time, sharing each activation load; a single token (decode) takes
+// rows one by one: there, four interleaved weight streams ran 30% slower (memory bound, measured on SmolLM2
+// int8: 67 vs 92-97 tok/s on one thread). A row's result is bit-identical either way.
+OF_AVX512 void q8_rows_wide(const Linear& w, int o0, int o1, const PreparedActs& a, int m, float* y) {
+  const int K = w.in_features, nb = a.nb;
+  int o = o0;
+  for (; a.M > 1 && o + 4 <= o1; o += 4) q8_rows_avx512<4>(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+  for (; o < o1; ++o) q8_rows_avx512<1>(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+}
+
+OF_AVX512 void q4_rows_wide(const Linear& w, int o0, int o1, const PreparedActs& a, int m, float* y) {
+  const int K = w.in_features, nb = a.nb;
+  int o = o0;
+  for (; a.M > 1 && o + 4 <= o1; o += 4) q4_rows_avx512<4>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+  for (; o < o1; ++o) q4_rows_avx512<1>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+}
+
+// ------------------------------------------------------------------------------------------ dispatch
+
+using RowsFn = void (*)(const Linear&, int, int, const PreparedActs&, int, float*);
+
 struct KernelTable {
   float (*dot_f32)(const float*, const float*, int);
-  float (*dot_q8)(const int8_t*, const float*, const int8_t*, const float*, int);
-  float (*dot_q4)(const uint8_t*, const float*, const int8_t*, const float*, int);
+  void (*axpy_f32)(float, const float*, float*, int);
+  RowsFn rows_q8;
+  RowsFn rows_q4;
+  bool wide;  // the rows kernels read PreparedActs' AVX-512 fields
 };
 
-const KernelTable kScalar = {dot_f32_scalar, dot_q8_scalar, dot_q4_scalar};
-const KernelTable kAvx2 = {dot_f32_avx2, dot_q8_avx2, dot_q4_avx2};
-const KernelTable kAvx512 = {dot_f32_avx512, dot_q8_avx512, dot_q4_avx512};
+const KernelTable kScalar = {dot_f32_scalar, axpy_f32_scalar, q8_rows_by_dot<dot_q8_scalar>, q4_rows_by_dot<dot_q4_scalar>, false};
+const KernelTable kAvx2 = {dot_f32_avx2, axpy_f32_avx2, q8_rows_by_dot<dot_q8_avx2>, q4_rows_by_dot<dot_q4_avx2>, false};
+const KernelTable kAvx512 = {dot_f32_avx512, axpy_f32_avx512, q8_rows_wide, q4_rows_wide, true};
 
 Isa g_isa = detected_isa();
 
 const KernelTable& table() { return g_isa == Isa::kAvx512 ? kAvx512 : g_isa == Isa::kAvx2 ? kAvx2 : kScalar; }
 
-// x (M, K) float -> int8 (M, K) and scales (M, K / 32).
-void quantize_acts(const float* x, int M, int K, std::vector<int8_t>& q, std::vector<float>& s) {
-  int nb = K / kQuantBlock;
-  q.resize(static_cast<size_t>(M) * K);
-  s.resize(static_cast<size_t>(M) * nb);
-  for (int r = 0; r < M * nb; ++r) {
-    const float* xb = x + static_cast<size_t>(r) * kQuantBlock;
-    float amax = 0.f;
-    for (int j = 0; j < kQuantBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    float scale = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
-    s[r] = scale;
-    for (int j = 0; j < kQuantBlock; ++j) q[static_cast<size_t>(r) * kQuantBlock + j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
+// One block of 32 floats -> int8 (symmetric, round to nearest even); returns the block's scale.
+float quantize_block(const float* xb, int8_t* q) {
+  float amax = 0.f;
+  for (int j = 0; j < kQuantBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+  float inv = amax > 0 ? 127.f / amax : 0.f;
+  for (int j = 0; j < kQuantBlock; ++j) q[j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
+  return amax / 127.f;
+}
+
+// The per-lane tables of one token for the AVX-512 kernels: lane l of pair p covers bytes 4l..4l+3 of the
+// pair's 64 activation bytes; block_of(l) says which of the pair's two blocks those bytes belong to.
+void prepare_lanes(const int8_t* x, const float* xs, int nb, int np, int excess, int (*block_of)(int), float* pat, int32_t* neg) {
+  for (int p = 0; p < np; ++p) {
+    for (int l = 0; l < 16; ++l) {
+      int b = 2 * p + block_of(l);
+      const int8_t* xl = x + 64 * p + 4 * l;
+      pat[16 * p + l] = b < nb ? xs[b] : 0.f;
+      neg[16 * p + l] = -excess * (xl[0] + xl[1] + xl[2] + xl[3]);
+    }
+  }
+}
+
+// x (M, K) float -> the PreparedActs the active ISA's kernels read, for the weight formats in use.
+void prepare_acts(const float* x, int M, int K, bool need8, bool need4, bool wide, PreparedActs& a) {
+  a.M = M;
+  a.nb = K / kQuantBlock;
+  a.np = (a.nb + 1) / 2;
+  a.stride = a.np * 64;
+  a.q.assign(static_cast<size_t>(M) * a.stride, 0);
+  a.xs.resize(static_cast<size_t>(M) * a.nb);
+  for (int m = 0; m < M; ++m) {
+    for (int b = 0; b < a.nb; ++b) {
+      a.xs[size_t(m) * a.nb + b] = quantize_block(x + size_t(m) * K + b * kQuantBlock, &a.q[size_t(m) * a.stride + b * kQuantBlock]);
+    }
+  }
+  if (!wide) return;
+  const size_t lanes = static_cast<size_t>(M) * a.np * 16;
+  if (need8) {
+    a.pat8.resize(lanes);
+    a.neg8.resize(lanes);
+    for (int m = 0; m < M; ++m) {
+      prepare_lanes(&a.q[size_t(m) * a.stride], &a.xs[size_t(m) * a.nb], a.nb, a.np, 128, [](int l) { return l / 8; },
+                    &a.pat8[size_t(m) * a.np * 16], &a.neg8[size_t(m) * a.np * 16]);
+    }
+  }
+  if (need4) {
+    a.q4.resize(a.q.size());
+    a.pat4.resize(lanes);
+    a.neg4.resize(lanes);
+    for (int m = 0; m < M; ++m) {
+      const int8_t* src = &a.q[size_t(m) * a.stride];
+      int8_t* dst = &a.q4[size_t(m) * a.stride];
+      for (int p = 0; p < a.np; ++p) {  // [b0 0-15 | b1 0-15 | b0 16-31 | b1 16-31]
+        for (int quarter = 0; quarter < 4; ++quarter) {
+          std::memcpy(dst + 64 * p + 16 * quarter, src + 64 * p + 32 * (quarter % 2) + 16 * (quarter / 2), 16);
+        }
+      }
+      prepare_lanes(dst, &a.xs[size_t(m) * a.nb], a.nb, a.np, 8, [](int l) { return (l / 4) % 2; },
+                    &a.pat4[size_t(m) * a.np * 16], &a.neg4[size_t(m) * a.np * 16]);
+    }
   }
 }
 
@@ -175,7 +355,7 @@ void quantize_acts(const float* x, int M, int K, std::vector<int8_t>& q, std::ve
 
 size_t Linear::weight_bytes() const {
   size_t n = static_cast<size_t>(out_features) * in_features;
-  size_t scales_bytes = static_cast<size_t>(out_features) * (in_features / kQuantBlock) * 4;
+  size_t scales_bytes = static_cast<size_t>(out_features) * (in_features / kQuantBlock) * sizeof(uint16_t);
   switch (format) {
     case WeightFormat::kF32: return n * 4;
     case WeightFormat::kInt8: return n + scales_bytes;
@@ -186,11 +366,13 @@ size_t Linear::weight_bytes() const {
 
 Isa detected_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+  // F16C widens the fp16 weight scales; every AVX2 CPU made has it, but it is a separate CPUID bit.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512vnni")) {
     return Isa::kAvx512;
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  if (avx2) return Isa::kAvx2;
   return Isa::kScalar;
 }
 
@@ -209,46 +391,48 @@ Isa parse_isa(const std::string& name) {
 
 float dot_f32(const float* a, const float* b, int n) { return table().dot_f32(a, b, n); }
 
-void axpy_f32(float a, const float* x, float* y, int n) {
-  for (int i = 0; i < n; ++i) y[i] += a * x[i];
-}
+void axpy_f32(float a, const float* x, float* y, int n) { table().axpy_f32(a, x, y, n); }
 
 void matmul_group(const std::vector<const Linear*>& group, const float* x, int M, const std::vector<float*>& ys, ThreadPool& pool) {
+  constexpr int kMaxGroup = 4;
   const int K = group[0]->in_features;
-  int total = 0;
-  bool any_quant = false;
-  std::vector<int> starts;
-  for (const Linear* w : group) {
-    if (w->in_features != K) throw std::invalid_argument("matmul_group: Linear layers of one group need the same in_features");
-    starts.push_back(total);
-    total += w->out_features;
-    any_quant |= w->format != WeightFormat::kF32;
+  const int G = static_cast<int>(group.size());
+  if (G > kMaxGroup || ys.size() != group.size()) throw std::invalid_argument("matmul_group: 1 to 4 Linear layers, one output each");
+  int starts[kMaxGroup + 1] = {0};
+  bool need8 = false, need4 = false;
+  for (int g = 0; g < G; ++g) {
+    if (group[g]->in_features != K) throw std::invalid_argument("matmul_group: Linear layers of one group need the same in_features");
+    starts[g + 1] = starts[g] + group[g]->out_features;
+    need8 |= group[g]->format == WeightFormat::kInt8;
+    need4 |= group[g]->format == WeightFormat::kInt4;
   }
-  std::vector<int8_t> xq;
-  std::vector<float> xs;
-  if (any_quant) quantize_acts(x, M, K, xq, xs);
   const KernelTable& k = table();
-  const int nb = K / kQuantBlock;
-  pool.parallel_for(total, [&](int begin, int end) {
-    size_t gi = 0;
-    for (int row = begin; row < end; ++row) {
-      while (gi + 1 < group.size() && row >= starts[gi + 1]) ++gi;
-      const Linear& w = *group[gi];
-      int o = row - starts[gi];
-      float* y = ys[gi];
-      const int N = w.out_features;
-      for (int m = 0; m < M; ++m) {
-        float v;
-        if (w.format == WeightFormat::kF32) {
-          v = k.dot_f32(w.f32 + static_cast<size_t>(o) * K, x + static_cast<size_t>(m) * K, K);
-        } else if (w.format == WeightFormat::kInt8) {
-          v = k.dot_q8(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, xq.data() + static_cast<size_t>(m) * K,
-                       xs.data() + static_cast<size_t>(m) * nb, nb);
-        } else {
-          v = k.dot_q4(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, xq.data() + static_cast<size_t>(m) * K,
-                       xs.data() + static_cast<size_t>(m) * nb, nb);
+  // Reused across calls (no allocation once grown). Bound to a reference: inside the lambda the name of a
+  // thread_local would mean each worker's own, empty copy.
+  static thread_local PreparedActs scratch;
+  PreparedActs& acts = scratch;
+  if (need8 || need4) prepare_acts(x, M, K, need8, need4, k.wide, acts);
+  // Work is handed out in tiles of 4 rows (the AVX-512 kernels' height); a tile never straddles two Linears'
+  // boundary badly: the rows on each side are computed by that Linear, one kernel call per side.
+  constexpr int kTile = 4;
+  const int total = starts[G];
+  pool.parallel_for((total + kTile - 1) / kTile, [&](int begin, int end) {
+    const int row_end = std::min(total, end * kTile);
+    for (int g = 0; g < G; ++g) {
+      const Linear& w = *group[g];
+      const int o_begin = std::max(begin * kTile, starts[g]) - starts[g], o_end = std::min(row_end, starts[g + 1]) - starts[g];
+      for (int o = o_begin; o < o_end; o += kTile) {
+        const int tile_end = std::min(o_end, o + kTile);
+        for (int m = 0; m < M; ++m) {
+          float* y = ys[g] + static_cast<size_t>(m) * w.out_features;
+          if (w.format == WeightFormat::kInt8) {
+            k.rows_q8(w, o, tile_end, acts, m, y);
+          } else if (w.format == WeightFormat::kInt4) {
+            k.rows_q4(w, o, tile_end, acts, m, y);
+          } else {
+            for (int r = o; r < tile_end; ++r) y[r] = k.dot_f32(w.f32 + static_cast<size_t>(r) * K, x + static_cast<size_t>(m) * K, K);
+          }
         }
-        y[static_cast<size_t>(m) * N + o] = v;
       }
     }
   });
@@ -256,28 +440,51 @@ void matmul_group(const std::vector<const Linear*>& group, const float* x, int M
 
 void matmul(const Linear& w, const float* x, int M, float* y, ThreadPool& pool) { matmul_group({&w}, x, M, {y}, pool); }
 
-void quantize_int8_blocks(const float* w, int out, int in, int8_t* q, float* scales) {
+float f16_to_f32(uint16_t h) {
+  _Float16 v;
+  std::memcpy(&v, &h, 2);
+  return static_cast<float>(v);
+}
+
+uint16_t f32_to_f16(float f) {
+  const _Float16 v = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &v, 2);
+  return h;
+}
+
+namespace {
+
+// A block's scale amax / qmax rounded to fp16; 1 where that is 0 (an all-zero block, or one so small that
+// its scale underflows: its weights then quantize to 0), as the pack pass does.
+uint16_t block_scale_f16(const float* wb, float qmax) {
+  float amax = 0.f;
+  for (int j = 0; j < kQuantBlock; ++j) amax = std::max(amax, std::fabs(wb[j]));
+  const uint16_t h = f32_to_f16(amax / qmax);
+  if (!std::isfinite(f16_to_f32(h))) throw std::invalid_argument("quantize: a block's scale amax / qmax overflows fp16 (> 65504)");
+  return f16_to_f32(h) > 0.f ? h : f32_to_f16(1.f);
+}
+
+}  // namespace
+
+void quantize_int8_blocks(const float* w, int out, int in, int8_t* q, uint16_t* scales) {
   int nb = in / kQuantBlock;
   for (int r = 0; r < out * nb; ++r) {
     const float* wb = w + static_cast<size_t>(r) * kQuantBlock;
-    float amax = 0.f;
-    for (int j = 0; j < kQuantBlock; ++j) amax = std::max(amax, std::fabs(wb[j]));
-    float scale = amax > 0 ? amax / 127.f : 1.f;
-    scales[r] = scale;
+    scales[r] = block_scale_f16(wb, 127.f);
+    const float scale = f16_to_f32(scales[r]);
     for (int j = 0; j < kQuantBlock; ++j) {
       q[static_cast<size_t>(r) * kQuantBlock + j] = static_cast<int8_t>(std::clamp(std::nearbyint(wb[j] / scale), -127.f, 127.f));
     }
   }
 }
 
-void quantize_int4_blocks(const float* w, int out, int in, uint8_t* q, float* scales) {
+void quantize_int4_blocks(const float* w, int out, int in, uint8_t* q, uint16_t* scales) {
   int nb = in / kQuantBlock;
   for (int r = 0; r < out * nb; ++r) {
     const float* wb = w + static_cast<size_t>(r) * kQuantBlock;
-    float amax = 0.f;
-    for (int j = 0; j < kQuantBlock; ++j) amax = std::max(amax, std::fabs(wb[j]));
-    float scale = amax > 0 ? amax / 7.f : 1.f;
-    scales[r] = scale;
+    scales[r] = block_scale_f16(wb, 7.f);
+    const float scale = f16_to_f32(scales[r]);
     uint8_t* qb = q + static_cast<size_t>(r) * 16;
     for (int j = 0; j < 16; ++j) {
       int lo = static_cast<int>(std::clamp(std::nearbyint(wb[j] / scale), -8.f, 7.f)) + 8;

@@ -32,12 +32,37 @@ void apply_rope(float* x, int num_heads, int head_dim, int pos, const std::vecto
   }
 }
 
+// Fp16 copies of float32 scales (a v1 engine's qscales, or per-channel scales spread over blocks), owned by w.
+void own_f16_scales(Linear& w, const float* src, int out, int nb, bool per_channel) {
+  w.owned.resize(static_cast<size_t>(out) * nb * sizeof(uint16_t));
+  uint16_t* dst = reinterpret_cast<uint16_t*>(w.owned.data());
+  for (int o = 0; o < out; ++o) {
+    for (int b = 0; b < nb; ++b) dst[static_cast<size_t>(o) * nb + b] = f32_to_f16(per_channel ? src[o] : src[static_cast<size_t>(o) * nb + b]);
+    if (!std::isfinite(f16_to_f32(dst[static_cast<size_t>(o) * nb]))) throw ArtifactError("a weight scale overflows fp16 (> 65504); run the `pack.cpu` pass");
+  }
+  w.scales = dst;
+}
+
+// The pack.cpu format an engine declares in its safetensors metadata: 0 when it declares none (an HF folder or
+// a quant.int8_weight_only artifact), else 1 (fp32 block scales) or 2 (fp16); newer versions are refused.
+int pack_format_version(const SafeTensors& st, const std::string& dir) {
+  auto it = st.metadata().find("format");
+  const std::string prefix = "optforge-cpu/";
+  if (it == st.metadata().end() || it->second.rfind(prefix, 0) != 0) return 0;
+  const std::string version = it->second.substr(prefix.size());
+  if (version == "1") return 1;
+  if (version == "2") return 2;
+  throw ArtifactError(dir + ": engine format '" + it->second + "' is newer than this runtime reads (optforge-cpu/1 and /2); "
+                      "rebuild the runtime, or re-run the pack.cpu pass with this checkout");
+}
+
 }  // namespace
 
 Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size)
     : config_(artifact.config), block_size_(block_size), num_kv_blocks_(num_kv_blocks) {
   if (block_size < 1 || num_kv_blocks < 1) throw std::invalid_argument("need block_size >= 1 and num_kv_blocks >= 1");
   weights_ = SafeTensors::open(artifact.dir + "/model.safetensors");
+  pack_version_ = pack_format_version(*weights_, artifact.dir);
   const ModelConfig& c = config_;
   auto f32_tensor = [&](const std::string& key, int64_t numel) -> const float* {
     const TensorView& t = weights_->get(key);
@@ -101,8 +126,19 @@ Linear Model::load_linear(const std::string& name, int out, int in) {
     const TensorView& q = weights_->get(name + ".qweight");
     const TensorView& s = weights_->get(name + ".qscales");
     if (in % kQuantBlock != 0) fail("in_features must divide by 32");
-    if (s.dtype != DType::kF32 || s.numel() != int64_t(out) * (in / kQuantBlock)) fail("qscales must be F32 (out, in / 32)");
-    w.scales = reinterpret_cast<const float*>(s.data);
+    const int nb = in / kQuantBlock;
+    if (s.numel() != int64_t(out) * nb) fail("qscales must have (out, in / 32) elements");
+    // v2 stores fp16 scales, read in place; a v1 engine's fp32 scales are rounded to fp16 here (relative
+    // change <= 2^-11 in fp16's normal range; the integer weights are kept). Re-running pack.cpu instead fits
+    // the weights to the rounded scales.
+    if (s.dtype == DType::kF16 && pack_version_ != 1) {
+      w.scales = reinterpret_cast<const uint16_t*>(s.data);
+    } else if (s.dtype == DType::kF32 && pack_version_ != 2) {
+      own_f16_scales(w, reinterpret_cast<const float*>(s.data), out, nb, false);
+    } else {
+      const char* want = pack_version_ == 2 ? "F16 (format optforge-cpu/2)" : pack_version_ == 1 ? "F32 (format optforge-cpu/1)" : "F16 or F32";
+      fail(std::string("qscales are ") + dtype_name(s.dtype) + ", expected " + want);
+    }
     if (q.dtype == DType::kI8 && q.numel() == int64_t(out) * in) {
       w.format = WeightFormat::kInt8;
       w.q8 = reinterpret_cast<const int8_t*>(q.data);
@@ -127,11 +163,7 @@ Linear Model::load_linear(const std::string& name, int out, int in) {
     int nb = in / kQuantBlock;
     w.format = WeightFormat::kInt8;
     w.q8 = reinterpret_cast<const int8_t*>(t.data);
-    w.owned.resize(static_cast<size_t>(out) * nb * sizeof(float));
-    float* scales = reinterpret_cast<float*>(w.owned.data());
-    const float* channel = reinterpret_cast<const float*>(s.data);
-    for (int o = 0; o < out; ++o) std::fill(scales + static_cast<size_t>(o) * nb, scales + static_cast<size_t>(o + 1) * nb, channel[o]);
-    w.scales = scales;
+    own_f16_scales(w, reinterpret_cast<const float*>(s.data), out, nb, true);
     return w;
   }
   fail(std::string("unsupported weight dtype ") + dtype_name(t.dtype) + "; run the `pack.cpu` pass to write a CPU engine");

@@ -1,5 +1,7 @@
-// Each matmul format against a double-precision reference on the dequantized weights, on every ISA the CPU has.
+// Each matmul format against a double-precision reference on the dequantized weights, on every ISA the CPU has;
+// a token's outputs must not depend on the batch or the thread count (bit-exact), whatever the shape's tails.
 #include <cmath>
+#include <cstdio>
 #include <random>
 #include <vector>
 
@@ -14,47 +16,52 @@ static double max_rel_err(const std::vector<float>& a, const std::vector<double>
   return num / den;
 }
 
-int main() {
-  const int N = 72, K = 96, M = 5;
-  std::mt19937 rng(0);
+static int nibble(const std::vector<uint8_t>& q4, int N, int K, int n, int k) {
+  int j = k % 32;
+  uint8_t byte = q4[(n * K + (k - j)) / 2 + (j % 16)];
+  return (j < 16 ? (byte & 0xF) : (byte >> 4)) - 8;
+}
+
+// N rows, K columns, M tokens: N not a multiple of 4 and an odd block count exercise the kernels' tails.
+static void check_shape(int N, int K, int M) {
+  std::mt19937 rng(N * 1000 + K);
   std::normal_distribution<float> dist(0.f, 1.f);
   std::vector<float> w(N * K), x(M * K);
   for (float& v : w) v = dist(rng);
   for (float& v : x) v = dist(rng);
   std::vector<int8_t> q8(N * K);
   std::vector<uint8_t> q4(N * K / 2);
-  std::vector<float> s8(N * K / 32), s4(N * K / 32);
+  std::vector<uint16_t> s8(N * K / 32), s4(N * K / 32);  // fp16 bits
   quantize_int8_blocks(w.data(), N, K, q8.data(), s8.data());
   quantize_int4_blocks(w.data(), N, K, q4.data(), s4.data());
-  // Dequantized references.
   std::vector<double> ref32(M * N), ref8(M * N), ref4(M * N);
   for (int m = 0; m < M; ++m) {
     for (int n = 0; n < N; ++n) {
       double a = 0, b = 0, c = 0;
       for (int k = 0; k < K; ++k) {
-        int blk = n * (K / 32) + k / 32, j = k % 32;
-        uint8_t byte = q4[(n * K + (k - j)) / 2 + (j % 16)];
-        int v4 = (j < 16 ? (byte & 0xF) : (byte >> 4)) - 8;
+        int blk = n * (K / 32) + k / 32;
         a += double(w[n * K + k]) * x[m * K + k];
-        b += double(q8[n * K + k]) * s8[blk] * x[m * K + k];
-        c += double(v4) * s4[blk] * x[m * K + k];
+        b += double(q8[n * K + k]) * f16_to_f32(s8[blk]) * x[m * K + k];
+        c += double(nibble(q4, N, K, n, k)) * f16_to_f32(s4[blk]) * x[m * K + k];
       }
       ref32[m * N + n] = a; ref8[m * N + n] = b; ref4[m * N + n] = c;
     }
   }
-  // int4 reconstruction error is bounded by half a step per weight.
+  // Reconstruction error is at most half a step of the stored (fp16) scale: the weights were quantized with
+  // the rounded scale, not with amax / qmax.
   for (int n = 0; n < N; ++n) {
     for (int k = 0; k < K; ++k) {
-      int blk = n * (K / 32) + k / 32, j = k % 32;
-      uint8_t byte = q4[(n * K + (k - j)) / 2 + (j % 16)];
-      int v4 = (j < 16 ? (byte & 0xF) : (byte >> 4)) - 8;
-      CHECK(std::fabs(v4 * s4[blk] - w[n * K + k]) <= 0.5f * s4[blk] + 1e-6f);
+      float s = f16_to_f32(s4[n * (K / 32) + k / 32]), t = f16_to_f32(s8[n * (K / 32) + k / 32]);
+      CHECK(std::fabs(nibble(q4, N, K, n, k) * s - w[n * K + k]) <= 0.5f * s + 1e-6f);
+      CHECK(std::fabs(q8[n * K + k] * t - w[n * K + k]) <= 0.5f * t + 1e-6f);
     }
   }
-  ThreadPool pool(3);
+  ThreadPool pool(3), single(1);
+  std::vector<float> scalar8, scalar4;
   for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
     if (isa > detected_isa()) continue;
     set_isa(isa);
+    std::fprintf(stderr, "N=%d K=%d M=%d isa=%s\n", N, K, M, isa_name(isa));
     Linear l32, l8, l4;
     l32.out_features = l8.out_features = l4.out_features = N;
     l32.in_features = l8.in_features = l4.in_features = K;
@@ -66,10 +73,54 @@ int main() {
     CHECK(max_rel_err(y32, ref32) < 1e-5);
     CHECK(max_rel_err(y8, ref8) < 2e-2);  // activations are quantized to int8 per block of 32
     CHECK(max_rel_err(y4, ref4) < 2e-2);
-    std::vector<float> g1(N);
-    matmul(l8, x.data(), 1, g1.data(), pool);  // GEMV equals the first GEMM row
-    for (int n = 0; n < N; ++n) CHECK(g1[n] == y8[n]);
+    if (isa == Isa::kScalar) {
+      scalar8 = y8;
+      scalar4 = y4;
+    } else {  // the integer dot products are exact, so the ISAs differ only by float summation order
+      for (int i = 0; i < M * N; ++i) {
+        CHECK(std::fabs(y8[i] - scalar8[i]) <= 1e-4f * (1.f + std::fabs(scalar8[i])));
+        CHECK(std::fabs(y4[i] - scalar4[i]) <= 1e-4f * (1.f + std::fabs(scalar4[i])));
+      }
+    }
+    for (int m = 0; m < M; ++m) {  // each token alone, on one thread, equals its row of the batched GEMM
+      std::vector<float> g8(N), g4(N);
+      matmul(l8, x.data() + m * K, 1, g8.data(), single);
+      matmul(l4, x.data() + m * K, 1, g4.data(), m % 2 ? single : pool);
+      for (int n = 0; n < N; ++n) CHECK(g8[n] == y8[m * N + n] && g4[n] == y4[m * N + n]);
+    }
+    std::vector<float> ax(37), ay(37, 1.f);
+    for (int i = 0; i < 37; ++i) ax[i] = float(i);
+    axpy_f32(0.5f, ax.data(), ay.data(), 37);
+    for (int i = 0; i < 37; ++i) CHECK(ay[i] == 1.f + 0.5f * float(i));
   }
   set_isa(detected_isa());
+}
+
+// The half conversions: exact widening, round-to-nearest-even narrowing, subnormals, and the quantizers'
+// scale for an all-zero block (1, never 0).
+static void check_f16() {
+  CHECK(f32_to_f16(1.f) == 0x3C00 && f16_to_f32(0x3C00) == 1.f);
+  CHECK(f32_to_f16(-2.f) == 0xC000 && f32_to_f16(65504.f) == 0x7BFF);
+  CHECK(f32_to_f16(1.f + std::ldexp(1.f, -11)) == 0x3C00);      // a tie rounds to the even neighbour
+  CHECK(f32_to_f16(1.f + 3 * std::ldexp(1.f, -11)) == 0x3C02);  // ... in both directions
+  CHECK(f16_to_f32(0x0001) == std::ldexp(1.f, -24));             // smallest subnormal
+  for (uint32_t h = 0; h < 0x7C00; ++h) CHECK(f32_to_f16(f16_to_f32(static_cast<uint16_t>(h))) == h);
+  std::vector<float> zeros(64, 0.f);
+  std::vector<int8_t> q8(64, 1);
+  std::vector<uint8_t> q4(32, 0);
+  std::vector<uint16_t> s(2);
+  quantize_int8_blocks(zeros.data(), 1, 64, q8.data(), s.data());
+  CHECK(s[0] == 0x3C00 && s[1] == 0x3C00 && q8[0] == 0 && q8[63] == 0);
+  quantize_int4_blocks(zeros.data(), 1, 64, q4.data(), s.data());
+  CHECK(s[0] == 0x3C00 && q4[0] == 0x88);
+}
+
+int main() {
+  check_f16();
+  check_shape(72, 96, 5);   // 3 blocks: one pair and a lone block
+  check_shape(70, 128, 3);  // 4 blocks; 70 rows leave a tail of 2 under 4-row tiles
+  check_shape(9, 32, 2);    // one block, fewer rows than threads x tiles
+  check_shape(6, 544, 2);   // 17 blocks (8 pairs and a lone one), as SmolLM2's 576 columns make 9 pairs
+  check_shape(5, 1024, 2);  // 32 blocks
   return 0;
 }

@@ -1,7 +1,8 @@
 // Native CPU kernels: fp32, int8 and int4 matmuls (GEMV when M == 1, a row-blocked GEMM otherwise) with
 // runtime ISA dispatch (scalar, AVX2+FMA, AVX-512 VNNI), plus the small vector ops of the forward pass.
 //
-// Quantized weights use blocks of 32 input columns with one float32 scale per (row, block):
+// Quantized weights use blocks of 32 input columns with one IEEE fp16 scale per (row, block), as llama.cpp's
+// Q8_0 / Q4_0 store them (decode reads every weight byte once per token, so 2 bytes of scale per block count):
 //   int8: q (out, in) int8 in [-127, 127];
 //   int4: (out, in / 2) uint8, block b of row o holds 16 bytes; byte j's low nibble is column 32b + j,
 //         its high nibble column 32b + 16 + j, both stored as q + 8 with q in [-8, 7].
@@ -28,7 +29,7 @@ struct Linear {
   const float* f32 = nullptr;      // (out, in)
   const int8_t* q8 = nullptr;      // (out, in)
   const uint8_t* q4 = nullptr;     // (out, in / 2)
-  const float* scales = nullptr;   // (out, in / 32)
+  const uint16_t* scales = nullptr;  // (out, in / 32) IEEE fp16 bits
   std::vector<uint8_t> owned;      // backing store when the weights were converted at load time
   size_t weight_bytes() const;
 };
@@ -49,8 +50,13 @@ void matmul(const Linear& w, const float* x, int M, float* y, ThreadPool& pool);
 float dot_f32(const float* a, const float* b, int n);
 void axpy_f32(float a, const float* x, float* y, int n);  // y += a * x
 
-// Quantize (out, in) float weights to the block formats above (used by tests and load-time conversion).
-void quantize_int8_blocks(const float* w, int out, int in, int8_t* q, float* scales);
-void quantize_int4_blocks(const float* w, int out, int in, uint8_t* q, float* scales);
+// IEEE half <-> float. f32_to_f16 rounds to nearest even (as torch's .half() does); f16_to_f32 is exact.
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_f16(float f);
+
+// Quantize (out, in) float weights to the block formats above (used by tests). Each block's scale is rounded
+// to fp16 first and the weights are quantized with that rounded scale, so the stored scale is the one used.
+void quantize_int8_blocks(const float* w, int out, int in, int8_t* q, uint16_t* scales);
+void quantize_int4_blocks(const float* w, int out, int in, uint8_t* q, uint16_t* scales);
 
 }  // namespace optforge_rt

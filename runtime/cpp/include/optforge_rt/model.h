@@ -60,6 +60,7 @@ class Model {
   std::vector<LayerWeights> layers_;
   int block_size_;
   int num_kv_blocks_;
+  int pack_version_ = 0;  // pack.cpu engine format (0: not a packed engine)
   std::vector<std::vector<float>> k_cache_, v_cache_;  // per layer (num_blocks, block_size, kv_heads, head_dim)
   std::vector<float> inv_freq_;
 };
