@@ -37,8 +37,11 @@ void own_f16_scales(Linear& w, const float* src, int out, int nb, bool per_chann
   w.owned.resize(static_cast<size_t>(out) * nb * sizeof(uint16_t));
   uint16_t* dst = reinterpret_cast<uint16_t*>(w.owned.data());
   for (int o = 0; o < out; ++o) {
-    for (int b = 0; b < nb; ++b) dst[static_cast<size_t>(o) * nb + b] = f32_to_f16(per_channel ? src[o] : src[static_cast<size_t>(o) * nb + b]);
-    if (!std::isfinite(f16_to_f32(dst[static_cast<size_t>(o) * nb]))) throw ArtifactError("a weight scale overflows fp16 (> 65504); run the `pack.cpu` pass");
+    for (int b = 0; b < nb; ++b) {
+      uint16_t& h = dst[static_cast<size_t>(o) * nb + b];
+      h = f32_to_f16(per_channel ? src[o] : src[static_cast<size_t>(o) * nb + b]);
+      if (!std::isfinite(f16_to_f32(h))) throw ArtifactError("a weight scale overflows fp16 (> 65504); run the `pack.cpu` pass");
+    }
   }
   w.scales = dst;
 }
