@@ -3,8 +3,8 @@
 1. Each projection of a layer and the LM head: cuBLAS (`F.linear`) against `fused_decode.gemv` with its
    prologue, each config of the gemv timed on its own, in us and GB/s of weight reads (CUDA graphs of 50
    calls, so launch gaps between graph nodes are included as they are in the decode graph).
-2. The whole decode step: GPU time of the batch-1 CUDA graph with the fused path (5 launches per layer) and
-   without it (the layer kernels of `_forward_fused`), and a kernel-by-kernel profile of the fused step.
+2. The whole decode step: GPU time of the batch-1 CUDA graph with the fused path (6 launches per layer), the
+   same without programmatic dependent launch, and without the fused path (the layer kernels of `_forward_fused`), and a kernel-by-kernel profile of the fused step.
 Usage (GPU machine): python benchmarks/decode_kernels_gpu.py
 """
 
@@ -68,13 +68,14 @@ def projections() -> None:
         mb = n * k * 2 / 1e6
         cublas = graph_us(lambda: F.linear(x[:, :k], w))
         timings = []
+        pdl = fd.pdl_enabled(x.device)
         for cfg in fd._GEMV_CONFIGS:
             bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
 
             def run(bn=bn, bk=bk, cfg=cfg):
                 fd._gemv_kernel.fn[(triton.cdiv(n, bn),)](
                     x, w, y, norm, y, y, n, k, w.stride(0), 1e-5, PROLOGUE=pro, RESIDUAL=False, HAS_SCALE=False,
-                    BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    USE_PDL=pdl, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
             timings.append((graph_us(run), f"{bn}x{bk} w{cfg.num_warps} s{cfg.num_stages}"))
         best, label = min(timings)
         tuned = graph_us(lambda: fd.gemv(x, w, prologue=pro, norm_weight=norm))
@@ -82,9 +83,14 @@ def projections() -> None:
 
 
 def decode_step(model) -> None:
+    fd.USE_PDL = False  # the same graph without programmatic dependent launch, for the comparison below
+    engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
+    no_pdl_ms = replay_us(engine.runner.graphs[1][0]) / 1e3
+    del engine
+    fd.USE_PDL = None
     engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
     runner = engine.runner
-    print("fused decode path active:", runner.decode_weights is not None)
+    print("fused decode path active:", runner.decode_weights is not None, "| PDL:", fd.pdl_enabled(runner.device))
     graph = runner.graphs[1][0]
     fused_ms = replay_us(graph) / 1e3
     s = runner.static
@@ -102,7 +108,8 @@ def decode_step(model) -> None:
     with torch.cuda.graph(g2):
         unfused()
     unfused_ms = replay_us(g2) / 1e3
-    print(f"batch-1 decode graph GPU time: fused {fused_ms:.3f} ms, unfused {unfused_ms:.3f} ms (static ids {s['ids'][:1].tolist()})")
+    print(f"batch-1 decode graph GPU time: fused {fused_ms:.3f} ms, fused without PDL {no_pdl_ms:.3f} ms, "
+          f"unfused {unfused_ms:.3f} ms (static input token {s['tokens'][s['src'][0]].item()})")
 
 
 def main() -> None:

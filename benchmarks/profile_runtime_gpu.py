@@ -1,6 +1,6 @@
 """Where the runtime's time goes on the GPU: host profile of batch-1 decode, GPU time of one decode graph,
 and per-step wall time by step kind for the 256 x 128/128 throughput workload (Llama-3.2-1B shape, bf16).
-Usage (GPU machine): python benchmarks/profile_runtime_gpu.py
+Usage (GPU machine): python benchmarks/profile_runtime_gpu.py [--batch1-only]
 """
 
 from __future__ import annotations
@@ -39,7 +39,13 @@ def batch1(model) -> None:
     for _ in range(200):
         graph.replay()
     torch.cuda.synchronize()
-    print(f"GPU time of one batch-1 decode graph: {(time.perf_counter() - start) / 200 * 1e3:.3f} ms")
+    print(f"GPU time of one batch-1 decode graph: {(time.perf_counter() - start) / 200 * 1e3:.3f} ms "
+          f"(context {int(engine.runner.static['lens'][0])}, as the last step left it)")
+    body = engine.runner._graph_body(1)  # the same kernels outside the graph, at that context: GPU time per kernel
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        body()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=50))
 
 
 def throughput(model) -> None:
@@ -76,7 +82,8 @@ def throughput(model) -> None:
 def main() -> None:
     model = build(SHAPES["Llama-3.2-1B"])
     batch1(model)
-    throughput(model)
+    if "--batch1-only" not in sys.argv:
+        throughput(model)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,11 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Whether `allocate(seq, num_new_tokens)` would find enough free blocks."""
+        return self.num_blocks_needed(seq, num_new_tokens) <= len(self.free_block_ids)
+
+    def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Free blocks that `allocate(seq, num_new_tokens)` would take (new blocks, a copy-on-write target, and
+        cached blocks it would revive from the free list)."""
         table, num_computed, extra_refs, num_revived = seq.block_table, seq.num_computed_tokens, 0, 0
         if not table:
             table = hits = self.prefix_hits(seq)
@@ -102,7 +107,7 @@ class BlockManager:
         cow_index = num_computed // self.block_size
         if cow_index < len(table) and not self._is_writable(table[cow_index], extra_refs):
             num_needed += 1
-        return num_needed + num_revived <= len(self.free_block_ids)
+        return num_needed + num_revived
 
     # ---- actions -------------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:

@@ -2,6 +2,17 @@
 
 `step()` reads as: schedule, run, postprocess. Stop strings are checked on the detokenized output here
 (the scheduler only knows token ids); a request that hits one is finished and its blocks freed at once.
+
+Overlapped decode (`async_scheduling`): when a step only decodes, every request in it takes the argmax of
+the raw logits and no request waits, the step is launched instead of run, and each following `step()`
+launches the next decode step before reading the previous one's tokens. The next step's input tokens go
+from the GPU's argmax straight into its inputs (`ModelRunner.launch`), so the GPU does not idle while the
+host reads tokens back, checks stops and schedules. The next step is built as the scheduler would build it:
+the same sequences minus those that reach max_tokens, with one more block where one fills up. A sequence
+that stops on a token or a stop string is finished when its token is read; the row computed for it in the
+step already launched is dropped (its KV write lands in a position past its end, in a block that is not in
+the prefix cache). Waiting requests, sampling, penalties, logprobs or too few free blocks end the overlap:
+the engine then collects and goes back to scheduling step by step.
 """
 
 from __future__ import annotations
@@ -13,7 +24,8 @@ from pathlib import Path
 
 from optforge.errors import UserInputError
 from optforge.runtime.block_manager import BlockManager
-from optforge.runtime.scheduler import Scheduler, SchedulerConfig
+from optforge.runtime.sampler import takes_raw_argmax
+from optforge.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from optforge.runtime.sequence import SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
@@ -32,6 +44,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     use_cuda_graphs: bool = True
+    async_scheduling: bool = True  # greedy decode steps: launch the next step before this one's tokens are read
     backend: str = "torch"  # torch (ModelRunner) | cpp (the C++ runtime's kernels and KV cache, CPU, fp32 KV)
     num_threads: int = 0  # cpp backend: CPU threads (0: all cores)
 
@@ -68,6 +81,8 @@ class Engine:
         self.eos_token_ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.num_overlapped_steps = 0  # steps launched before the previous step's tokens were read
+        self._inflight: tuple[ScheduledBatch, object] | None = None  # a launched step whose tokens are not read yet
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> Sequence:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -85,6 +100,7 @@ class Engine:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
+            self._settle_inflight()
 
     @property
     def has_unfinished(self) -> bool:
@@ -92,9 +108,14 @@ class Engine:
 
     def step(self) -> list[tuple[Sequence, int]]:
         """Schedule, run, postprocess. Returns (sequence, new token) for each token produced this step."""
+        if self._inflight is not None:
+            return self._step_overlapped()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        if self._overlappable(batch):
+            self._inflight = (batch, self.runner.launch(batch, [None] * len(batch)))
+            return self._step_overlapped()
         sampled = self.runner.run(batch)
         self.scheduler.postprocess(batch, sampled)
         self.num_steps += 1
@@ -102,11 +123,69 @@ class Engine:
         for seq in batch.seqs:
             if seq.seq_id in sampled:
                 produced.append((seq, sampled[seq.seq_id]))
-                if not seq.is_finished and seq.params.stop and self._stop_string_hit(seq):
-                    self.scheduler.finish(seq, "stop")
+                self._check_stop_string(seq)
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
         return produced
+
+    # ---- overlapped decode (see the module docstring) -----------------------------------------------------
+    def _overlappable(self, batch: ScheduledBatch) -> bool:
+        return (self.config.async_scheduling and hasattr(self.runner, "launch") and not self.scheduler.waiting
+                and self.runner.can_launch(batch) and all(takes_raw_argmax(seq.params) for seq in batch.seqs))
+
+    def _step_overlapped(self) -> list[tuple[Sequence, int]]:
+        batch, launched = self._inflight
+        self._inflight = None
+        live = [seq for seq in batch.seqs if not seq.is_finished]  # aborted since the launch: their row is dropped
+        for seq in live:  # the launched step computes each row's KV: commit it as postprocess would
+            seq.num_computed_tokens += 1
+            self.block_manager.commit(seq)
+        following = self._next_decode(live)
+        if following is not None:
+            rows = {seq.seq_id: r for r, seq in enumerate(batch.seqs)}
+            self._inflight = (following, self.runner.launch(following, [rows[seq.seq_id] for seq in following.seqs]))
+            self.num_overlapped_steps += 1
+        tokens = self.runner.collect(launched)
+        self.num_steps += 1
+        produced = []
+        for seq, token in zip(batch.seqs, tokens):
+            if seq.is_finished:
+                continue
+            seq.token_ids.append(token)
+            produced.append((seq, token))
+            reason = self.scheduler.stop_reason(seq)
+            if reason:
+                self.scheduler.finish(seq, reason)
+            else:
+                self._check_stop_string(seq)
+            if seq.is_finished:
+                self.requests.pop(seq.request_id, None)
+        self._settle_inflight()
+        return produced
+
+    def _settle_inflight(self) -> None:
+        """Read (and drop) a launched step whose every request has finished since: no launch is left unread,
+        so the runner's host buffers are never refilled while a copy from them may still be queued."""
+        if self._inflight is not None and all(seq.is_finished for seq in self._inflight[0].seqs):
+            self.runner.collect(self._inflight[1])
+            self._inflight = None
+
+    def _next_decode(self, live: list[Sequence]) -> ScheduledBatch | None:
+        """The decode step after the launched one, built before its tokens are known; None where the scheduler
+        could decide otherwise (a request waits) or where there is nothing certain to run."""
+        if not live or self.scheduler.waiting or not self.config.async_scheduling:
+            return None
+        seqs = [seq for seq in live if seq.num_output_tokens + 1 < seq.params.max_tokens]  # the rest end at "length"
+        if not seqs or sum(self.block_manager.num_blocks_needed(seq, 1) for seq in seqs) > self.block_manager.num_free_blocks:
+            return None
+        batch = ScheduledBatch()
+        for seq in seqs:
+            batch.add(seq, 1, self.block_manager.allocate(seq, 1))
+        return batch
+
+    def _check_stop_string(self, seq: Sequence) -> None:
+        if not seq.is_finished and seq.params.stop and self._stop_string_hit(seq):
+            self.scheduler.finish(seq, "stop")
 
     def _stop_string_hit(self, seq: Sequence) -> bool:
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)

@@ -15,6 +15,7 @@ in CUDA graphs for the decode batch sizes in `graph_batch_sizes`.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,16 @@ log = logging.getLogger(__name__)
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class Launched:
+    """A decode step started by `ModelRunner.launch`: its greedy tokens, on the host once `event` completes
+    (a pinned buffer that the copy fills), or a list already there (no event)."""
+
+    num_rows: int
+    tokens: torch.Tensor | list[int]
+    event: torch.cuda.Event | None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +99,7 @@ class ModelRunner:
         self.decode_weights = self._decode_weights() if self.fused is not None else None
         self.sampler = Sampler()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # size -> graph, logits, argmax
+        self._last_launch: list[int] = []  # tokens of the last `launch` without graphs
         self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b <= max_num_seqs]
         if self.use_triton and use_cuda_graphs:
             self._capture_graphs()
@@ -156,8 +168,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[int, int]:
         """Run one scheduled step; returns {seq_id: sampled token} for sequences whose chunk ended their tokens."""
-        for src, dst in batch.block_copies:
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        self._copy_blocks(batch)
         ids, positions, slots, sample_rows = [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
@@ -169,21 +180,70 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
         sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         greedy = None
-        if batch.is_decode_only and len(batch) <= (self.graph_batch_sizes[-1] if self.graphs else 0):
-            logits, greedy = self._replay(batch, ids, positions, slots)
+        if batch.is_decode_only and self._graph_size(len(batch)):
+            logits, greedy = self._replay(batch, [self.largest + r for r in range(len(batch))], ids)
         else:
-            as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-            input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
-            if self.use_triton and batch.is_decode_only:
-                attend = self._decode_attention(*self._decode_metadata(batch.seqs))
-            else:
-                attend = self._gathered_attention(batch)
-            hidden = self.forward(input_ids, pos_t, slot_t, attend)
-            logits = self.model.lm_head(hidden[as_tensor(sample_rows)]) if sample_rows else None
+            logits = self._forward_eager(batch, ids, positions, slots, sample_rows)
         if not sampled_seqs:
             return {}
         tokens = self.sampler(logits, sampled_seqs, greedy)
         return {seq.seq_id: token for seq, token in zip(sampled_seqs, tokens)}
+
+    # ---- overlapped decode: launch a step before the previous one's tokens reach the host ----------------
+    def can_launch(self, batch: ScheduledBatch) -> bool:
+        """Whether `launch` takes this batch: decode rows only, and within the largest CUDA graph where graphs run."""
+        return batch.is_decode_only and (not self.graphs or self._graph_size(len(batch)) is not None)
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, src_rows: list[int | None]) -> "Launched":
+        """Start a decode step whose tokens are picked greedily (argmax of the raw logits); `collect` returns them.
+
+        Row i's input token is `src_rows[i]`'s token of the previous launch where that is set (that token may
+        not have reached the host yet: on CUDA the graph reads it on the device), else the sequence's token at
+        `num_computed_tokens`. Each row attends to its `num_computed_tokens + 1` positions. On CUDA nothing
+        waits for the GPU here; elsewhere the step runs now."""
+        self._copy_blocks(batch)
+        if self._graph_size(len(batch)):
+            host_ids = [0 if r is not None else seq.token_ids[seq.num_computed_tokens] for seq, r in zip(batch.seqs, src_rows)]
+            src = [r if r is not None else self.largest + i for i, r in enumerate(src_rows)]
+            _, greedy = self._replay(batch, src, host_ids)
+            out, event = self.host["tokens"][self._launches % 2], self._events[self._launches % 2]
+            out[: len(batch)].copy_(greedy, non_blocking=True)
+            event.record()
+            return Launched(len(batch), out, event)
+        ids = [self._last_launch[r] if r is not None else seq.token_ids[seq.num_computed_tokens] for seq, r in zip(batch.seqs, src_rows)]
+        positions = [seq.num_computed_tokens for seq in batch.seqs]
+        slots = [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size for seq, p in zip(batch.seqs, positions)]
+        logits = self._forward_eager(batch, ids, positions, slots, list(range(len(batch))))
+        self._last_launch = logits.argmax(-1).tolist()
+        return Launched(len(batch), self._last_launch, None)
+
+    @staticmethod
+    def collect(launched: "Launched") -> list[int]:
+        """The tokens of a `launch`, one per row; waits for that step (and only it) to finish."""
+        if launched.event is not None:
+            launched.event.synchronize()
+            return launched.tokens[: launched.num_rows].tolist()
+        return launched.tokens
+
+    def _copy_blocks(self, batch: ScheduledBatch) -> None:
+        for src, dst in batch.block_copies:
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def _graph_size(self, n: int) -> int | None:
+        """The smallest captured graph batch size >= n, or None."""
+        return next((b for b in self.graph_batch_sizes if b >= n), None) if self.graphs else None
+
+    def _forward_eager(self, batch: ScheduledBatch, ids, positions, slots, sample_rows) -> torch.Tensor | None:
+        """Logits (len(sample_rows), vocab) of one step without CUDA graphs."""
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
+        if self.use_triton and batch.is_decode_only:
+            attend = self._decode_attention(*self._decode_metadata(batch.seqs))
+        else:
+            attend = self._gathered_attention(batch)
+        hidden = self.forward(input_ids, pos_t, slot_t, attend)
+        return self.model.lm_head(hidden[as_tensor(sample_rows)]) if sample_rows else None
 
     # ---- attention ----------------------------------------------------------------------------------
     def _gathered_attention(self, batch: ScheduledBatch):
@@ -250,11 +310,12 @@ class ModelRunner:
         return attend
 
     def _decode_metadata(self, seqs, context_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables padded with the scratch block, and context lengths (default: each whole sequence)."""
+        """Block tables padded with the scratch block, and context lengths (default: each sequence's computed
+        tokens plus the one this decode step adds)."""
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [self.num_blocks] * (width - len(s.block_table)) for s in seqs]
         block_tables = torch.tensor(tables, dtype=torch.int32, device=self.device)
-        context_lens = torch.tensor(context_lens or [len(s) for s in seqs], dtype=torch.int32, device=self.device)
+        context_lens = torch.tensor(context_lens or [s.num_computed_tokens + 1 for s in seqs], dtype=torch.int32, device=self.device)
         return block_tables, context_lens
 
     def _decode_attention(self, block_tables: torch.Tensor, context_lens: torch.Tensor):
@@ -312,20 +373,30 @@ class ModelRunner:
 
     # ---- CUDA graphs for decode ---------------------------------------------------------------------
     def _capture_graphs(self) -> None:
-        largest = self.graph_batch_sizes[-1]
+        largest = self.largest = self.graph_batch_sizes[-1]
         dev, scratch = self.device, self.num_blocks
-        # ids, positions, slots and context lengths of a graph's rows live in one int64 buffer, refreshed by one
-        # copy per step from a pinned host mirror; block tables only when they changed
-        meta = torch.zeros(4, largest, dtype=torch.long, device=dev)
-        self.static = {"meta": meta, "ids": meta[0], "pos": meta[1], "slots": meta[2], "lens": meta[3],
-                       "tables": torch.full((largest, self.max_blocks_per_seq), scratch, dtype=torch.int32, device=dev)}
-        self.host = {"meta": torch.zeros(4, largest, dtype=torch.long).pin_memory(),
-                     "tables": torch.full((largest, self.max_blocks_per_seq), scratch, dtype=torch.int32).pin_memory()}
+        # One int64 buffer holds a graph's inputs: row 0 the argmax tokens of the last replay (written by the
+        # graph), rows 1-5 host ids, positions, slots, context lengths and sources, refreshed by one copy per
+        # step from a pinned host mirror (block tables only when they change). Row r's input token is
+        # buf[:2].flatten()[src[r]]: its host id (largest + r), or a token of the previous replay that never
+        # went to the host (`launch`). Host mirrors come in pairs: a step fills one while the copy from the
+        # other may still be queued behind the step before.
+        buf = torch.zeros(6, largest, dtype=torch.long, device=dev)
+        self.static = {"buf": buf, "greedy": buf[0], "tokens": buf[:2].view(-1), "pos": buf[2], "slots": buf[3], "lens": buf[4],
+                       "src": buf[5], "tables": torch.full((largest, self.max_blocks_per_seq), scratch, dtype=torch.int32, device=dev)}
+        self.host = {"meta": torch.zeros(2, 5, largest, dtype=torch.long).pin_memory(),
+                     "tables": torch.full((2, largest, self.max_blocks_per_seq), scratch, dtype=torch.int32).pin_memory(),
+                     "tokens": torch.zeros(2, largest, dtype=torch.long).pin_memory()}
         self.host["meta_np"], self.host["tables_np"] = self.host["meta"].numpy(), self.host["tables"].numpy()
-        self.host["pad_column"] = torch.tensor([[0], [0], [scratch * self.block_size], [1]]).numpy()
+        self.host["pad"] = torch.tensor([[0], [0], [scratch * self.block_size], [1], [0]]).numpy()  # src set per row
+        self.host["src"] = torch.arange(largest, 2 * largest).numpy()
+        self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        self._launches = 0
         self._tables_shown: dict[int, list] = {}  # graph size -> the block-table rows last copied for it
         pool = None
         with torch.inference_mode():
+            s = self.static
+            s["src"].copy_(torch.arange(largest, 2 * largest))
             for size in reversed(self.graph_batch_sizes):
                 body = self._graph_body(size)
                 body()  # warm up: compiles the Triton kernels, picks the cuBLAS algorithms
@@ -333,9 +404,9 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = body()
-                    greedy = logits.argmax(-1)
+                    torch.argmax(logits, -1, out=s["greedy"][:size])
                 pool = graph.pool()
-                self.graphs[size] = (graph, logits, greedy)
+                self.graphs[size] = (graph, logits, s["greedy"][:size])
 
     def _forward_decode_fused(self, ids, positions, slots, block_tables, context_lens) -> torch.Tensor:
         """Logits (1, vocab) of one decode token: embedding, then per layer RMSNorm+q|k|v, rotary+KV write+attention,
@@ -357,28 +428,39 @@ class ModelRunner:
 
     def _graph_body(self, size: int):
         s = self.static
-        if size == 1 and self.decode_weights is not None:
-            return lambda: self._forward_decode_fused(s["ids"][:1], s["pos"][:1], s["slots"][:1], s["tables"][:1], s["lens"][:1])
-        attend = self._decode_attention(s["tables"][:size], s["lens"][:size])
-        return lambda: self.model.lm_head(self.forward(s["ids"][:size], s["pos"][:size], s["slots"][:size], attend))
 
-    def _replay(self, batch: ScheduledBatch, ids, positions, slots) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (n, vocab) and their argmax (n,) from the graph of the smallest captured size >= n."""
+        def body():
+            ids = s["tokens"].index_select(0, s["src"][:size])
+            if size == 1 and self.decode_weights is not None:
+                return self._forward_decode_fused(ids, s["pos"][:1], s["slots"][:1], s["tables"][:1], s["lens"][:1])
+            attend = self._decode_attention(s["tables"][:size], s["lens"][:size])
+            return self.model.lm_head(self.forward(ids, s["pos"][:size], s["slots"][:size], attend))
+
+        return body
+
+    def _replay(self, batch: ScheduledBatch, src: list[int], host_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph of the smallest captured size >= len(batch) for a decode step; row r reads its input
+        token at `src[r]` (see `_capture_graphs`), `host_ids[r]` where that is its host id, and attends to its
+        `num_computed_tokens + 1` positions. Returns logits (n, vocab) and their argmax (n,), on the device."""
         n = len(batch)
-        size = next(b for b in self.graph_batch_sizes if b >= n)
-        s, host, scratch = self.static, self.host, self.num_blocks
-        meta = host["meta_np"]
-        meta[:, :size] = host["pad_column"]  # padded rows: token 0 at position 0 in the scratch block
-        meta[0, :n], meta[1, :n], meta[2, :n] = ids, positions, slots
-        meta[3, :n] = [len(q) for q in batch.seqs]
-        s["meta"].copy_(host["meta"], non_blocking=True)
+        size = self._graph_size(n)
+        s, host, scratch, j = self.static, self.host, self.num_blocks, self._launches % 2
+        self._launches += 1
+        meta = host["meta_np"][j]
+        meta[:, :size] = host["pad"]  # padded rows: token 0 at position 0 in the scratch block
+        meta[4, :size] = host["src"][:size]
+        positions = [q.num_computed_tokens for q in batch.seqs]
+        meta[0, :n], meta[1, :n], meta[4, :n] = host_ids, positions, src
+        meta[2, :n] = [q.block_table[p // self.block_size] * self.block_size + p % self.block_size for q, p in zip(batch.seqs, positions)]
+        meta[3, :n] = [p + 1 for p in positions]
+        s["buf"][1:].copy_(host["meta"][j], non_blocking=True)
         rows = [q.block_table for q in batch.seqs]
         if self._tables_shown.get(size) != rows:  # stale entries past a row's context length are never read
-            tables = host["tables_np"]
+            tables = host["tables_np"][j]
             for r, table in enumerate(rows):
                 tables[r, : len(table)] = table
             tables[n:size] = scratch
-            s["tables"][:size].copy_(host["tables"][:size], non_blocking=True)
+            s["tables"][:size].copy_(host["tables"][j, :size], non_blocking=True)
             self._tables_shown = {size: [list(t) for t in rows]}
         graph, logits, greedy = self.graphs[size]
         graph.replay()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from optforge.runtime.sequence import Sequence
+from optforge.runtime.sequence import SamplingParams, Sequence
 
 
 def _seeded_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
@@ -58,11 +58,16 @@ def _logprobs(raw: torch.Tensor, token: int, top_n: int) -> dict:
     }
 
 
+def takes_raw_argmax(params: SamplingParams) -> bool:
+    """Whether a request's next token is the argmax of the raw logits: greedy, no penalty, no logprobs."""
+    return params.is_greedy and params.repetition_penalty == 1.0 and params.logprobs is None
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None) -> list[int]:
         """logits (B, V) for `seqs` in order -> one token id per sequence; records logprobs on the sequence.
         `argmax` (B,), where the caller has it already (a CUDA graph computes it), saves a launch for greedy rows."""
-        if all(s.params.is_greedy and s.params.logprobs is None for s in seqs):
+        if all(takes_raw_argmax(s.params) for s in seqs):
             return (argmax if argmax is not None else logits.argmax(-1)).tolist()
         tokens = []
         for row, seq in zip(logits.float(), seqs):

@@ -28,6 +28,10 @@ import triton.testing
 import triton.language as tl
 
 PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
+# Programmatic dependent launch (Hopper and newer): each kernel of the step may start while the one before it
+# drains, reads what does not depend on it (weights), and waits (griddepcontrol.wait) before touching its
+# outputs. None: on where the GPU supports it; the benchmarks set False to measure without.
+USE_PDL: bool | None = None
 _PRO_RMSNORM, _PRO_SILU_MUL = tl.constexpr(1), tl.constexpr(2)
 
 _GEMV_CONFIGS = [
@@ -45,31 +49,44 @@ def _bench_in_graph(fn, quantiles=None):
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 
-@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "PROLOGUE", "RESIDUAL", "HAS_SCALE"], restore_value=["res_ptr"], do_bench=_bench_in_graph)
+@triton.jit
+def _gemv_input(x_ptr, norm_ptr, k0, rk, K, dtype, PROLOGUE: tl.constexpr):
+    """x[k0 : k0 + BLOCK_K] as the projection sees it (fp32), and its squares for the RMSNorm prologue."""
+    k_mask = k0 + rk < K
+    if PROLOGUE == _PRO_SILU_MUL:  # x is [gate | up], each K wide, as silu_mul
+        gate = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+        return (gate / (1.0 + tl.exp(-gate)) * up).to(dtype).to(tl.float32), tl.zeros_like(gate)
+    xv = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+    if PROLOGUE == _PRO_RMSNORM:  # W (x * w_norm), scaled by 1 / rms(x) after the sum: one pass over x
+        return xv * tl.load(norm_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32), xv * xv
+    return xv, tl.zeros_like(xv)
+
+
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "PROLOGUE", "RESIDUAL", "HAS_SCALE", "USE_PDL"], restore_value=["res_ptr"], do_bench=_bench_in_graph)
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, norm_ptr, res_ptr, y_ptr, N, K, stride_wn, eps,
-    PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     dtype = y_ptr.dtype.element_ty
-    sq = tl.zeros([BLOCK_K], tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # the first weight tile is read before waiting on the previous kernel (weights are never written in a
+    # step); with programmatic dependent launch that read overlaps the previous kernel's last programs
+    w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # x, the residual and the norm input are the previous kernels' outputs
+        tl.extra.cuda.gdc_launch_dependents()
+    xv, sq = _gemv_input(x_ptr, norm_ptr, 0, rk, K, dtype, PROLOGUE)
+    acc = w * xv[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        xv, sq_k = _gemv_input(x_ptr, norm_ptr, k0, rk, K, dtype, PROLOGUE)
+        sq += sq_k
         k_mask = k0 + rk < K
-        if PROLOGUE == _PRO_RMSNORM:  # W (x * w_norm), scaled by 1 / rms(x) after the sum: one pass over x
-            xv = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
-            sq += xv * xv
-            xv = xv * tl.load(norm_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
-        elif PROLOGUE == _PRO_SILU_MUL:  # x is [gate | up], each K wide, as silu_mul
-            gate = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_ptr + K + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
-            xv = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype).to(tl.float32)
-        else:
-            xv = tl.load(x_ptr + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
         w = tl.load(w_rows + (k0 + rk)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         acc += w * xv[None, :]
     y = tl.sum(acc, 1)
@@ -83,6 +100,13 @@ def _gemv_kernel(
         tl.store(res_ptr + rn, (r + y.to(tl.float32)).to(dtype), mask=n_mask)
     else:
         tl.store(y_ptr + rn, y, mask=n_mask)
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether the kernels here launch with programmatic dependent launch on `device` (see USE_PDL)."""
+    if USE_PDL is not None:
+        return USE_PDL
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def gemv(
@@ -101,9 +125,10 @@ def gemv(
         raise ValueError("gemv: PRO_RMSNORM needs norm_weight")
     y = residual if residual is not None else torch.empty(1, n, dtype=x.dtype, device=x.device)
     dummy = weight_scale if weight_scale is not None else y
+    pdl = pdl_enabled(x.device)
     _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, weight, dummy, norm_weight if norm_weight is not None else y, y, y, n, k, weight.stride(0), eps,
-        PROLOGUE=prologue, RESIDUAL=residual is not None, HAS_SCALE=weight_scale is not None,
+        PROLOGUE=prologue, RESIDUAL=residual is not None, HAS_SCALE=weight_scale is not None, USE_PDL=pdl, launch_pdl=pdl,
     )
     return None if residual is not None else y
 
@@ -113,8 +138,11 @@ def _rope_paged_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
     m_ptr, l_ptr, acc_ptr, scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLITS: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # q, k, v come from the previous kernel; the KV cache of earlier steps is only read
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -141,8 +169,10 @@ def _rope_paged_attention_kernel(
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc1 = tl.zeros([GROUP_PAD, HALF], tl.float32)
     acc2 = tl.zeros([GROUP_PAD, HALF], tl.float32)
-    first = split * PAGES_PER_SPLIT
-    for page in range(first, tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(cached, BLOCK_SIZE))):
+    num_pages = tl.cdiv(cached, BLOCK_SIZE)
+    per_split = tl.cdiv(num_pages, SPLITS)  # the context of this step, not the table's width, is split
+    first = split * per_split
+    for page in range(first, tl.minimum(first + per_split, num_pages)):
         block = tl.load(block_tables_ptr + seq * stride_bt + page).to(tl.int64)
         s_mask = page * BLOCK_SIZE + s < cached
         offs = block * stride_cb + s[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
@@ -196,7 +226,10 @@ def _rope_paged_attention_kernel(
 
 @triton.jit
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     sp = tl.arange(0, SPLITS_PAD)
@@ -211,38 +244,41 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, NUM_HEADS: tl.con
     tl.store(out_ptr + seq * stride_ob + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
-def attention_splits(max_pages: int) -> tuple[int, int]:
-    """(splits, pages per split) for sequences of up to `max_pages` KV pages: at least 4 pages per split and
-    at most 16 splits, so that a batch-1 step spreads a long context over (KV heads x splits) programs."""
-    per_split = max(4, -(-max_pages // 16))
-    return -(-max_pages // per_split), per_split
+def attention_splits(batch: int, num_kv_heads: int, max_pages: int, device: torch.device) -> int:
+    """Context splits per (sequence, KV head) program row: about two programs per SM in all, at most 32
+    splits and at most one per page of the widest block table. The kernel divides each sequence's actual
+    pages among the splits, so a short context leaves the last splits empty (the combine skips them)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return max(1, min(32, max_pages, -(-2 * sms // (batch * num_kv_heads))))
 
 
 def rope_paged_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-    num_heads: int, scale: float,
+    num_heads: int, scale: float, splits: int | None = None,
 ) -> torch.Tensor:
     """qkv (B, (Hq + 2 Hkv) D) one new token per sequence, unrotated; cos/sin (max_positions, D / 2) (the first
     half of HF's rotary output); positions, slots (B,) int64; caches (num_blocks, block_size, Hkv, D);
     block_tables (B, max_blocks) int32; context_lens (B,) int32 including the new token. Writes the new
-    k, v into the caches and returns the attention output (B, Hq * D). The context is split over
-    programs (`attention_splits` of the block table's width) and the splits combined by a second launch."""
+    k, v into the caches and returns the attention output (B, Hq * D). Each sequence's context is divided
+    among `splits` programs per KV head (default: `attention_splits`), combined by a second launch."""
     batch = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    splits, per_split = attention_splits(block_tables.shape[1])
+    splits = splits or attention_splits(batch, num_kv_heads, block_tables.shape[1], qkv.device)
     out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     m = torch.empty(batch, splits, num_heads, dtype=torch.float32, device=qkv.device) if splits > 1 else out
     l = torch.empty_like(m) if splits > 1 else out
     acc = torch.empty(batch, splits, num_heads, head_dim, dtype=torch.float32, device=qkv.device) if splits > 1 else out
+    pdl = pdl_enabled(qkv.device)
     _rope_paged_attention_kernel[(batch, num_kv_heads, splits)](
         qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc,
         scale, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
-        HALF=head_dim // 2, BLOCK_SIZE=block_size, SPLITS=splits, PAGES_PER_SPLIT=per_split,
-        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=4,
+        HALF=head_dim // 2, BLOCK_SIZE=block_size, SPLITS=splits,
+        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     if splits > 1:
         _combine_kernel[(batch, num_heads)](m, l, acc, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                                             SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1)
+                                             SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), USE_PDL=pdl, num_warps=1,
+                                             launch_pdl=pdl)
     return out
