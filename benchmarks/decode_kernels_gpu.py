@@ -1,9 +1,10 @@
 """Batch-1 decode kernels on the GPU, Llama-3.2-1B shapes, bf16: where the decode step's time goes.
 
 1. Each projection of a layer and the LM head: cuBLAS (`F.linear`) against `fused_decode.gemv` with its
-   prologue, each config of the gemv timed on its own, in us and GB/s of weight reads (CUDA graphs of 50
-   calls, so launch gaps between graph nodes are included as they are in the decode graph).
-2. The whole decode step: GPU time of the batch-1 CUDA graph with the fused path (6 launches per layer), the
+   prologue, each config of the gemv timed on its own, in us and GB/s of weight reads (CUDA graphs of calls
+   over 16 weight copies, so weights stream from HBM and launch gaps between graph nodes are included, as
+   they are in the decode graph).
+2. The whole decode step: GPU time of the batch-1 CUDA graph with the fused path (5 launches per layer), the
    same without programmatic dependent launch, and without the fused path (the layer kernels of `_forward_fused`), and a kernel-by-kernel profile of the fused step.
 Usage (GPU machine): python benchmarks/decode_kernels_gpu.py
 """
@@ -24,7 +25,7 @@ from runtime_gpu import SHAPES, build  # noqa: E402
 from optforge.runtime.kernels import fused_decode as fd  # noqa: E402
 from optforge.runtime.llm import Engine, EngineConfig  # noqa: E402
 
-REPS = 50
+REPS = 10
 
 
 def graph_us(fn) -> float:
@@ -54,32 +55,42 @@ def replay_us(graph: torch.cuda.CUDAGraph, reps: int = 200) -> float:
     return (time.perf_counter() - start) / reps * 1e6
 
 
+SWEEP = [(bn, bk, w, st, red) for red in (False, True) for bn, bk, w, st in (
+    (2, 2048, 4, 2), (4, 1024, 4, 3), (4, 2048, 8, 2), (8, 512, 4, 3), (8, 1024, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 4),
+    (16, 512, 4, 3), (16, 512, 8, 3), (16, 1024, 8, 2), (32, 256, 4, 3), (32, 512, 8, 2), (64, 128, 4, 4), (64, 256, 8, 3),
+    (4, 512, 2, 3), (8, 256, 2, 4), (2, 1024, 2, 3), (8, 2048, 8, 1), (16, 256, 4, 1), (4, 1024, 4, 1))]
+
+
 def projections() -> None:
+    """Each projection over as many weight copies as a decode step has (16 layers; 1 LM head), so the weights
+    stream from HBM as they do in a step, not from the 50 MB L2 as a loop over one copy would."""
     h, i, v = 2048, 8192, 128256
     shapes = {"qkv": (3072, h, fd.PRO_RMSNORM), "o": (h, h, fd.PRO_NONE), "gate_up": (2 * i, h, fd.PRO_RMSNORM),
               "down": (h, i, fd.PRO_SILU_MUL), "lm_head": (v, h, fd.PRO_RMSNORM)}
-    print("| projection | N x K | MB | cuBLAS us | GB/s | gemv best us | GB/s | best config | gemv autotuned us |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| projection | N x K | MB | cuBLAS us | GB/s | gemv best us | GB/s | best config | gemv autotuned us | GB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    pdl = fd.pdl_enabled(torch.device("cuda"))
     for name, (n, k, pro) in shapes.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        copies = 1 if name == "lm_head" else 16
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         x = torch.randn(1, 2 * k if pro == fd.PRO_SILU_MUL else k, device="cuda", dtype=torch.bfloat16)
         norm = torch.ones(k, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         mb = n * k * 2 / 1e6
-        cublas = graph_us(lambda: F.linear(x[:, :k], w))
+        per_call = lambda fn: graph_us(lambda: [fn(w) for w in ws]) / copies  # noqa: E731
+        cublas = per_call(lambda w: F.linear(x[:, :k], w))
         timings = []
-        pdl = fd.pdl_enabled(x.device)
-        for cfg in fd._GEMV_CONFIGS:
-            bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-
-            def run(bn=bn, bk=bk, cfg=cfg):
+        for bn, bk, nw, st, red in SWEEP:
+            def run(w, bn=bn, bk=bk, nw=nw, st=st, red=red):
                 fd._gemv_kernel.fn[(triton.cdiv(n, bn),)](
                     x, w, y, norm, y, y, n, k, w.stride(0), 1e-5, PROLOGUE=pro, RESIDUAL=False, HAS_SCALE=False,
-                    USE_PDL=pdl, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
-            timings.append((graph_us(run), f"{bn}x{bk} w{cfg.num_warps} s{cfg.num_stages}"))
+                    USE_PDL=pdl, BLOCK_N=bn, BLOCK_K=bk, REDUCE_EACH=red, num_warps=nw, num_stages=st, launch_pdl=pdl)
+            timings.append((per_call(run), f"{bn}x{bk} w{nw} s{st}{' reduce-each' if red else ''}"))
         best, label = min(timings)
-        tuned = graph_us(lambda: fd.gemv(x, w, prologue=pro, norm_weight=norm))
-        print(f"| {name} | {n} x {k} | {mb:.1f} | {cublas:.1f} | {mb / cublas * 1e3:.0f} | {best:.1f} | {mb / best * 1e3:.0f} | {label} | {tuned:.1f} |")
+        tuned = per_call(lambda w: fd.gemv(x, w, prologue=pro, norm_weight=norm))
+        print(f"| {name} | {n} x {k} | {mb:.1f} | {cublas:.1f} | {mb / cublas * 1e3:.0f} | {best:.1f} | {mb / best * 1e3:.0f} | {label} "
+              f"| {tuned:.1f} | {mb / tuned * 1e3:.0f} |")
+        print("   all:", "; ".join(f"{lab} {t:.1f}" for t, lab in sorted(timings)[:12]))
 
 
 def decode_step(model) -> None:

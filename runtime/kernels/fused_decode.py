@@ -1,4 +1,4 @@
-"""Triton kernels for batch-1 decode with fewer launches: six per decoder layer instead of nine.
+"""Triton kernels for batch-1 decode with fewer launches: five per decoder layer instead of nine.
 
 Why: a batch-1 decode step of a 1B Llama on an H100 is ~1.6 ms of GPU time against ~0.8 ms of weight reads
 (benchmarks/RESULTS.md). Besides the matmuls, each layer launched RMSNorm twice, rotary+KV write, attention
@@ -12,8 +12,8 @@ small operations ride inside the kernels that read the weights:
 - `rope_paged_attention`: one query token per sequence, GQA-aware (a program per sequence, KV head and
   split of the context): rotary on q and the new k, the new k and v written to their cache slot, attention
   over the cached positions plus the new token (taken from registers, so no barrier is needed between
-  write and read); a small second launch combines the splits (flash-decoding), since one program per KV
-  head leaves most of the GPU idle at batch 1 while it walks a long context.
+  write and read); the last program of each KV head to finish combines the splits (flash-decoding in one
+  launch), since one program per KV head leaves most of the GPU idle at batch 1 while it walks a long context.
 
 Numerics follow the unfused kernels (`triton_ops.add_rms_norm`, `silu_mul`, `rope_and_cache`): values are
 rounded to the model dtype where those kernels store them, except the normed input of a projection, which
@@ -34,19 +34,33 @@ PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 USE_PDL: bool | None = None
 _PRO_RMSNORM, _PRO_SILU_MUL = tl.constexpr(1), tl.constexpr(2)
 
+# The configs that won somewhere in a cold-weight sweep of the Llama-3.2-1B projections on an H100
+# (benchmarks/decode_kernels_gpu.py), and their neighbours for wider layers: (BLOCK_N, BLOCK_K, warps, stages,
+# reduce each tile).
 _GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-    for bn, bk, w, st in (
-        (4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 4), (16, 512, 4, 3),
-        (16, 512, 8, 3), (32, 256, 4, 3), (32, 256, 8, 4), (64, 128, 4, 4), (64, 256, 8, 3), (2, 2048, 4, 2), (4, 2048, 8, 2),
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "REDUCE_EACH": red}, num_warps=w, num_stages=st)
+    for bn, bk, w, st, red in (
+        (4, 1024, 4, 3, False), (8, 1024, 4, 3, False), (8, 512, 4, 3, False), (16, 512, 4, 3, False), (2, 2048, 4, 2, False),
+        (4, 2048, 8, 2, False), (8, 2048, 8, 1, False), (4, 1024, 4, 3, True), (8, 512, 4, 3, True), (8, 1024, 8, 3, True),
+        (16, 512, 8, 3, True), (16, 1024, 8, 2, True), (4, 2048, 8, 2, True), (16, 256, 4, 1, True),
     )
 ]
+_FLUSH: dict[str, object] = {}
 
 
 def _bench_in_graph(fn, quantiles=None):
-    """Autotuning times each config inside a CUDA graph, as the decode step runs: plain launches would add
-    microseconds of host overhead to kernels that take 3-30 us and pick configs at random."""
-    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
+    """Autotuning times each config inside a CUDA graph, as the decode step runs (plain launches would add
+    microseconds of host overhead to kernels of 3-30 us), each call after a 96 MB read that evicts the weights
+    from the 50 MB L2, since a decode step streams every weight from HBM; the read's own time is subtracted."""
+    if "read" not in _FLUSH:
+        buf = torch.zeros(96 * 2**18, dtype=torch.float32, device="cuda")
+        out = torch.empty((), dtype=torch.float32, device="cuda")
+        _FLUSH["read"] = lambda: torch.sum(buf, dim=0, out=out)
+        _FLUSH["alone"] = triton.testing.do_bench_cudagraph(_FLUSH["read"], rep=20, quantiles=[0.5, 0.2, 0.8])
+    read = _FLUSH["read"]
+    both = triton.testing.do_bench_cudagraph(lambda: (read(), fn()), rep=20, quantiles=[0.5, 0.2, 0.8])
+    timed = [max(t - r, 0.0) for t, r in zip(both, _FLUSH["alone"])]
+    return timed if quantiles is not None else timed[0]
 
 
 @triton.jit
@@ -68,7 +82,7 @@ def _gemv_input(x_ptr, norm_ptr, k0, rk, K, dtype, PROLOGUE: tl.constexpr):
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, norm_ptr, res_ptr, y_ptr, N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -82,14 +96,25 @@ def _gemv_kernel(
         tl.extra.cuda.gdc_wait()  # x, the residual and the norm input are the previous kernels' outputs
         tl.extra.cuda.gdc_launch_dependents()
     xv, sq = _gemv_input(x_ptr, norm_ptr, 0, rk, K, dtype, PROLOGUE)
-    acc = w * xv[None, :]
+    # REDUCE_EACH: sum each tile's products at once (a BLOCK_N accumulator: fewer registers, more programs
+    # per SM, more loads in flight); else one (BLOCK_N, BLOCK_K) accumulator summed at the end
+    if REDUCE_EACH:
+        acc = tl.sum(w * xv[None, :], 1)
+    else:
+        acc = w * xv[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         xv, sq_k = _gemv_input(x_ptr, norm_ptr, k0, rk, K, dtype, PROLOGUE)
         sq += sq_k
         k_mask = k0 + rk < K
         w = tl.load(w_rows + (k0 + rk)[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += w * xv[None, :]
-    y = tl.sum(acc, 1)
+        if REDUCE_EACH:
+            acc += tl.sum(w * xv[None, :], 1)
+        else:
+            acc += w * xv[None, :]
+    if REDUCE_EACH:
+        y = acc
+    else:
+        y = tl.sum(acc, 1)
     if PROLOGUE == _PRO_RMSNORM:
         y = y * tl.rsqrt(tl.sum(sq, 0) / K + eps)
     if HAS_SCALE:
@@ -136,9 +161,9 @@ def gemv(
 @triton.jit
 def _rope_paged_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    m_ptr, l_ptr, acc_ptr, scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob,
+    m_ptr, l_ptr, acc_ptr, count_ptr, scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP_P2: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # q, k, v come from the previous kernel; the KV cache of earlier steps is only read
         tl.extra.cuda.gdc_wait()
@@ -178,14 +203,14 @@ def _rope_paged_attention_kernel(
         offs = block * stride_cb + s[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
         kc1 = tl.load(k_cache_ptr + offs, mask=s_mask[:, None], other=0.0)
         kc2 = tl.load(k_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
+        vc1 = tl.load(v_cache_ptr + offs, mask=s_mask[:, None], other=0.0)  # issued with k: one round trip per page
+        vc2 = tl.load(v_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
         scores = (tl.dot(q1, tl.trans(kc1), input_precision=PRECISION) + tl.dot(q2, tl.trans(kc2), input_precision=PRECISION)) * scale
         scores = tl.where(s_mask[None, :], scores, float("-inf"))  # (G, S)
         m_new = tl.maximum(m, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        vc1 = tl.load(v_cache_ptr + offs, mask=s_mask[:, None], other=0.0)
-        vc2 = tl.load(v_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
         acc1 = acc1 * alpha[:, None] + tl.dot(p.to(dtype), vc1, input_precision=PRECISION)
         acc2 = acc2 * alpha[:, None] + tl.dot(p.to(dtype), vc2, input_precision=PRECISION)
         m = m_new
@@ -216,32 +241,52 @@ def _rope_paged_attention_kernel(
         o_offs = seq * stride_ob + heads[:, None] * (2 * HALF) + d[None, :]
         tl.store(out_ptr + o_offs, (acc1 / l[:, None]).to(dtype), mask=g_mask[:, None])
         tl.store(out_ptr + HALF + o_offs, (acc2 / l[:, None]).to(dtype), mask=g_mask[:, None])
-    else:  # partial results, (B, SPLITS, Hq) and (B, SPLITS, Hq, D) in fp32, for _combine_kernel
+    else:  # partial results, (B, SPLITS, Hq) and (B, SPLITS, Hq, D) in fp32 ...
         part = (seq * SPLITS + split) * NUM_HEADS + heads
         tl.store(m_ptr + part, m, mask=g_mask)
         tl.store(l_ptr + part, l, mask=g_mask)
         tl.store(acc_ptr + part[:, None] * (2 * HALF) + d[None, :], acc1, mask=g_mask[:, None])
         tl.store(acc_ptr + part[:, None] * (2 * HALF) + HALF + d[None, :], acc2, mask=g_mask[:, None])
+        # ... and the last of this (sequence, KV head)'s programs to finish combines them: each thread fences
+        # its stores, the program synchronizes, and one atomic per program counts arrivals
+        _fence_gpu()
+        tl.debug_barrier()
+        counter = count_ptr + seq * NUM_KV_HEADS + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            _fence_gpu()
+            tl.store(counter, 0)  # ready for the next launch (kernel boundaries order it)
+            _combine_group(m_ptr, l_ptr, acc_ptr, out_ptr, seq, kv_head, stride_ob, NUM_HEADS, GROUP, GROUP_P2, HALF,
+                           SPLITS, SPLITS_PAD)
 
 
 @triton.jit
-def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+def _fence_gpu():
+    """fence.acq_rel.gpu in every thread (CUDA's __threadfence)."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _combine_group(m_ptr, l_ptr, acc_ptr, out_ptr, seq, kv_head, stride_ob, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                   GROUP_P2: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Flash-decoding's combination of one KV head group's splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+    Splits that got no pages hold m = -inf, l = 0, acc = 0; split 0 always holds the new token."""
     sp = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    part = (seq * SPLITS + sp) * NUM_HEADS + head
-    sp_mask = sp < SPLITS
-    m = tl.load(m_ptr + part, mask=sp_mask, other=float("-inf"))
-    weight = tl.exp(m - tl.max(m, 0))  # split 0 always holds the new token, so the max is finite
-    l = tl.sum(tl.load(l_ptr + part, mask=sp_mask, other=0.0) * weight, 0)
-    acc = tl.load(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=sp_mask[:, None], other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / l
-    tl.store(out_ptr + seq * stride_ob + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+    gg = tl.arange(0, GROUP_P2)
+    d = tl.arange(0, HALF)
+    heads = kv_head * GROUP + gg
+    mask = (sp < SPLITS)[:, None] & (gg < GROUP)[None, :]
+    parts = (seq * SPLITS + sp)[:, None] * NUM_HEADS + heads[None, :]  # (SPLITS_PAD, GROUP_P2)
+    m = tl.load(m_ptr + parts, mask=mask, other=float("-inf"))
+    m = tl.where((gg < GROUP)[None, :], m, 0.0)  # padded heads: finite, never stored
+    weight = tl.exp(m - tl.max(m, 0)[None, :])
+    l = tl.sum(tl.load(l_ptr + parts, mask=mask, other=0.0) * weight, 0)  # (GROUP_P2,)
+    offs = parts[:, :, None] * (2 * HALF) + d[None, None, :]
+    o1 = tl.sum(tl.load(acc_ptr + offs, mask=mask[:, :, None], other=0.0) * weight[:, :, None], 0) / l[:, None]
+    o2 = tl.sum(tl.load(acc_ptr + HALF + offs, mask=mask[:, :, None], other=0.0) * weight[:, :, None], 0) / l[:, None]
+    o_offs = seq * stride_ob + heads[:, None] * (2 * HALF) + d[None, :]
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + o_offs, o1.to(dtype), mask=(gg < GROUP)[:, None])
+    tl.store(out_ptr + HALF + o_offs, o2.to(dtype), mask=(gg < GROUP)[:, None])
 
 
 def attention_splits(batch: int, num_kv_heads: int, max_pages: int, device: torch.device) -> int:
@@ -261,7 +306,8 @@ def rope_paged_attention(
     half of HF's rotary output); positions, slots (B,) int64; caches (num_blocks, block_size, Hkv, D);
     block_tables (B, max_blocks) int32; context_lens (B,) int32 including the new token. Writes the new
     k, v into the caches and returns the attention output (B, Hq * D). Each sequence's context is divided
-    among `splits` programs per KV head (default: `attention_splits`), combined by a second launch."""
+    among `splits` programs per KV head (default: `attention_splits`); the last of them to finish combines
+    their partial results (flash-decoding in one launch)."""
     batch = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     splits = splits or attention_splits(batch, num_kv_heads, block_tables.shape[1], qkv.device)
@@ -272,13 +318,23 @@ def rope_paged_attention(
     pdl = pdl_enabled(qkv.device)
     _rope_paged_attention_kernel[(batch, num_kv_heads, splits)](
         qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc,
-        scale, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
+        _arrival_counters(qkv.device, batch * num_kv_heads), scale, qkv.stride(0), cos.stride(0), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
-        HALF=head_dim // 2, BLOCK_SIZE=block_size, SPLITS=splits,
+        HALF=head_dim // 2, BLOCK_SIZE=block_size, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+        GROUP_P2=triton.next_power_of_2(num_heads // num_kv_heads),
         PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
-    if splits > 1:
-        _combine_kernel[(batch, num_heads)](m, l, acc, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                                             SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), USE_PDL=pdl, num_warps=1,
-                                             launch_pdl=pdl)
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), that `_rope_paged_attention_kernel` leaves zeroed.
+    Kept per device and grown on demand (the decode graph's warm-up call allocates them before capture)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return counters

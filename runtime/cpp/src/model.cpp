@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 
 #include "optforge_rt/errors.h"
 
@@ -59,6 +61,18 @@ int pack_format_version(const SafeTensors& st, const std::string& dir) {
                       "rebuild the runtime, or re-run the pack.cpu pass with this checkout");
 }
 
+// MemAvailable from /proc/meminfo in bytes; SIZE_MAX where it cannot be read.
+size_t available_memory() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  size_t kb = 0;
+  while (in >> key >> kb) {
+    if (key == "MemAvailable:") return kb * 1024;
+    in.ignore(256, '\n');
+  }
+  return SIZE_MAX;
+}
+
 }  // namespace
 
 Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size)
@@ -112,6 +126,8 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size)
   } else {
     throw ArtifactError(artifact.dir + ": no lm_head weights and tie_word_embeddings is false");
   }
+  const char* placement = std::getenv("OPTFORGE_RT_WEIGHTS");
+  if (placement == nullptr || std::string(placement) != "mmap") copy_weights_to_arena();
   size_t cache_floats = static_cast<size_t>(num_kv_blocks) * block_size * c.num_kv_heads * c.head_dim;
   k_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
   v_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
@@ -173,6 +189,41 @@ Linear Model::load_linear(const std::string& name, int out, int in) {
   return w;
 }
 
+// Moves every Linear's weights and scales (and the tied embedding the fp32 lm_head reads) into one huge-page
+// buffer: decode streams all of them once per token, and from the 4 KiB pages of the file mapping that is a TLB
+// miss every 4 KiB (a streaming read of 143 MB ran ~10% faster from 2 MiB pages on the 2-core EPYC VM). Skipped, keeping the mapping, when the copy would take more than half of
+// the available memory or the kernel refuses the buffer; the arithmetic is the same either way.
+void Model::copy_weights_to_arena() {
+  std::vector<Linear*> linears;
+  for (LayerWeights& l : layers_) {
+    for (Linear* w : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) linears.push_back(w);
+  }
+  linears.push_back(&lm_head_);
+  auto data_bytes = [](const Linear& w) {
+    const size_t n = static_cast<size_t>(w.out_features) * w.in_features;
+    return w.format == WeightFormat::kF32 ? n * 4 : w.format == WeightFormat::kInt8 ? n : n / 2;
+  };
+  auto scale_bytes = [](const Linear& w) {
+    return w.scales == nullptr ? 0 : static_cast<size_t>(w.out_features) * (w.in_features / kQuantBlock) * sizeof(uint16_t);
+  };
+  size_t total = 0;
+  for (const Linear* w : linears) total += data_bytes(*w) + scale_bytes(*w) + 128;  // + 2 x 64 alignment
+  if (total > available_memory() / 2 || !arena_.reserve(total)) return;
+  const bool tied = lm_head_.f32 != nullptr && lm_head_.f32 == embed_;
+  for (Linear* w : linears) {
+    if (w == &lm_head_ && tied) continue;
+    const void* data = w->f32 != nullptr ? static_cast<const void*>(w->f32) : w->q8 != nullptr ? static_cast<const void*>(w->q8) : w->q4;
+    const uint8_t* copy = arena_.take(data, data_bytes(*w));
+    if (w->format == WeightFormat::kF32) w->f32 = reinterpret_cast<const float*>(copy);
+    if (w->format == WeightFormat::kInt8) w->q8 = reinterpret_cast<const int8_t*>(copy);
+    if (w->format == WeightFormat::kInt4) w->q4 = copy;
+    if (w->scales != nullptr) w->scales = reinterpret_cast<const uint16_t*>(arena_.take(w->scales, scale_bytes(*w)));
+    w->owned.clear();
+    w->owned.shrink_to_fit();
+  }
+  if (tied) embed_ = lm_head_.f32 = reinterpret_cast<const float*>(arena_.take(embed_, data_bytes(lm_head_)));
+}
+
 std::string Model::weight_format() const {
   const Linear& w = layers_.front().q;
   return w.format == WeightFormat::kInt8 ? "int8" : w.format == WeightFormat::kInt4 ? "int4" : "fp32";
@@ -203,26 +254,21 @@ void Model::attention(const ForwardBatch& batch, int layer, const float* q, floa
   const float* vc = v_cache_[layer].data();
   pool.parallel_for(T * c.num_heads, [&](int begin, int end) {
     std::vector<float> scores;
+    std::vector<const float*> k_rows, v_rows;
     for (int job = begin; job < end; ++job) {
       int t = job / c.num_heads, h = job % c.num_heads, kvh = h / group;
       const std::vector<int>& table = batch.block_tables[batch.seq_of[t]];
       int len = batch.positions[t] + 1;
       scores.resize(len);
-      const float* qh = q + (static_cast<size_t>(t) * c.num_heads + h) * D;
-      float max_score = -INFINITY;
+      k_rows.resize(len);
+      v_rows.resize(len);
       for (int p = 0; p < len; ++p) {
         size_t slot = static_cast<size_t>(table[p / block_size_]) * block_size_ + p % block_size_;
-        scores[p] = dot_f32(qh, kc + (slot * c.num_kv_heads + kvh) * D, D) * scale;
-        max_score = std::max(max_score, scores[p]);
+        k_rows[p] = kc + (slot * c.num_kv_heads + kvh) * D;
+        v_rows[p] = vc + (slot * c.num_kv_heads + kvh) * D;
       }
-      float sum = 0.f;
-      for (int p = 0; p < len; ++p) sum += (scores[p] = std::exp(scores[p] - max_score));
-      float* oh = out + (static_cast<size_t>(t) * c.num_heads + h) * D;
-      std::fill(oh, oh + D, 0.f);
-      for (int p = 0; p < len; ++p) {
-        size_t slot = static_cast<size_t>(table[p / block_size_]) * block_size_ + p % block_size_;
-        axpy_f32(scores[p] / sum, vc + (slot * c.num_kv_heads + kvh) * D, oh, D);
-      }
+      attend(q + (static_cast<size_t>(t) * c.num_heads + h) * D, k_rows.data(), v_rows.data(), len, D, scale,
+             scores.data(), out + (static_cast<size_t>(t) * c.num_heads + h) * D);
     }
   });
 }

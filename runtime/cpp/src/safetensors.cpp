@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <stdexcept>
 
 #include "optforge_rt/errors.h"
 #include "optforge_rt/json.h"
@@ -57,6 +58,36 @@ MappedFile::MappedFile(const std::string& path) {
 
 MappedFile::~MappedFile() {
   if (data_ != nullptr) munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+HugePageArena::~HugePageArena() {
+  if (data_ != nullptr) munmap(data_, size_);
+}
+
+bool HugePageArena::reserve(size_t bytes) {
+  if (data_ != nullptr) throw std::logic_error("HugePageArena::reserve called twice");
+  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  if (size == 0) return true;
+  // Over-map by one huge page and trim both ends so the buffer starts on a 2 MiB boundary (mmap only
+  // promises 4 KiB alignment, and THP backs only aligned 2 MiB ranges).
+  void* p = mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return false;
+  uint8_t* raw = static_cast<uint8_t*>(p);
+  uint8_t* aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + kHugePage - 1) / kHugePage * kHugePage);
+  if (aligned > raw) munmap(raw, aligned - raw);
+  if (aligned + size < raw + size + kHugePage) munmap(aligned + size, raw + size + kHugePage - (aligned + size));
+  madvise(aligned, size, MADV_HUGEPAGE);  // advisory: where THP is off this is 4 KiB pages, still correct
+  data_ = aligned;
+  size_ = size;
+  return true;
+}
+
+const uint8_t* HugePageArena::take(const void* src, size_t n) {
+  const size_t at = (used_ + 63) / 64 * 64;
+  if (at + n > size_) throw std::logic_error("HugePageArena: more bytes taken than reserved");
+  std::memcpy(data_ + at, src, n);
+  used_ = at + n;
+  return data_ + at;
 }
 
 namespace {

@@ -1,5 +1,6 @@
 // The same scenarios as tests/runtime/test_block_manager.py's core cases: counts, prefix reuse, COW, no leaks.
 #include <numeric>
+#include <stdexcept>
 
 #include "check.h"
 #include "optforge_rt/engine.h"

@@ -115,8 +115,50 @@ static void check_f16() {
   CHECK(s[0] == 0x3C00 && q4[0] == 0x88);
 }
 
+// attend() against a double reference, and bit for bit against its definition through dot_f32 / axpy_f32 on
+// every ISA (the AVX2 kernel keeps the output in registers where D is a multiple of 64: same fmas, same order).
+static void check_attend(int n, int D) {
+  std::mt19937 rng(n * 100 + D);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> q(D), kv(2 * n * D);
+  for (float& v : q) v = dist(rng);
+  for (float& v : kv) v = dist(rng);
+  std::vector<const float*> k(n), v(n);
+  for (int p = 0; p < n; ++p) { k[p] = &kv[2 * p * D]; v[p] = &kv[(2 * p + 1) * D]; }
+  const float scale = 1.f / std::sqrt(float(D));
+  std::vector<double> ref(D, 0.0), e(n);
+  double mx = -1e300, sum = 0;
+  for (int p = 0; p < n; ++p) {
+    e[p] = 0;
+    for (int i = 0; i < D; ++i) e[p] += double(q[i]) * k[p][i];
+    e[p] *= scale;
+    mx = std::max(mx, e[p]);
+  }
+  for (int p = 0; p < n; ++p) sum += (e[p] = std::exp(e[p] - mx));
+  for (int p = 0; p < n; ++p) for (int i = 0; i < D; ++i) ref[i] += e[p] / sum * v[p][i];
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (isa > detected_isa()) continue;
+    set_isa(isa);
+    std::vector<float> scores(n), out(D), manual(D, 0.f);
+    attend(q.data(), k.data(), v.data(), n, D, scale, scores.data(), out.data());
+    CHECK(max_rel_err(out, ref) < 1e-5);
+    float m = -INFINITY, s = 0.f;
+    for (int p = 0; p < n; ++p) m = std::max(m, scores[p] = dot_f32(q.data(), k[p], D) * scale);
+    for (int p = 0; p < n; ++p) s += (scores[p] = std::exp(scores[p] - m));
+    for (int p = 0; p < n; ++p) axpy_f32(scores[p] / s, v[p], manual.data(), D);
+    for (int i = 0; i < D; ++i) CHECK(out[i] == manual[i]);
+  }
+  set_isa(detected_isa());
+}
+
 int main() {
   check_f16();
+  check_attend(1, 64);
+  check_attend(37, 64);   // SmolLM2's head_dim
+  check_attend(20, 128);
+  check_attend(9, 40);    // not a multiple of 64: the per-position axpy
+  check_shape(7, 576, 2);  // 18 blocks: AVX2 scale groups of 8, 8 and a short 2; odd rows
+  check_shape(5, 288, 1);  // 9 blocks: a short group holding a lone block
   check_shape(72, 96, 5);   // 3 blocks: one pair and a lone block
   check_shape(70, 128, 3);  // 4 blocks; 70 rows leave a tail of 2 under 4-row tiles
   check_shape(9, 32, 2);    // one block, fewer rows than threads x tiles

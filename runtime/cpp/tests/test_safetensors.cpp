@@ -1,4 +1,6 @@
+#include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 
 #include "check.h"
@@ -17,7 +19,24 @@ static std::string image(std::string header, const std::string& data) {
 
 static SafeTensors parse(const std::string& s) { return SafeTensors(reinterpret_cast<const uint8_t*>(s.data()), s.size(), "test.safetensors"); }
 
+// The huge-page weight buffer: 2 MiB-aligned, copies 64-byte aligned and intact, over-taking refused.
+static void check_arena() {
+  HugePageArena arena;
+  CHECK(arena.reserve(3 * 1000 + 2 * 64));
+  CHECK(arena.size() == HugePageArena::kHugePage);
+  std::string a(1000, 'a'), b(1000, 'b');
+  const uint8_t* pa = arena.take(a.data(), a.size());
+  const uint8_t* pb = arena.take(b.data(), b.size());
+  CHECK(reinterpret_cast<uintptr_t>(pa) % HugePageArena::kHugePage == 0);
+  CHECK(reinterpret_cast<uintptr_t>(pb) % 64 == 0 && pb >= pa + 1000);
+  CHECK(std::memcmp(pa, a.data(), a.size()) == 0 && std::memcmp(pb, b.data(), b.size()) == 0);
+  bool threw = false;
+  try { arena.take(a.data(), HugePageArena::kHugePage); } catch (const std::logic_error&) { threw = true; }
+  CHECK(threw);
+}
+
 int main() {
+  check_arena();
   float values[6] = {1, 2, 3, 4, 5, 6};
   std::string data(reinterpret_cast<const char*>(values), sizeof(values));
   data += std::string("\x01\xff", 2);

@@ -1,6 +1,7 @@
 // optforge-rt: the command-line face of the C++ runtime.
 //   optforge-rt generate ARTIFACT "prompt" [--max-new-tokens N] [--chat] [--threads N] [--isa auto|avx2|...] [--no-verify]
 //   optforge-rt bench ARTIFACT [--batch 1] [--prompt-tokens 128] [--new-tokens 64] [--threads N]   (prints JSON)
+//   --no-copy (generate, bench): read the weights from the file mapping instead of a huge-page copy
 //   optforge-rt tokenize ARTIFACT "text"        optforge-rt verify ARTIFACT
 #include <chrono>
 #include <cstdio>
@@ -33,7 +34,7 @@ Args parse_args(int argc, char** argv) {
   for (int i = 2; i < argc; ++i) {
     std::string s = argv[i];
     if (s.rfind("--", 0) == 0) {
-      bool is_flag = s == "--chat" || s == "--no-verify" || s == "--ignore-eos";
+      bool is_flag = s == "--chat" || s == "--no-verify" || s == "--ignore-eos" || s == "--no-copy";
       a.options[s] = is_flag || i + 1 >= argc ? "1" : argv[++i];
     } else {
       a.positional.push_back(s);
@@ -68,6 +69,7 @@ int run(int argc, char** argv) {
   int threads = args.get_int("--threads", 0);
   int block_size = 16;
   int num_blocks = args.get_int("--kv-blocks", 1024);
+  if (args.flag("--no-copy")) setenv("OPTFORGE_RT_WEIGHTS", "mmap", 1);  // read by Model at load
   Engine engine(dir, threads, num_blocks, block_size, !args.flag("--no-verify"), true);
   if (cmd == "generate") {
     Tokenizer tok = Tokenizer::from_file(dir + "/tokenizer.json");
@@ -94,9 +96,9 @@ int run(int argc, char** argv) {
     cfg.max_num_batched_tokens = batch * prompt_tokens;
     GenerationStats st;
     engine.generate(prompts, cfg, &st);
-    std::printf("{\"format\": \"%s\", \"isa\": \"%s\", \"threads\": %d, \"batch\": %d, \"prefill_tok_s\": %.2f, \"decode_tok_s\": %.2f, \"weight_bytes\": %zu}\n",
+    std::printf("{\"format\": \"%s\", \"isa\": \"%s\", \"threads\": %d, \"batch\": %d, \"prefill_tok_s\": %.2f, \"decode_tok_s\": %.2f, \"weight_bytes\": %zu, \"weights\": \"%s\"}\n",
                 engine.model().weight_format().c_str(), isa_name(active_isa()), engine.num_threads(), batch, st.prefill_tokens / st.prefill_seconds,
-                st.decode_tokens / st.decode_seconds, engine.model().weight_bytes());
+                st.decode_tokens / st.decode_seconds, engine.model().weight_bytes(), engine.model().weight_placement());
     return 0;
   }
   return usage();

@@ -49,6 +49,10 @@ void matmul(const Linear& w, const float* x, int M, float* y, ThreadPool& pool);
 
 float dot_f32(const float* a, const float* b, int n);
 void axpy_f32(float a, const float* x, float* y, int n);  // y += a * x
+// One query head's attention over n cached positions, given as row pointers into the paged cache:
+// out (D) = sum_p softmax_p(scale * q . k[p]) v[p], the softmax in fp32 with std::exp; scores: n floats of
+// scratch. The same arithmetic on every ISA as dot_f32 / axpy_f32 per position (only the calls are gone).
+void attend(const float* q, const float* const* k, const float* const* v, int n, int D, float scale, float* scores, float* out);
 
 // IEEE half <-> float. f32_to_f16 rounds to nearest even (as torch's .half() does); f16_to_f32 is exact.
 float f16_to_f32(uint16_t h);

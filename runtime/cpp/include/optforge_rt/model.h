@@ -40,6 +40,9 @@ class Model {
   int block_size() const { return block_size_; }
   int num_kv_blocks() const { return num_kv_blocks_; }
   std::string weight_format() const;  // "fp32", "int8", "int4" (of the decoder Linears)
+  // "copy": the matmul weights were copied at load into one huge-page buffer (the default); "mmap": they are
+  // read from the file mapping (OPTFORGE_RT_WEIGHTS=mmap, or too little free memory for the copy).
+  const char* weight_placement() const { return arena_.size() > 0 ? "copy" : "mmap"; }
   size_t weight_bytes() const;
 
   // Returns logits (len(logits_for), vocab) row-major.
@@ -49,10 +52,12 @@ class Model {
 
  private:
   Linear load_linear(const std::string& name, int out, int in);
+  void copy_weights_to_arena();
   void attention(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool);
 
   ModelConfig config_;
   std::unique_ptr<SafeTensors> weights_;
+  HugePageArena arena_;                        // load-time copy of every Linear's weights and scales
   std::vector<std::vector<float>> converted_;  // owned float copies of non-F32 norms/embeddings
   const float* embed_ = nullptr;               // (vocab, hidden)
   const float* final_norm_ = nullptr;
