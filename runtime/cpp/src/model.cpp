@@ -191,8 +191,9 @@ Linear Model::load_linear(const std::string& name, int out, int in) {
 
 // Moves every Linear's weights and scales (and the tied embedding the fp32 lm_head reads) into one huge-page
 // buffer: decode streams all of them once per token, and from the 4 KiB pages of the file mapping that is a TLB
-// miss every 4 KiB (a streaming read of 143 MB ran ~10% faster from 2 MiB pages on the 2-core EPYC VM). Skipped, keeping the mapping, when the copy would take more than half of
-// the available memory or the kernel refuses the buffer; the arithmetic is the same either way.
+// miss every 4 KiB (a streaming read of 143 MB ran ~10% faster from 2 MiB pages on the 2-core EPYC VM).
+// Skipped, keeping the mapping, when the copy would take more than half of the available memory or the kernel
+// refuses the buffer; the arithmetic is the same either way.
 void Model::copy_weights_to_arena() {
   std::vector<Linear*> linears;
   for (LayerWeights& l : layers_) {
