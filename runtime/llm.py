@@ -130,8 +130,10 @@ class Engine:
 
     # ---- overlapped decode (see the module docstring) -----------------------------------------------------
     def _overlappable(self, batch: ScheduledBatch) -> bool:
+        # every running sequence in the batch: the steps that follow repeat it, so none may be left out
         return (self.config.async_scheduling and hasattr(self.runner, "launch") and not self.scheduler.waiting
-                and self.runner.can_launch(batch) and all(takes_raw_argmax(seq.params) for seq in batch.seqs))
+                and len(batch) == len(self.scheduler.running) and self.runner.can_launch(batch)
+                and all(takes_raw_argmax(seq.params) for seq in batch.seqs))
 
     def _step_overlapped(self) -> list[tuple[Sequence, int]]:
         batch, launched = self._inflight

@@ -140,3 +140,17 @@ def test_overlap_under_a_tiny_cache_falls_back_without_leaks(tiny_llama, byte_to
     assert [o.token_ids for o in outs] == [hf_greedy(tiny_llama, p, 12) for p in PROMPTS]
     assert engine.scheduler.num_preemptions > 0 and engine.num_overlapped_steps > 0
     assert_no_leaks(engine)
+
+
+def test_no_overlap_while_the_token_budget_leaves_running_requests_out(tiny_llama, byte_tokenizer):
+    """With 3 tokens per step and 5 running requests, each decode step runs a different subset: overlapping
+    would repeat one subset and starve the others, so those steps run one by one."""
+    config = replace(BASE, max_num_batched_tokens=3)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    llm = LLM.from_model(tiny_llama, byte_tokenizer, config)
+    seqs = [llm.engine.add_request(str(i), p, params) for i, p in enumerate(PROMPTS)]
+    while llm.engine.has_unfinished:
+        llm.engine.step()
+        assert llm.engine._inflight is None or len(llm.engine.scheduler.running) <= 3
+    assert [s.output_token_ids for s in seqs] == [hf_greedy(tiny_llama, p, 6) for p in PROMPTS]
+    assert_no_leaks(llm.engine)
