@@ -6,8 +6,7 @@
    they are in the decode graph).
 2. The whole decode step: GPU time of the batch-1 CUDA graph with the fused path (6 launches per layer), the
    same without programmatic dependent launch, and without the fused path (the layer kernels of `_forward_fused`), and a kernel-by-kernel profile of the fused step.
-3. With `--sections prefetch`: decode speed against the bytes of next weights that attention prefetches into L2.
-Usage (GPU machine): python benchmarks/decode_kernels_gpu.py [--sections projections,step,prefetch] [--shape NAME]
+Usage (GPU machine): python benchmarks/decode_kernels_gpu.py [--sections projections,step] [--shape NAME]
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from runtime_gpu import SHAPES, build  # noqa: E402
 
 from optforge.runtime.kernels import fused_decode as fd  # noqa: E402
-from optforge.runtime.bench import bench_decode  # noqa: E402
 from optforge.runtime.llm import Engine, EngineConfig  # noqa: E402
 
 REPS = 10
@@ -126,38 +124,17 @@ def decode_step(model) -> None:
           f"unfused {unfused_ms:.3f} ms (static input token {s['tokens'][s['src'][0]].item()})")
 
 
-def prefetch_sweep(model, budgets_mib: list[int]) -> None:
-    """Batch-1 decode with attention prefetching 0..N MiB of the next weights into L2 (`L2_PREFETCH_BYTES`):
-    decode tok/s over 256 new tokens after a 128-token prompt (overlapped steps, as served), and the GPU time
-    of one decode graph replayed at the context that run left (383)."""
-    print("| L2 prefetch MiB | decode tok/s | graph GPU ms at context 383 |")
-    print("| --- | --- | --- |")
-    default = fd.L2_PREFETCH_BYTES
-    for mib in budgets_mib:
-        fd.L2_PREFETCH_BYTES = mib << 20  # read when the decode graph is captured
-        engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
-        bench_decode(engine, 1, 128, 16)  # warm-up request
-        tok_s = bench_decode(engine, 1, 128, 256)["decode_tok_s"]
-        print(f"| {mib} | {tok_s:.0f} | {replay_us(engine.runner.graphs[1][0]) / 1e3:.3f} |", flush=True)
-        del engine
-    fd.L2_PREFETCH_BYTES = default
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="projections,step", help="comma-separated: projections, step, prefetch")
-    ap.add_argument("--shape", default="Llama-3.2-1B", choices=sorted(SHAPES), help="model shape for step/prefetch")
-    ap.add_argument("--prefetch-mib", default="0,8,16,24,32", help="L2 prefetch budgets for --sections prefetch")
+    ap.add_argument("--sections", default="projections,step", help="comma-separated: projections, step")
+    ap.add_argument("--shape", default="Llama-3.2-1B", choices=sorted(SHAPES), help="model shape for --sections step")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
     if "projections" in sections:
         projections()
-    model = build(SHAPES[args.shape]) if sections & {"step", "prefetch"} else None
     if "step" in sections:
-        decode_step(model)
-    if "prefetch" in sections:
-        prefetch_sweep(model, [int(v) for v in args.prefetch_mib.split(",")])
+        decode_step(build(SHAPES[args.shape]))
 
 
 if __name__ == "__main__":

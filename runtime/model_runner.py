@@ -411,8 +411,7 @@ class ModelRunner:
     def _forward_decode_fused(self, ids, positions, slots, block_tables, context_lens) -> torch.Tensor:
         """Logits (1, vocab) of one decode token: embedding, then per layer RMSNorm+q|k|v, rotary+KV write+attention,
         o_proj+residual, RMSNorm+gate|up, SiLU*up+down+residual, then final norm+LM head: 6 launches per layer
-        (attention splits its context over programs and a second launch combines them; attention prefetches
-        o_proj's and gate|up's weights into L2 meanwhile)."""
+        (attention splits its context over programs and a second launch combines them)."""
         from optforge.runtime.kernels.fused_decode import PRO_RMSNORM, PRO_SILU_MUL, gemv, rope_paged_attention
 
         dw = self.decode_weights
@@ -421,8 +420,7 @@ class ModelRunner:
         for i, (layer, ws) in enumerate(zip(self.layers, dw["layers"])):
             qkv = gemv(residual, *ws["qkv"], prologue=PRO_RMSNORM, norm_weight=layer.input_layernorm.weight, eps=eps)
             attn = rope_paged_attention(qkv, dw["cos"], dw["sin"], positions, slots, self.kv_cache[i, 0], self.kv_cache[i, 1],
-                                        block_tables, context_lens, self.num_heads, self.scale,
-                                        prefetch=(ws["o"][0], ws["gate_up"][0]))
+                                        block_tables, context_lens, self.num_heads, self.scale)
             gemv(attn, *ws["o"], residual=residual)
             gate_up = gemv(residual, *ws["gate_up"], prologue=PRO_RMSNORM, norm_weight=layer.post_attention_layernorm.weight, eps=eps)
             gemv(gate_up, *ws["down"], prologue=PRO_SILU_MUL, residual=residual)

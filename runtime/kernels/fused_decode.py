@@ -14,9 +14,8 @@ small operations ride inside the kernels that read the weights:
   over the cached positions plus the new token (taken from registers, so no barrier is needed between
   write and read); a second launch combines the splits (flash-decoding), since one program per KV head
   leaves most of the GPU idle at batch 1 while it walks a long context. (Combining in the last program to
-  finish, with fences and an arrival counter, measured slower: 8.1 against 6.0 us per layer.) Before it
-  waits on q, k, v, each program asks L2 to prefetch a share of the weights the next kernels read, so HBM
-  streams weights while attention runs.
+  finish, with fences and an arrival counter, measured slower: 8.1 against 6.0 us per layer. Prefetching
+  the next projections' weights into L2 during attention made the step slower, not faster: benchmarks/RESULTS.md.)
 
 Numerics follow the unfused kernels (`triton_ops.add_rms_norm`, `silu_mul`, `rope_and_cache`): values are
 rounded to the model dtype where those kernels store them, except the normed input of a projection, which
@@ -35,9 +34,6 @@ PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 # drains, reads what does not depend on it (weights), and waits (griddepcontrol.wait) before touching its
 # outputs. None: on where the GPU supports it; the benchmarks set False to measure without.
 USE_PDL: bool | None = None
-# Bytes of the next kernels' weights (o_proj, then the head of gate|up) that attention asks L2 to fetch while it
-# runs (`rope_paged_attention`); H100's L2 holds 50 MB. Chosen by the sweep in benchmarks/decode_kernels_gpu.py.
-L2_PREFETCH_BYTES = 24 << 20
 _PRO_RMSNORM, _PRO_SILU_MUL = tl.constexpr(1), tl.constexpr(2)
 
 # The configs that won somewhere in a cold-weight sweep of the Llama-3.2-1B projections on an H100
@@ -140,10 +136,6 @@ def pdl_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _has_bulk_prefetch(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None, *, prologue: int = PRO_NONE,
     norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
@@ -169,38 +161,18 @@ def gemv(
 
 
 @triton.jit
-def _prefetch_l2(base_ptr, nbytes, program, num_programs, LANES: tl.constexpr):
-    """Ask L2 for this program's share of `nbytes` (a multiple of 16) from `base_ptr` (16-byte aligned): one
-    bulk prefetch per thread (Hopper's cp.async.bulk.prefetch.L2), nothing waited on and nothing written."""
-    chunk = tl.cdiv(tl.cdiv(nbytes, num_programs * LANES), 16) * 16  # bytes per lane, a multiple of 16
-    start = (program * LANES + tl.arange(0, LANES)).to(tl.int64) * chunk
-    size = tl.minimum(tl.maximum(nbytes - start, 0), chunk).to(tl.int32)
-    addr = base_ptr.to(tl.pointer_type(tl.int8)) + start
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1,
-    )
-
-
-@triton.jit
 def _rope_paged_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    m_ptr, l_ptr, acc_ptr, pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, scale, stride_qkv, stride_cos, stride_cb, stride_cs,
-    stride_ch, stride_bt, stride_ob,
+    m_ptr, l_ptr, acc_ptr, scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    if PREFETCH:  # the next kernels' weights, while this one waits on q, k, v and then reads little from HBM
-        program = (seq * NUM_KV_HEADS + kv_head) * SPLITS + split
-        num_programs = tl.num_programs(0) * NUM_KV_HEADS * SPLITS
-        _prefetch_l2(pf0_ptr, pf0_bytes, program, num_programs, 128)
-        _prefetch_l2(pf1_ptr, pf1_bytes, program, num_programs, 128)
     if USE_PDL:  # q, k, v come from the previous kernel; the KV cache of earlier steps is only read
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
     dtype = out_ptr.dtype.element_ty
     g = tl.arange(0, GROUP_PAD)
@@ -312,19 +284,13 @@ def attention_splits(batch: int, num_kv_heads: int, max_pages: int, device: torc
 def rope_paged_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-    num_heads: int, scale: float, splits: int | None = None, prefetch: tuple[torch.Tensor, ...] = (),
-    prefetch_bytes: int | None = None,
+    num_heads: int, scale: float, splits: int | None = None,
 ) -> torch.Tensor:
     """qkv (B, (Hq + 2 Hkv) D) one new token per sequence, unrotated; cos/sin (max_positions, D / 2) (the first
     half of HF's rotary output); positions, slots (B,) int64; caches (num_blocks, block_size, Hkv, D);
     block_tables (B, max_blocks) int32; context_lens (B,) int32 including the new token. Writes the new
     k, v into the caches and returns the attention output (B, Hq * D). Each sequence's context is divided
-    among `splits` programs per KV head (default: `attention_splits`), combined by a second launch.
-
-    `prefetch`: up to two tensors (the weights the next kernels read) of which the first `prefetch_bytes`
-    in all (default `L2_PREFETCH_BYTES`) are fetched into L2 while attention runs: attention reads a few MB
-    of KV and leaves HBM mostly idle for its ~5 us per layer. Only on Hopper and newer; a hint, never a
-    change to any result."""
+    among `splits` programs per KV head (default: `attention_splits`), combined by a second launch."""
     batch = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     splits = splits or attention_splits(batch, num_kv_heads, block_tables.shape[1], qkv.device)
@@ -333,14 +299,12 @@ def rope_paged_attention(
     l = torch.empty_like(m) if splits > 1 else out
     acc = torch.empty(batch, splits, num_heads, head_dim, dtype=torch.float32, device=qkv.device) if splits > 1 else out
     pdl = pdl_enabled(qkv.device)
-    (pf0, n0), (pf1, n1) = _prefetch_plan(prefetch, L2_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes, out)
     _rope_paged_attention_kernel[(batch, num_kv_heads, splits)](
-        qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, pf0, n0, pf1, n1,
-        scale, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HALF=head_dim // 2, BLOCK_SIZE=block_size,
-        SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl,
-        PREFETCH=n0 > 0 and _has_bulk_prefetch(qkv.device), num_warps=4, launch_pdl=pdl,
+        SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, num_warps=4,
+        launch_pdl=pdl,
     )
     if splits > 1:
         _combine_kernel[(batch, num_heads)](m, l, acc, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
@@ -348,16 +312,3 @@ def rope_paged_attention(
                                              launch_pdl=pdl)
     return out
 
-
-def _prefetch_plan(tensors: tuple[torch.Tensor, ...], budget: int, dummy: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, bytes) for the kernel's two prefetch slots: the tensors in order until `budget` bytes, each
-    share a multiple of 16 bytes; a tensor that is not contiguous or not 16-byte aligned is skipped."""
-    if len(tensors) > 2:
-        raise ValueError("rope_paged_attention: at most two tensors to prefetch")
-    plan = []
-    for t in tensors:
-        nbytes = min(budget, t.numel() * t.element_size()) // 16 * 16
-        if nbytes > 0 and t.is_contiguous() and t.data_ptr() % 16 == 0:
-            plan.append((t, nbytes))
-            budget -= nbytes
-    return (plan + [(dummy, 0), (dummy, 0)])[:2]

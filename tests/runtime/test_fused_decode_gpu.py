@@ -75,34 +75,6 @@ def test_rope_paged_attention_matches_rope_and_cache_then_paged_attention(width,
     assert (got.float() - expected.float()).abs().max() <= 1e-2
 
 
-def test_l2_prefetch_changes_no_result_and_plans_aligned_shares():
-    from optforge.runtime.kernels.fused_decode import _prefetch_plan, rope_paged_attention
-
-    torch.manual_seed(2)
-    hq, hkv, d, bs, dtype = 32, 8, 64, 16, torch.bfloat16
-    kc = torch.randn(64, bs, hkv, d, device="cuda").to(dtype)
-    vc = torch.randn_like(kc)
-    qkv = torch.randn(1, (hq + 2 * hkv) * d, device="cuda").to(dtype)
-    cos, sin = torch.rand(256, d // 2, device="cuda").to(dtype), torch.rand(256, d // 2, device="cuda").to(dtype)
-    tables = torch.arange(16, device="cuda", dtype=torch.int32)[None]
-    lens, pos = torch.tensor([200], dtype=torch.int32, device="cuda"), torch.tensor([199], device="cuda")
-    slots = pos.clone()
-    w_o, w_gu = torch.randn(2048, 2048, device="cuda").to(dtype), torch.randn(4096, 2048, device="cuda").to(dtype)
-    args = (qkv, cos, sin, pos, slots)
-    plain = rope_paged_attention(*args, kc.clone(), vc.clone(), tables, lens, hq, d**-0.5, prefetch_bytes=0)
-    kc2, vc2 = kc.clone(), vc.clone()
-    fetched = rope_paged_attention(*args, kc2, vc2, tables, lens, hq, d**-0.5, prefetch=(w_o, w_gu), prefetch_bytes=10 << 20)
-    torch.cuda.synchronize()
-    assert torch.equal(plain, fetched)
-    plan = _prefetch_plan((w_o, w_gu), 10 << 20, plain)
-    assert [(t is w, n) for (t, n), w in zip(plan, (w_o, w_gu))] == [(True, 2048 * 2048 * 2), (True, (10 << 20) - 2048 * 2048 * 2)]
-    odd = torch.empty(1001, device="cuda", dtype=torch.int8)[1:]  # not 16-byte aligned: skipped
-    (first, n_first), (second, n_second) = _prefetch_plan((odd, w_o), 100, plain)
-    assert first is w_o and n_first == 96 and second is plain and n_second == 0
-    with pytest.raises(ValueError, match="at most two"):
-        _prefetch_plan((w_o, w_o, w_o), 100, plain)
-
-
 @pytest.mark.parametrize("scheme", [None, "int8"])
 def test_batch1_fused_decode_matches_hf_generate(tiny_llama_factory, byte_tokenizer, scheme):
     """fp32 (dense) and per-channel int8 weights: batch-1 requests run the fused graph; greedy tokens equal HF."""
