@@ -1,0 +1,169 @@
+#include "kernels_internal.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+// The AVX-512 (F, BW, VL) + VNNI kernels (every function marked OF_AVX512): the fp32 dot product and axpy,
+// the int8 / int4 GEMV / GEMM rows and attention. The dispatch (kernels.cpp) uses them only where
+// detected_isa() found those instruction sets.
+
+// GCC 12's AVX-512 headers pass _mm512_undefined_*() through masked builtins (permutexvar, cvtepi32_ps,
+// reduce_add) and then warn that it is uninitialized (GCC bug 105593, fixed in GCC 13): silence only that.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace optforge_rt::detail {
+
+namespace {
+
+OF_AVX512 inline float dot_f32_avx512(const float* a, const float* b, int n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Decode GEMV on AVX-512: R output rows at once share each activation load, and each 64-byte step covers two
+// blocks in one 512-bit vpdpbusd. vpdpbusd multiplies unsigned by signed bytes, so the weights are made
+// unsigned (int8: w ^ 0x80 = w + 128; int4: the stored nibble q + 8) and the excess, C * sum(x) per lane with
+// C = 128 or 8, is the accumulator's starting value (prepared once per token, shared by all rows). Every row
+// runs the same instruction sequence whatever R is, so a row's result does not depend on its neighbours.
+
+// The fp16 scales of a row's block pair (a lone last block reads only its own) widened by vcvtph2ps and
+// spread over the lanes of their blocks, times the token's per-lane activation scales.
+OF_AVX512 inline __m512 scale_pair(const uint16_t* s, bool both, __m512i lanes, __m512 xs) {
+  uint32_t pair = s[0];
+  if (both) std::memcpy(&pair, s, 4);
+  const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(pair)));
+  return _mm512_mul_ps(_mm512_permutexvar_ps(lanes, _mm512_zextps128_ps512(two)), xs);
+}
+
+// Rows ahead whose weights are requested while these are computed: the hardware prefetcher alone left the
+// decode GEMV waiting on memory (perf showed the weight load as the stall). A prefetch never faults, so
+// reaching past the matrix's end is harmless.
+#ifndef OF_PREFETCH_ROWS
+#define OF_PREFETCH_ROWS 8
+#endif
+constexpr int kPrefetchRows = OF_PREFETCH_ROWS;
+
+template <int R>
+OF_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int K, int nb, const PreparedActs& a, int m, float* y) {
+  const int8_t* x = a.q.data() + static_cast<size_t>(m) * a.stride;
+  const float* pat = a.pat8.data() + static_cast<size_t>(m) * a.np * 16;
+  const int32_t* neg = a.neg8.data() + static_cast<size_t>(m) * a.np * 16;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int p = 0; p < a.np; ++p) {
+    const bool both = 2 * p + 1 < nb;
+    const __m512i xv = _mm512_loadu_si512(x + 64 * p);
+    const __m512i nv = _mm512_loadu_si512(neg + 16 * p);
+    const __m512 pv = _mm512_loadu_ps(pat + 16 * p);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* wp = w + static_cast<size_t>(r) * K + 64 * p;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchRows * K, _MM_HINT_T0);
+      __m512i wv = both ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, wp);
+      __m512i d = _mm512_dpbusd_epi32(nv, _mm512_xor_si512(wv, flip), xv);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale_pair(s + static_cast<size_t>(r) * nb + 2 * p, both, lanes, pv), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// int4 pair p is 32 bytes: low nibbles (columns 0-15 of both blocks) then high nibbles (16-31) after the
+// unpack, so the activations are prepared in that order: [b0 0-15 | b1 0-15 | b0 16-31 | b1 16-31].
+template <int R>
+OF_AVX512 void q4_rows_avx512(const uint8_t* w, const uint16_t* s, int K, int nb, const PreparedActs& a, int m, float* y) {
+  const int8_t* x = a.q4.data() + static_cast<size_t>(m) * a.stride;
+  const float* pat = a.pat4.data() + static_cast<size_t>(m) * a.np * 16;
+  const int32_t* neg = a.neg4.data() + static_cast<size_t>(m) * a.np * 16;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int p = 0; p < a.np; ++p) {
+    const bool both = 2 * p + 1 < nb;
+    const __m512i xv = _mm512_loadu_si512(x + 64 * p);
+    const __m512i nv = _mm512_loadu_si512(neg + 16 * p);
+    const __m512 pv = _mm512_loadu_ps(pat + 16 * p);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wp = w + static_cast<size_t>(r) * (K / 2) + 32 * p;
+      if (p % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchRows * (K / 2), _MM_HINT_T0);
+      __m256i v = both ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
+                       : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)), 0);
+      __m512i wv = _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_and_si256(v, nibble)), _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), 1);
+      __m512i d = _mm512_dpbusd_epi32(nv, wv, xv);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale_pair(s + static_cast<size_t>(r) * nb + 2 * p, both, lanes, pv), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+OF_AVX512 inline void axpy_f32_avx512(float a, const float* x, float* y, int n) {
+  const __m512 av = _mm512_set1_ps(a);
+  int i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// Batches (prefill) take four rows at a time, sharing each activation load; a single token (decode) takes
+// rows one by one: there, four interleaved weight streams ran 30% slower (memory bound, measured on SmolLM2
+// int8: 67 vs 92-97 tok/s on one thread). A row's result is bit-identical either way.
+OF_AVX512 void q8_rows_wide(const Linear& w, int o0, int o1, const PreparedActs& a, int m, float* y) {
+  const int K = w.in_features, nb = a.nb;
+  int o = o0;
+  for (; a.M > 1 && o + 4 <= o1; o += 4) q8_rows_avx512<4>(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+  for (; o < o1; ++o) q8_rows_avx512<1>(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+}
+
+OF_AVX512 void q4_rows_wide(const Linear& w, int o0, int o1, const PreparedActs& a, int m, float* y) {
+  const int K = w.in_features, nb = a.nb;
+  int o = o0;
+  for (; a.M > 1 && o + 4 <= o1; o += 4) q4_rows_avx512<4>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+  for (; o < o1; ++o) q4_rows_avx512<1>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+}
+
+// AVX-512: dot_f32_avx512 inlined, and the output kept in four registers per 64 columns across all positions
+// where D is a multiple of 64 (the same fmas in the same order as axpy_f32_avx512).
+OF_AVX512 void attend_avx512(const float* q, const float* const* k, const float* const* v, int n, int D, float scale, float* scores, float* out) {
+  float max_score = -INFINITY;
+  for (int p = 0; p < n; ++p) max_score = std::max(max_score, scores[p] = dot_f32_avx512(q, k[p], D) * scale);
+  float sum = 0.f;
+  for (int p = 0; p < n; ++p) sum += (scores[p] = std::exp(scores[p] - max_score));
+  if (D % 64 != 0) {
+    std::fill(out, out + D, 0.f);
+    for (int p = 0; p < n; ++p) axpy_f32_avx512(scores[p] / sum, v[p], out, D);
+    return;
+  }
+  for (int c = 0; c < D; c += 64) {
+    __m512 acc[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
+    for (int p = 0; p < n; ++p) {
+      const __m512 a = _mm512_set1_ps(scores[p] / sum);
+      const float* vp = v[p] + c;
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) acc[i] = _mm512_fmadd_ps(a, _mm512_loadu_ps(vp + 16 * i), acc[i]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + c + 16 * i, acc[i]);
+  }
+}
+
+}  // namespace
+
+const KernelTable kAvx512 = {dot_f32_avx512, axpy_f32_avx512, attend_avx512, q8_rows_wide, q4_rows_wide, Isa::kAvx512};
+
+}  // namespace optforge_rt::detail

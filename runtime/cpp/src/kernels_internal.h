@@ -1,0 +1,54 @@
+// Private to the CPU kernels: what the dispatch in kernels.cpp (ISA selection, activation preparation, the
+// public API of kernels.h) shares with the kernels of each instruction set in kernels_scalar.cpp,
+// kernels_avx2.cpp and kernels_avx512.cpp. Each of those files keeps its kernels file-local (so the compiler
+// inlines and specializes them as it sees fit) and hands the dispatch one table of entry points.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "optforge_rt/kernels.h"
+
+// The SIMD kernels carry their instruction set as a per-function target attribute (no -mavx2 / -mavx512f for
+// the whole file), so one binary runs on any x86-64 and picks AVX2 / AVX-512 at run time. A declaration
+// here must carry the same attribute as its definition.
+#define OF_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define OF_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace optforge_rt::detail {
+
+// The activations of one matmul, quantized once and shared by every output row and thread. A token's row is
+// zero padded to a whole number of block pairs (64 columns) so the AVX-512 kernels never read past it.
+struct PreparedActs {
+  int M = 0, nb = 0, np = 0, stride = 0;  // blocks, block pairs, bytes per token row (np * 64)
+  std::vector<int8_t> q;                  // (M, stride) int8, column order
+  std::vector<float> xs;                  // (M, nb) per-block scales
+  std::vector<int8_t> q4;                 // (M, stride) AVX-512 int4 order (see q4_rows_avx512)
+  std::vector<float> pat8, pat4;          // (M, np, 16) the scale of each vpdpbusd lane's block
+  std::vector<int32_t> neg8, neg4;        // (M, np, 16) minus the unsigned-weight excess of each lane
+  // AVX2 (see q8_rows_avx2 / q4_rows_avx2): nb8 = nb rounded up to 8
+  int nb8 = 0;
+  std::vector<int8_t> xa;                 // (M, stride) |q|, maddubs' unsigned operand for int8
+  std::vector<float> xs8;                 // (M, nb8) xs zero padded to whole groups of 8 blocks
+  std::vector<int32_t> neg4x8;            // (M, np, 8) minus the nibble excess (8 * x) of each madd lane
+};
+
+using RowsFn = void (*)(const Linear&, int, int, const PreparedActs&, int, float*);
+
+struct KernelTable {
+  float (*dot_f32)(const float*, const float*, int);
+  void (*axpy_f32)(float, const float*, float*, int);
+  void (*attend)(const float*, const float* const*, const float* const*, int, int, float, float*, float*);
+  RowsFn rows_q8;
+  RowsFn rows_q4;
+  Isa isa;  // which of PreparedActs' ISA-specific fields the rows kernels read
+};
+
+extern const KernelTable kScalar;  // kernels_scalar.cpp
+extern const KernelTable kAvx2;    // kernels_avx2.cpp
+extern const KernelTable kAvx512;  // kernels_avx512.cpp
+
+// One block of 32 floats -> int8 on AVX2 (kernels_avx2.cpp), bit-identical to quantize_block (kernels.cpp).
+OF_AVX2 float quantize_block_avx2(const float* xb, int8_t* q);
+
+}  // namespace optforge_rt::detail
