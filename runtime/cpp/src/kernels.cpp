@@ -191,14 +191,16 @@ void matmul_group(const std::vector<const Linear*>& group, const float* x, int M
       const int o_begin = std::max(begin * kTile, starts[g]) - starts[g], o_end = std::min(row_end, starts[g + 1]) - starts[g];
       for (int o = o_begin; o < o_end; o += kTile) {
         const int tile_end = std::min(o_end, o + kTile);
+        if (w.format == WeightFormat::kF32) {
+          k.rows_f32(w, o, tile_end, x, M, ys[g], w.out_features);
+          continue;
+        }
         for (int m = 0; m < M; ++m) {
           float* y = ys[g] + static_cast<size_t>(m) * w.out_features;
           if (w.format == WeightFormat::kInt8) {
             k.rows_q8(w, o, tile_end, acts, m, y);
-          } else if (w.format == WeightFormat::kInt4) {
-            k.rows_q4(w, o, tile_end, acts, m, y);
           } else {
-            for (int r = o; r < tile_end; ++r) y[r] = k.dot_f32(w.f32 + static_cast<size_t>(r) * K, x + static_cast<size_t>(m) * K, K);
+            k.rows_q4(w, o, tile_end, acts, m, y);
           }
         }
       }

@@ -257,7 +257,8 @@ OF_AVX2 void attend_avx2(const float* q, const float* const* k, const float* con
 
 }  // namespace
 
-const KernelTable kAvx2 = {dot_f32_avx2, axpy_f32_avx2, attend_avx2, q8_rows_avx2_single, q4_rows_avx2_pairs, Isa::kAvx2};
+const KernelTable kAvx2 = {dot_f32_avx2, axpy_f32_avx2, attend_avx2, q8_rows_avx2_single, q4_rows_avx2_pairs,
+                          f32_rows_by_dot<dot_f32_avx2>, Isa::kAvx2};
 
 // quantize_block (kernels.cpp) on AVX2, bit for bit: max and x * inv are exact or correctly rounded in any
 // order, and vroundps in nearest mode rounds half to even as nearbyint does (under the default rounding mode).

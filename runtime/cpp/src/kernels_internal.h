@@ -34,6 +34,16 @@ struct PreparedActs {
 };
 
 using RowsFn = void (*)(const Linear&, int, int, const PreparedActs&, int, float*);
+// fp32 rows [o0, o1) of a Linear for all M token rows of x (M, K): y[m * ldy + o] for each m and o.
+using RowsF32Fn = void (*)(const Linear&, int, int, const float*, int, float*, int);
+
+// RowsF32Fn as one Dot call per (row, token): the scalar and AVX2 tables' fp32 matmul.
+template <float (*Dot)(const float*, const float*, int)>
+void f32_rows_by_dot(const Linear& w, int o0, int o1, const float* x, int M, float* y, int ldy) {
+  const int K = w.in_features;
+  for (int m = 0; m < M; ++m)
+    for (int o = o0; o < o1; ++o) y[static_cast<size_t>(m) * ldy + o] = Dot(w.f32 + static_cast<size_t>(o) * K, x + static_cast<size_t>(m) * K, K);
+}
 
 struct KernelTable {
   float (*dot_f32)(const float*, const float*, int);
@@ -41,6 +51,7 @@ struct KernelTable {
   void (*attend)(const float*, const float* const*, const float* const*, int, int, float, float*, float*);
   RowsFn rows_q8;
   RowsFn rows_q4;
+  RowsF32Fn rows_f32;
   Isa isa;  // which of PreparedActs' ISA-specific fields the rows kernels read
 };
 

@@ -76,6 +76,7 @@ void attend_by_calls(const float* q, const float* const* k, const float* const* 
 
 }  // namespace
 
-const KernelTable kScalar = {dot_f32_scalar, axpy_f32_scalar, attend_by_calls<dot_f32_scalar, axpy_f32_scalar>, q8_rows_by_dot<dot_q8_scalar>, q4_rows_by_dot<dot_q4_scalar>, Isa::kScalar};
+const KernelTable kScalar = {dot_f32_scalar, axpy_f32_scalar, attend_by_calls<dot_f32_scalar, axpy_f32_scalar>, q8_rows_by_dot<dot_q8_scalar>, q4_rows_by_dot<dot_q4_scalar>,
+                          f32_rows_by_dot<dot_f32_scalar>, Isa::kScalar};
 
 }  // namespace optforge_rt::detail
