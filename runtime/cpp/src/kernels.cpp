@@ -184,28 +184,34 @@ void matmul_group(const std::vector<const Linear*>& group, const float* x, int M
   // boundary badly: the rows on each side are computed by that Linear, one kernel call per side.
   constexpr int kTile = 4;
   const int total = starts[G];
-  pool.parallel_for((total + kTile - 1) / kTile, [&](int begin, int end) {
-    const int row_end = std::min(total, end * kTile);
-    for (int g = 0; g < G; ++g) {
-      const Linear& w = *group[g];
-      const int o_begin = std::max(begin * kTile, starts[g]) - starts[g], o_end = std::min(row_end, starts[g + 1]) - starts[g];
-      for (int o = o_begin; o < o_end; o += kTile) {
-        const int tile_end = std::min(o_end, o + kTile);
-        if (w.format == WeightFormat::kF32) {
-          k.rows_f32(w, o, tile_end, x, M, ys[g], w.out_features);
-          continue;
-        }
-        for (int m = 0; m < M; ++m) {
-          float* y = ys[g] + static_cast<size_t>(m) * w.out_features;
-          if (w.format == WeightFormat::kInt8) {
-            k.rows_q8(w, o, tile_end, acts, m, y);
-          } else {
-            k.rows_q4(w, o, tile_end, acts, m, y);
+  // Long prefills go in chunks of tokens whose activations stay in L2 while every row tile reads them (a
+  // 1,024-token batch would stream them from L3 once per tile); each output is the same with or without chunks.
+  const int chunk = std::max(2, static_cast<int>((size_t{512} << 10) / (static_cast<size_t>(K) * sizeof(float))) & ~1);
+  for (int m0 = 0; m0 < M; m0 += chunk) {
+    const int m1 = std::min(M, m0 + chunk);
+    pool.parallel_for((total + kTile - 1) / kTile, [&](int begin, int end) {
+      const int row_end = std::min(total, end * kTile);
+      for (int g = 0; g < G; ++g) {
+        const Linear& w = *group[g];
+        const int o_begin = std::max(begin * kTile, starts[g]) - starts[g], o_end = std::min(row_end, starts[g + 1]) - starts[g];
+        for (int o = o_begin; o < o_end; o += kTile) {
+          const int tile_end = std::min(o_end, o + kTile);
+          if (w.format == WeightFormat::kF32) {
+            k.rows_f32(w, o, tile_end, x + static_cast<size_t>(m0) * K, m1 - m0, ys[g] + static_cast<size_t>(m0) * w.out_features, w.out_features);
+            continue;
+          }
+          for (int m = m0; m < m1; ++m) {
+            float* y = ys[g] + static_cast<size_t>(m) * w.out_features;
+            if (w.format == WeightFormat::kInt8) {
+              k.rows_q8(w, o, tile_end, acts, m, y);
+            } else {
+              k.rows_q4(w, o, tile_end, acts, m, y);
+            }
           }
         }
       }
-    }
-  });
+    });
+  }
 }
 
 void matmul(const Linear& w, const float* x, int M, float* y, ThreadPool& pool) { matmul_group({&w}, x, M, {y}, pool); }
