@@ -1,6 +1,7 @@
 """Speed of the C++ runtime on SmolLM2-135M on this CPU, beside HF transformers and llama.cpp.
 
   python benchmarks/cpp_speed.py --cache-dir /tmp/ofcache --work /tmp/cpp_bench [--threads 2] [--llama-site DIR]
+      [--interleave N]
 
 Prompt 128 tokens, 64 new tokens (EOS ignored), greedy, batch 1 and 8. C++: fp32 (the HF folder as is),
 INT8 and INT4 engines written by `pack.cpu` (lm_head packed like the weights). HF: fp32 eager with its KV
@@ -16,6 +17,7 @@ import importlib.util
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 PROMPT, NEW = 128, 64
+LLAMA_NAMES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
 log = logging.getLogger(__name__)
 
 
@@ -109,6 +112,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-site", default=None, help="extra sys.path entry holding llama_cpp (a --target install)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="then N more batch-1 runs of ours and llama.cpp in turn per bit width, reported as medians "
+                         "(on a shared machine, load drifts between the blocks of the main table)")
     args = ap.parse_args()
     if args.llama_site:
         sys.path.insert(0, args.llama_site)
@@ -133,11 +139,12 @@ def main() -> None:
             p, d = bench_cpp(rt, path, batch, args.threads)
             rows.append(("optforge C++", fmt, batch, p, d))
             log.info("C++ %s batch %d: prefill %.1f, decode %.1f tok/s", fmt, batch, p, d)
+    ggufs = {}
     try:
         ggufs = llama_ggufs(work)
         for fmt, path in ggufs.items():
             p, d = bench_llama(path, args.threads)
-            rows.append(("llama.cpp 0.3.36", {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}[fmt], 1, p, d))
+            rows.append(("llama.cpp 0.3.36", LLAMA_NAMES[fmt], 1, p, d))
     except ImportError as exc:
         print(f"llama.cpp not measured: {exc}", file=sys.stderr)
     if not args.skip_hf:
@@ -152,6 +159,23 @@ def main() -> None:
     print("| runtime | weights | batch | prefill tok/s | decode tok/s |\n| --- | --- | --- | --- | --- |")
     for name, fmt, batch, p, d in rows:
         print(f"| {name} | {fmt} | {batch} | {p:.1f} | {d:.1f} |")
+    if args.interleave and ggufs:
+        print(interleaved(rt, engines, ggufs, args.threads, args.interleave))
+
+
+def interleaved(rt, engines: dict, ggufs: dict, threads: int, n: int) -> str:
+    """Batch-1 decode of ours and llama.cpp in turn, n times per bit width: medians (min-max) of tok/s."""
+    lines = [f"\nInterleaved, {n} runs each, batch-1 decode tok/s, median (min-max):\n",
+             "| weights | optforge C++ | llama.cpp | ratio of medians |", "| --- | --- | --- | --- |"]
+    for fmt, path in ggufs.items():
+        ours, theirs = [], []
+        for _ in range(n):
+            ours.append(bench_cpp(rt, engines[fmt], 1, threads)[1])
+            theirs.append(bench_llama(path, threads)[1])
+        a, b = statistics.median(ours), statistics.median(theirs)
+        lines.append(f"| {fmt} / {LLAMA_NAMES[fmt]} | {a:.1f} ({min(ours):.1f}-{max(ours):.1f}) | {b:.1f} "
+                     f"({min(theirs):.1f}-{max(theirs):.1f}) | {a / b:.2f}x |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
