@@ -44,7 +44,7 @@ void axpy_f32_scalar(float a, const float* x, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// y[o] for o in [o0, o1) of token m: one dot product per row (scalar and AVX2).
+// y[o] for o in [o0, o1) of token m: one dot product per row (the scalar table; AVX2 and AVX-512 have row kernels).
 template <float (*Dot)(const int8_t*, const uint16_t*, const int8_t*, const float*, int)>
 void q8_rows_by_dot(const Linear& w, int o0, int o1, const PreparedActs& a, int m, float* y) {
   const int K = w.in_features, nb = a.nb;
