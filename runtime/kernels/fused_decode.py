@@ -312,4 +312,3 @@ def rope_paged_attention(
                                              SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), USE_PDL=pdl, num_warps=1,
                                              launch_pdl=pdl)
     return out
-
