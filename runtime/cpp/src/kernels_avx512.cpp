@@ -116,13 +116,48 @@ OF_AVX512 inline __m512 scale_pair(const uint16_t* s, bool both, __m512i lanes, 
 #endif
 constexpr int kPrefetchRows = OF_PREFETCH_ROWS;
 
-template <int R>
-OF_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int K, int nb, const PreparedActs& a, int m, float* y) {
-  const int8_t* x = a.q.data() + static_cast<size_t>(m) * a.stride;
-  const float* pat = a.pat8.data() + static_cast<size_t>(m) * a.np * 16;
-  const int32_t* neg = a.neg8.data() + static_cast<size_t>(m) * a.np * 16;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+// What the int8 and int4 row kernels differ in: their prepared activations, which lanes a block pair's two
+// scales cover, and how a pair of blocks of one row becomes 64 unsigned weight bytes for vpdpbusd.
+struct Int8Rows {
+  using Weight = int8_t;
+  static const std::vector<int8_t>& x(const PreparedActs& a) { return a.q; }
+  static const std::vector<float>& pat(const PreparedActs& a) { return a.pat8; }
+  static const std::vector<int32_t>& neg(const PreparedActs& a) { return a.neg8; }
+  static constexpr int row_bytes(int K) { return K; }
+  OF_AVX512 static __m512i lanes() { return _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0); }
+  OF_AVX512 static __m512i pair(const int8_t* row, int K, int p, bool both) {
+    const int8_t* wp = row + 64 * p;
+    _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchRows * K, _MM_HINT_T0);
+    const __m512i wv = both ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, wp);
+    return _mm512_xor_si512(wv, _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+};
+
+// int4 pair p is 32 bytes: low nibbles (columns 0-15 of both blocks) then high nibbles (16-31) after the
+// unpack, so the activations are prepared in that order: [b0 0-15 | b1 0-15 | b0 16-31 | b1 16-31].
+struct Int4Rows {
+  using Weight = uint8_t;
+  static const std::vector<int8_t>& x(const PreparedActs& a) { return a.q4; }
+  static const std::vector<float>& pat(const PreparedActs& a) { return a.pat4; }
+  static const std::vector<int32_t>& neg(const PreparedActs& a) { return a.neg4; }
+  static constexpr int row_bytes(int K) { return K / 2; }
+  OF_AVX512 static __m512i lanes() { return _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0); }
+  OF_AVX512 static __m512i pair(const uint8_t* row, int K, int p, bool both) {
+    const uint8_t* wp = row + 32 * p;
+    if (p % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchRows * (K / 2), _MM_HINT_T0);
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    const __m256i v = both ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
+                           : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)), 0);
+    return _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_and_si256(v, nibble)), _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), 1);
+  }
+};
+
+template <int R, class Fmt>
+OF_AVX512 void rows_avx512(const typename Fmt::Weight* w, const uint16_t* s, int K, int nb, const PreparedActs& a, int m, float* y) {
+  const int8_t* x = Fmt::x(a).data() + static_cast<size_t>(m) * a.stride;
+  const float* pat = Fmt::pat(a).data() + static_cast<size_t>(m) * a.np * 16;
+  const int32_t* neg = Fmt::neg(a).data() + static_cast<size_t>(m) * a.np * 16;
+  const __m512i lanes = Fmt::lanes();
   __m512 acc[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -135,42 +170,7 @@ OF_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int K, int nb,
     // on every fma's dependency chain, the hottest instructions of int8 prefill in perf)
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const int8_t* wp = w + static_cast<size_t>(r) * K + 64 * p;
-      _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchRows * K, _MM_HINT_T0);
-      __m512i wv = both ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, wp);
-      __m512i d = _mm512_dpbusd_epi32(nv, _mm512_xor_si512(wv, flip), xv);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale_pair(s + static_cast<size_t>(r) * nb + 2 * p, both, lanes, pv), acc[r]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-// int4 pair p is 32 bytes: low nibbles (columns 0-15 of both blocks) then high nibbles (16-31) after the
-// unpack, so the activations are prepared in that order: [b0 0-15 | b1 0-15 | b0 16-31 | b1 16-31].
-template <int R>
-OF_AVX512 void q4_rows_avx512(const uint8_t* w, const uint16_t* s, int K, int nb, const PreparedActs& a, int m, float* y) {
-  const int8_t* x = a.q4.data() + static_cast<size_t>(m) * a.stride;
-  const float* pat = a.pat4.data() + static_cast<size_t>(m) * a.np * 16;
-  const int32_t* neg = a.neg4.data() + static_cast<size_t>(m) * a.np * 16;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512 acc[R];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int p = 0; p < a.np; ++p) {
-    const bool both = 2 * p + 1 < nb;
-    const __m512i xv = _mm512_loadu_si512(x + 64 * p);
-    const __m512i nv = _mm512_loadu_si512(neg + 16 * p);
-    const __m512 pv = _mm512_loadu_ps(pat + 16 * p);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* wp = w + static_cast<size_t>(r) * (K / 2) + 32 * p;
-      if (p % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchRows * (K / 2), _MM_HINT_T0);
-      __m256i v = both ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
-                       : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)), 0);
-      __m512i wv = _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_and_si256(v, nibble)), _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), 1);
-      __m512i d = _mm512_dpbusd_epi32(nv, wv, xv);
+      const __m512i d = _mm512_dpbusd_epi32(nv, Fmt::pair(w + static_cast<size_t>(r) * Fmt::row_bytes(K), K, p, both), xv);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale_pair(s + static_cast<size_t>(r) * nb + 2 * p, both, lanes, pv), acc[r]);
     }
   }
@@ -191,15 +191,15 @@ OF_AVX512 inline void axpy_f32_avx512(float a, const float* x, float* y, int n) 
 OF_AVX512 void q8_rows_wide(const Linear& w, int o0, int o1, const PreparedActs& a, int m, float* y) {
   const int K = w.in_features, nb = a.nb;
   int o = o0;
-  for (; a.M > 1 && o + 4 <= o1; o += 4) q8_rows_avx512<4>(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
-  for (; o < o1; ++o) q8_rows_avx512<1>(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+  for (; a.M > 1 && o + 4 <= o1; o += 4) rows_avx512<4, Int8Rows>(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+  for (; o < o1; ++o) rows_avx512<1, Int8Rows>(w.q8 + static_cast<size_t>(o) * K, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
 }
 
 OF_AVX512 void q4_rows_wide(const Linear& w, int o0, int o1, const PreparedActs& a, int m, float* y) {
   const int K = w.in_features, nb = a.nb;
   int o = o0;
-  for (; a.M > 1 && o + 4 <= o1; o += 4) q4_rows_avx512<4>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
-  for (; o < o1; ++o) q4_rows_avx512<1>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+  for (; a.M > 1 && o + 4 <= o1; o += 4) rows_avx512<4, Int4Rows>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
+  for (; o < o1; ++o) rows_avx512<1, Int4Rows>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales + static_cast<size_t>(o) * nb, K, nb, a, m, y + o);
 }
 
 // AVX-512: dot_f32_avx512 inlined, and the output kept in four registers per 64 columns across all positions

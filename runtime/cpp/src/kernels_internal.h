@@ -23,7 +23,7 @@ struct PreparedActs {
   int M = 0, nb = 0, np = 0, stride = 0;  // blocks, block pairs, bytes per token row (np * 64)
   std::vector<int8_t> q;                  // (M, stride) int8, column order
   std::vector<float> xs;                  // (M, nb) per-block scales
-  std::vector<int8_t> q4;                 // (M, stride) AVX-512 int4 order (see q4_rows_avx512)
+  std::vector<int8_t> q4;                 // (M, stride) AVX-512 int4 order (see Int4Rows in kernels_avx512.cpp)
   std::vector<float> pat8, pat4;          // (M, np, 16) the scale of each vpdpbusd lane's block
   std::vector<int32_t> neg8, neg4;        // (M, np, 16) minus the unsigned-weight excess of each lane
   // AVX2 (see q8_rows_avx2 / q4_rows_avx2): nb8 = nb rounded up to 8
