@@ -6,7 +6,8 @@
    they are in the decode graph).
 2. The whole decode step: GPU time of the batch-1 CUDA graph with the fused path (6 launches per layer), the
    same without programmatic dependent launch, and without the fused path (the layer kernels of `_forward_fused`), and a kernel-by-kernel profile of the fused step.
-Usage (GPU machine): python benchmarks/decode_kernels_gpu.py [--sections projections,step] [--shape NAME]
+3. Ablations of the fused step at context 383: the graph rebuilt with one part changed or left out.
+Usage (GPU machine): python benchmarks/decode_kernels_gpu.py [--sections projections,step,ablate] [--shape NAME]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from runtime_gpu import SHAPES, build  # noqa: E402
 
 from optforge.runtime.kernels import fused_decode as fd  # noqa: E402
+from optforge.runtime.bench import bench_decode  # noqa: E402
 from optforge.runtime.llm import Engine, EngineConfig  # noqa: E402
 
 REPS = 10
@@ -124,9 +126,49 @@ def decode_step(model) -> None:
           f"unfused {unfused_ms:.3f} ms (static input token {s['tokens'][s['src'][0]].item()})")
 
 
+def ablate(model) -> None:
+    """The fused decode graph at context 383 (after a 128-token prompt and 256 new tokens), rebuilt with one
+    thing changed at a time: what each part of the step costs inside the pipelined graph, where kernels overlap
+    under programmatic dependent launch and a kernel's cost is not its time alone."""
+    engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
+    print("batch-1 decode:", bench_decode(engine, 1, 128, 256))
+    runner = engine.runner
+    heads = runner.num_heads * runner.head_dim
+
+    def step_ms() -> float:
+        body = runner._graph_body(1)
+        body()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return replay_us(graph, 500) / 1e3
+
+    attention, splits = fd.rope_paged_attention, fd.attention_splits
+    variants = {
+        "as shipped": lambda: None,
+        "KV read after the wait": lambda: setattr(fd, "KV_BEFORE_WAIT", False),
+        "dependents launched after the wait": lambda: setattr(fd, "LAUNCH_DEPENDENTS_EARLY", False),
+        "attention in one launch (1 split, no combine)": lambda: setattr(fd, "attention_splits", lambda *a: 1),
+        "attention and combine left out": lambda: setattr(fd, "rope_paged_attention", lambda qkv, *a, **k: qkv[:, :heads]),
+        "no programmatic dependent launch": lambda: setattr(fd, "USE_PDL", False),
+    }
+    print(f"context {int(runner.static['lens'][0])}")
+    print("| variant | graph GPU ms | tok/s at that time |")
+    print("| --- | --- | --- |")
+    for name, change in variants.items():
+        change()
+        try:
+            ms = step_ms()
+        finally:
+            fd.KV_BEFORE_WAIT, fd.LAUNCH_DEPENDENTS_EARLY, fd.USE_PDL = True, True, None
+            fd.rope_paged_attention, fd.attention_splits = attention, splits
+        print(f"| {name} | {ms:.3f} | {1e3 / ms:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="projections,step", help="comma-separated: projections, step")
+    ap.add_argument("--sections", default="projections,step,ablate", help="comma-separated: projections, step, ablate")
     ap.add_argument("--shape", default="Llama-3.2-1B", choices=sorted(SHAPES), help="model shape for --sections step")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -135,6 +177,8 @@ def main() -> None:
         projections()
     if "step" in sections:
         decode_step(build(SHAPES[args.shape]))
+    if "ablate" in sections:
+        ablate(build(SHAPES[args.shape]))
 
 
 if __name__ == "__main__":

@@ -121,3 +121,31 @@ def bench_hf(model, workload: Workload, *, batch_size: int, static_cache: bool =
         _sync(device)
     elapsed = time.perf_counter() - start
     return {"seconds": elapsed, "output_tok_s": len(prompts) * workload.output_len / elapsed}
+
+
+def bench_hf_decode(model, input_len: int = 128, output_len: int = 256, *, static_cache: bool = True, repeats: int = 3) -> dict:
+    """Batch-1 HF `generate`, timed as `bench_decode` times the runtime: the decode steps only. Each repeat times
+    a generate of `output_len` tokens and one of a single token (prefill + first token); decode tokens/s is
+    (output_len - 1) / (median full - median single). Also reports output_len / median full (prefill included),
+    the figure earlier runs quoted."""
+    import statistics
+
+    import torch
+
+    prompt = torch.tensor(Workload(input_len=input_len, num_requests=1).prompts(model.config.vocab_size), device=next(model.parameters()).device)
+    kwargs = dict(do_sample=False, **({"cache_implementation": "static"} if static_cache else {}))
+    full, single = [], []
+    with torch.inference_mode():
+        for n in (output_len, 1):  # warm-up: compiles the decode step (static cache) and the prefill
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        for _ in range(repeats):
+            for n, times in ((output_len, full), (1, single)):
+                _sync(prompt.device)
+                t = time.perf_counter()
+                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+                _sync(prompt.device)
+                times.append(time.perf_counter() - t)
+    t_full, t_single = statistics.median(full), statistics.median(single)
+    return {"decode_tok_s": (output_len - 1) / (t_full - t_single), "output_tok_s": output_len / t_full,
+            "full_s": full, "single_s": single}
+

@@ -34,6 +34,15 @@ PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 # drains, reads what does not depend on it (weights), and waits (griddepcontrol.wait) before touching its
 # outputs. None: on where the GPU supports it; the benchmarks set False to measure without.
 USE_PDL: bool | None = None
+# Each kernel lets the next one launch as soon as all its own programs have started (griddepcontrol.
+# launch_dependents at the top), not after its wait: the next kernel's programs then take free SM slots early
+# and read what they can (weights, cached keys) while this one and the one before it finish. Each still waits
+# for the kernel before it to complete before it reads that kernel's outputs or writes its own. The benchmarks
+# set False to launch dependents after the wait instead.
+LAUNCH_DEPENDENTS_EARLY = True
+# The attention kernel reads its first page of cached keys and values before it waits for q, k, v (see the
+# kernel); the benchmarks set False to measure the difference.
+KV_BEFORE_WAIT = True
 _PRO_RMSNORM, _PRO_SILU_MUL = tl.constexpr(1), tl.constexpr(2)
 
 # The configs that won somewhere in a cold-weight sweep of the Llama-3.2-1B projections on an H100
@@ -55,14 +64,30 @@ def _bench_in_graph(fn, quantiles=None):
     microseconds of host overhead to kernels of 3-30 us), each call after a 96 MB read that evicts the weights
     from the 50 MB L2, since a decode step streams every weight from HBM; the read's own time is subtracted."""
     if "read" not in _FLUSH:
-        buf = torch.zeros(96 * 2**18, dtype=torch.float32, device="cuda")
-        out = torch.empty((), dtype=torch.float32, device="cuda")
+        with torch.inference_mode(False):  # normal tensors: tuning may run in and out of inference mode
+            buf = torch.zeros(96 * 2**18, dtype=torch.float32, device="cuda")
+            out = torch.empty((), dtype=torch.float32, device="cuda")
         _FLUSH["read"] = lambda: torch.sum(buf, dim=0, out=out)
         _FLUSH["alone"] = triton.testing.do_bench_cudagraph(_FLUSH["read"], rep=20, quantiles=[0.5, 0.2, 0.8])
     read = _FLUSH["read"]
     both = triton.testing.do_bench_cudagraph(lambda: (read(), fn()), rep=20, quantiles=[0.5, 0.2, 0.8])
     timed = [max(t - r, 0.0) for t, r in zip(both, _FLUSH["alone"])]
     return timed if quantiles is not None else timed[0]
+
+
+@triton.jit
+def _pdl_start(USE_PDL: tl.constexpr, EARLY_LAUNCH: tl.constexpr):
+    if USE_PDL and EARLY_LAUNCH:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(USE_PDL: tl.constexpr, EARLY_LAUNCH: tl.constexpr):
+    """Wait for the previous kernel of the step (its outputs are this kernel's inputs)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        if not EARLY_LAUNCH:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -83,9 +108,10 @@ def _gemv_input(x_ptr, norm_ptr, k0, rk, K, dtype, PROLOGUE: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, norm_ptr, res_ptr, y_ptr, N, K, stride_wn, eps,
-    PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, USE_PDL: tl.constexpr,
+    PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, USE_PDL: tl.constexpr, EARLY_LAUNCH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr,
 ):
+    _pdl_start(USE_PDL, EARLY_LAUNCH)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
@@ -94,9 +120,7 @@ def _gemv_kernel(
     # the first weight tile is read before waiting on the previous kernel (weights are never written in a
     # step); with programmatic dependent launch that read overlaps the previous kernel's last programs
     w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # x, the residual and the norm input are the previous kernels' outputs
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_wait(USE_PDL, EARLY_LAUNCH)  # x, the residual and the norm input are the previous kernels' outputs
     xv, sq = _gemv_input(x_ptr, norm_ptr, 0, rk, K, dtype, PROLOGUE)
     # REDUCE_EACH: sum each tile's products at once (a BLOCK_N accumulator: fewer registers, more programs
     # per SM, more loads in flight); else one (BLOCK_N, BLOCK_K) accumulator summed at the end
@@ -155,9 +179,38 @@ def gemv(
     pdl = pdl_enabled(x.device)
     _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, weight, dummy, norm_weight if norm_weight is not None else y, y, y, n, k, weight.stride(0), eps,
-        PROLOGUE=prologue, RESIDUAL=residual is not None, HAS_SCALE=weight_scale is not None, USE_PDL=pdl, launch_pdl=pdl,
+        PROLOGUE=prologue, RESIDUAL=residual is not None, HAS_SCALE=weight_scale is not None, USE_PDL=pdl, EARLY_LAUNCH=LAUNCH_DEPENDENTS_EARLY, launch_pdl=pdl,
     )
     return None if residual is not None else y
+
+
+@triton.jit
+def _load_page(k_cache_ptr, v_cache_ptr, table_ptr, page, last, cached, kv_head, s, d, stride_cb, stride_cs, stride_ch,
+               HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One KV head's keys and values of one page of the context, as two halves of the head dimension (rotary's
+    halves), and which of its rows are cached positions; nothing is read past `last` (a split without pages)."""
+    block = tl.load(table_ptr + page, mask=page < last, other=0).to(tl.int64)
+    s_mask = (page * BLOCK_SIZE + s < cached) & (page < last)
+    offs = block * stride_cb + s[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
+    kc1 = tl.load(k_cache_ptr + offs, mask=s_mask[:, None], other=0.0)
+    kc2 = tl.load(k_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
+    vc1 = tl.load(v_cache_ptr + offs, mask=s_mask[:, None], other=0.0)  # issued with k: one round trip per page
+    vc2 = tl.load(v_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
+    return kc1, kc2, vc1, vc2, s_mask
+
+
+@triton.jit
+def _attend_page(q1, q2, kc1, kc2, vc1, vc2, s_mask, m, l, acc1, acc2, scale, dtype, PRECISION: tl.constexpr):
+    """One online-softmax step of a query group (G, D) over one page (S, D) of keys and values."""
+    scores = (tl.dot(q1, tl.trans(kc1), input_precision=PRECISION) + tl.dot(q2, tl.trans(kc2), input_precision=PRECISION)) * scale
+    scores = tl.where(s_mask[None, :], scores, float("-inf"))  # (G, S)
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    p = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    l = l * alpha + tl.sum(p, 1)
+    acc1 = acc1 * alpha[:, None] + tl.dot(p.to(dtype), vc1, input_precision=PRECISION)
+    acc2 = acc2 * alpha[:, None] + tl.dot(p.to(dtype), vc2, input_precision=PRECISION)
+    return m_new, l, acc1, acc2
 
 
 @triton.jit
@@ -165,11 +218,9 @@ def _rope_paged_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
     m_ptr, l_ptr, acc_ptr, scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, EARLY_KV: tl.constexpr, EARLY_LAUNCH: tl.constexpr,
 ):
-    if USE_PDL:  # q, k, v come from the previous kernel; the KV cache of earlier steps is only read
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_start(USE_PDL, EARLY_LAUNCH)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -179,9 +230,25 @@ def _rope_paged_attention_kernel(
     d = tl.arange(0, HALF)
     s = tl.arange(0, BLOCK_SIZE)
     g_mask = g < GROUP
+    # Everything but q, k, v is read before waiting on the previous kernel: the positions, lengths and block
+    # tables come from the host before the step, and the cached positions of this layer were written by earlier
+    # steps (this step's new token goes to a slot past them). So the first page of this split's context is
+    # already in registers when q arrives; under programmatic dependent launch that read overlaps the q|k|v GEMV.
     pos = tl.load(pos_ptr + seq).to(tl.int64)
     cos = tl.load(cos_ptr + pos * stride_cos + d).to(tl.float32)
     sin = tl.load(sin_ptr + pos * stride_cos + d).to(tl.float32)
+    cached = tl.load(context_lens_ptr + seq) - 1  # all but the new token
+    num_pages = tl.cdiv(cached, BLOCK_SIZE)
+    per_split = tl.cdiv(num_pages, SPLITS)  # the context of this step, not the table's width, is split
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_pages)
+    if EARLY_KV:
+        kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, first, last, cached,
+                                                kv_head, s, d, stride_cb, stride_cs, stride_ch, HALF, BLOCK_SIZE)
+    _pdl_wait(USE_PDL, EARLY_LAUNCH)  # q, k, v come from the previous kernel
+    if not EARLY_KV:
+        kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, first, last, cached,
+                                                kv_head, s, d, stride_cb, stride_cs, stride_ch, HALF, BLOCK_SIZE)
     row = qkv_ptr + seq * stride_qkv
 
     # rotary on the group's query heads (every split) and on the new key, rounded like rope_and_cache
@@ -190,32 +257,17 @@ def _rope_paged_attention_kernel(
     q2 = tl.load(row + HALF + q_offs, mask=g_mask[:, None], other=0.0).to(tl.float32)
     q1, q2 = (q1 * cos - q2 * sin).to(dtype), (q2 * cos + q1 * sin).to(dtype)
 
-    # online softmax over this split's share of the cached positions (all but the new token) ...
-    cached = tl.load(context_lens_ptr + seq) - 1
+    # online softmax over this split's share of the cached positions ...
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc1 = tl.zeros([GROUP_PAD, HALF], tl.float32)
     acc2 = tl.zeros([GROUP_PAD, HALF], tl.float32)
-    num_pages = tl.cdiv(cached, BLOCK_SIZE)
-    per_split = tl.cdiv(num_pages, SPLITS)  # the context of this step, not the table's width, is split
-    first = split * per_split
-    for page in range(first, tl.minimum(first + per_split, num_pages)):
-        block = tl.load(block_tables_ptr + seq * stride_bt + page).to(tl.int64)
-        s_mask = page * BLOCK_SIZE + s < cached
-        offs = block * stride_cb + s[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
-        kc1 = tl.load(k_cache_ptr + offs, mask=s_mask[:, None], other=0.0)
-        kc2 = tl.load(k_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
-        vc1 = tl.load(v_cache_ptr + offs, mask=s_mask[:, None], other=0.0)  # issued with k: one round trip per page
-        vc2 = tl.load(v_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
-        scores = (tl.dot(q1, tl.trans(kc1), input_precision=PRECISION) + tl.dot(q2, tl.trans(kc2), input_precision=PRECISION)) * scale
-        scores = tl.where(s_mask[None, :], scores, float("-inf"))  # (G, S)
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        acc1 = acc1 * alpha[:, None] + tl.dot(p.to(dtype), vc1, input_precision=PRECISION)
-        acc2 = acc2 * alpha[:, None] + tl.dot(p.to(dtype), vc2, input_precision=PRECISION)
-        m = m_new
+    if first < last:
+        m, l, acc1, acc2 = _attend_page(q1, q2, kc1, kc2, vc1, vc2, s_mask, m, l, acc1, acc2, scale, dtype, PRECISION)
+    for page in range(first + 1, last):
+        kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, page, last, cached,
+                                                kv_head, s, d, stride_cb, stride_cs, stride_ch, HALF, BLOCK_SIZE)
+        m, l, acc1, acc2 = _attend_page(q1, q2, kc1, kc2, vc1, vc2, s_mask, m, l, acc1, acc2, scale, dtype, PRECISION)
     # ... and split 0 writes the new k, v to their slot and adds the new token, from registers
     if split == 0:
         k_row = row + NUM_HEADS * 2 * HALF + kv_head * 2 * HALF
@@ -253,12 +305,11 @@ def _rope_paged_attention_kernel(
 
 @triton.jit
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr, EARLY_LAUNCH: tl.constexpr):
     """Flash-decoding's combination of one head's splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
     Splits that got no pages hold m = -inf, l = 0, acc = 0; split 0 always holds the new token."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_start(USE_PDL, EARLY_LAUNCH)
+    _pdl_wait(USE_PDL, EARLY_LAUNCH)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     sp = tl.arange(0, SPLITS_PAD)
@@ -304,11 +355,11 @@ def rope_paged_attention(
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HALF=head_dim // 2, BLOCK_SIZE=block_size,
-        SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, num_warps=4,
+        SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, EARLY_KV=KV_BEFORE_WAIT, EARLY_LAUNCH=LAUNCH_DEPENDENTS_EARLY, num_warps=4,
         launch_pdl=pdl,
     )
     if splits > 1:
         _combine_kernel[(batch, num_heads)](m, l, acc, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                                             SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), USE_PDL=pdl, num_warps=1,
+                                             SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), USE_PDL=pdl, EARLY_LAUNCH=LAUNCH_DEPENDENTS_EARLY, num_warps=1,
                                              launch_pdl=pdl)
     return out
