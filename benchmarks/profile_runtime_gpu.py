@@ -1,6 +1,7 @@
 """Where the runtime's time goes on the GPU: host profile of batch-1 decode, GPU time of one decode graph,
 and per-step wall time by step kind for the 256 x 128/128 throughput workload (Llama-3.2-1B shape, bf16).
-Usage (GPU machine): python benchmarks/profile_runtime_gpu.py [--batch1-only]
+Usage (GPU machine): python benchmarks/profile_runtime_gpu.py [--batch1-only | --gaps]
+(--gaps: only the GPU timeline of overlapped batch-1 decode steps, and where it idles)
 """
 
 from __future__ import annotations
@@ -48,6 +49,39 @@ def batch1(model) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=50))
 
 
+def gaps(model, steps: int = 24) -> None:
+    """Where a batch-1 decode step's wall time goes beyond the graph's kernels: the GPU timeline of `steps`
+    overlapped steps (kernels and copies, from the CUDA profiler), its idle gaps longer than 2 us, and the
+    operations on either side of each."""
+    engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
+    engine.add_request("gaps", Workload(input_len=128, num_requests=1).prompts(model.config.vocab_size)[0], SamplingParams(max_tokens=200, ignore_eos=True))
+    for _ in range(40):  # prefill, then into the overlapped steady state
+        engine.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e.time_range.start)
+    busy = sum(e.time_range.end - e.time_range.start for e in events)
+    idle: dict[tuple[str, str], list[float]] = defaultdict(list)
+    end = events[0].time_range.end
+    for before, after in zip(events, events[1:]):
+        gap = after.time_range.start - max(end, before.time_range.end)
+        end = max(end, before.time_range.end)
+        if gap > 2:
+            idle[(before.name[:40], after.name[:40])].append(gap)
+    span = events[-1].time_range.end - events[0].time_range.start
+    print(f"{steps} overlapped batch-1 steps: wall {1e6 * wall / steps:.0f} us/step, GPU span {span / steps:.0f} us/step, "
+          f"{len(events) / steps:.0f} GPU operations/step, their summed time {busy / steps:.0f} us/step")
+    print("| idle gap > 2 us: after -> before | count | mean us | total us/step |")
+    print("| --- | --- | --- | --- |")
+    for (a, b), gs in sorted(idle.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        print(f"| {a} -> {b} | {len(gs)} | {sum(gs) / len(gs):.1f} | {sum(gs) / steps:.1f} |")
+
+
 def throughput(model) -> None:
     engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=512))
     work = Workload(input_len=128, output_len=128, num_requests=256, concurrency=256)
@@ -81,6 +115,9 @@ def throughput(model) -> None:
 
 def main() -> None:
     model = build(SHAPES["Llama-3.2-1B"])
+    if "--gaps" in sys.argv:
+        gaps(model)
+        return
     batch1(model)
     if "--batch1-only" not in sys.argv:
         throughput(model)
