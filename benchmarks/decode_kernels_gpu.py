@@ -7,7 +7,6 @@
 2. The whole decode step: GPU time of the batch-1 CUDA graph with the fused path (6 launches per layer), the
    same without programmatic dependent launch, and without the fused path (the layer kernels of `_forward_fused`), and a kernel-by-kernel profile of the fused step.
 3. Ablations of the fused step at context 383: the graph rebuilt with one part changed or left out.
-4. (graphtune) Each GEMV's config chosen by the time of the whole decode graph rather than its own.
 Usage (GPU machine): python benchmarks/decode_kernels_gpu.py [--sections projections,step,ablate] [--shape NAME]
 """
 
@@ -127,31 +126,24 @@ def decode_step(model) -> None:
           f"unfused {unfused_ms:.3f} ms (static input token {s['tokens'][s['src'][0]].item()})")
 
 
-def graph_step_ms(runner, reps: int = 500) -> float:
-    """GPU time of the batch-1 decode graph captured anew from the runner's current kernels and settings."""
-    body = runner._graph_body(1)
-    body()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return replay_us(graph, reps) / 1e3
-
-
-def decode_engine(model) -> Engine:
-    """A batch-1 engine after a 128-token prompt and 256 new tokens: its static inputs are left at context 383."""
+def ablate(model) -> None:
+    """The fused decode graph at context 383 (after a 128-token prompt and 256 new tokens), rebuilt with one
+    thing changed at a time: what each part of the step costs inside the pipelined graph, where kernels overlap
+    under programmatic dependent launch and a kernel's cost is not its time alone."""
     engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
     print("batch-1 decode:", bench_decode(engine, 1, 128, 256))
-    print(f"context {int(engine.runner.static['lens'][0])}")
-    return engine
-
-
-def ablate(model) -> None:
-    """The fused decode graph at context 383, rebuilt with one thing changed at a time: what each part of the step
-    costs inside the pipelined graph, where kernels overlap under programmatic dependent launch and a kernel's cost
-    is not its time alone. Also the engine's graph replayed with and without the step's two copies around it."""
-    runner = decode_engine(model).runner
+    runner = engine.runner
     heads = runner.num_heads * runner.head_dim
+
+    def step_ms() -> float:
+        body = runner._graph_body(1)
+        body()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return replay_us(graph, 500) / 1e3
+
     attention, splits = fd.rope_paged_attention, fd.attention_splits
     variants = {
         "as shipped": lambda: None,
@@ -161,61 +153,22 @@ def ablate(model) -> None:
         "attention and combine left out": lambda: setattr(fd, "rope_paged_attention", lambda qkv, *a, **k: qkv[:, :heads]),
         "no programmatic dependent launch": lambda: setattr(fd, "USE_PDL", False),
     }
+    print(f"context {int(runner.static['lens'][0])}")
     print("| variant | graph GPU ms | tok/s at that time |")
     print("| --- | --- | --- |")
     for name, change in variants.items():
         change()
         try:
-            ms = graph_step_ms(runner)
+            ms = step_ms()
         finally:
             fd.KV_BEFORE_WAIT, fd.LAUNCH_DEPENDENTS_EARLY, fd.USE_PDL = True, True, None
             fd.rope_paged_attention, fd.attention_splits = attention, splits
         print(f"| {name} | {ms:.3f} | {1e3 / ms:.0f} |")
-    graph, _, greedy = runner.graphs[1]
-    s, host = runner.static, runner.host
-    for label, copies in (("engine graph alone", False), ("engine graph + input copy + token read-back", True)):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(500):
-            if copies:
-                s["buf"][1:].copy_(host["meta"][0], non_blocking=True)
-            graph.replay()
-            if copies:
-                host["tokens"][0][:1].copy_(greedy[:1], non_blocking=True)
-        torch.cuda.synchronize()
-        print(f"{label}: {(time.perf_counter() - start) / 500 * 1e3:.3f} ms per step")
-
-
-def graphtune(model, rounds: int = 2) -> None:
-    """Each GEMV's config chosen by the time of the whole decode graph instead of the kernel's time alone: coordinate
-    descent over the autotuner's configs, one projection at a time, the others held at their current best. Under
-    programmatic dependent launch a kernel's programs overlap its neighbours', which a kernel timed alone does not
-    show. Prints each projection's autotuned and graph-best config and the graph time before and after."""
-    runner = decode_engine(model).runner
-    kernel = fd._gemv_kernel
-    pdl = fd.pdl_enabled(runner.device)
-    keys = [k for k in kernel.cache if k[5] == pdl]  # (N, K, PROLOGUE, RESIDUAL, HAS_SCALE, USE_PDL, dtypes...)
-    shipped = dict(kernel.cache)
-    before = graph_step_ms(runner)
-    print(f"graph with the autotuned configs: {before:.3f} ms")
-    for r in range(rounds):
-        for key in keys:
-            times = {}
-            for config in kernel.configs:
-                kernel.cache[key] = config
-                times[config] = graph_step_ms(runner, 300)
-            best = min(times, key=times.get)
-            kernel.cache[key] = best
-            print(f"round {r + 1} N x K {key[0]} x {key[1]}: autotuned {shipped[key]} -> {times[shipped[key]]:.3f} ms; "
-                  f"graph-best {best} -> {times[best]:.3f} ms")
-    after = graph_step_ms(runner)
-    print(f"graph with the graph-best configs: {after:.3f} ms ({1e3 / after:.0f} tok/s at that time) vs {before:.3f} ms")
-    kernel.cache.update(shipped)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="projections,step,ablate", help="comma-separated: projections, step, ablate, graphtune")
+    ap.add_argument("--sections", default="projections,step,ablate", help="comma-separated: projections, step, ablate")
     ap.add_argument("--shape", default="Llama-3.2-1B", choices=sorted(SHAPES), help="model shape for --sections step")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -224,12 +177,8 @@ def main() -> None:
         projections()
     if "step" in sections:
         decode_step(build(SHAPES[args.shape]))
-    if "ablate" in sections or "graphtune" in sections:
-        model = build(SHAPES[args.shape])
-        if "ablate" in sections:
-            ablate(model)
-        if "graphtune" in sections:
-            graphtune(model)
+    if "ablate" in sections:
+        ablate(build(SHAPES[args.shape]))
 
 
 if __name__ == "__main__":
