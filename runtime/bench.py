@@ -148,4 +148,3 @@ def bench_hf_decode(model, input_len: int = 128, output_len: int = 256, *, stati
     t_full, t_single = statistics.median(full), statistics.median(single)
     return {"decode_tok_s": (output_len - 1) / (t_full - t_single), "output_tok_s": output_len / t_full,
             "full_s": full, "single_s": single}
-
