@@ -101,19 +101,16 @@ def bench_batch1_decode(engine, input_len: int = 128, output_len: int = 256) -> 
     return bench_decode(engine, 1, input_len, output_len)
 
 
-def bench_hf(model, workload: Workload, *, batch_size: int, static_cache: bool = False) -> dict:
-    """The same workload through HF `generate` in fixed batches (equal-length prompts: no padding)."""
+def bench_hf(model, workload: Workload, *, batch_size: int) -> dict:
+    """The same workload through HF eager `generate` in fixed batches (equal-length prompts: no padding). Batch-1
+    decode against HF's static-cache compiled `generate` is `bench_hf_decode`."""
     import torch
 
     prompts = workload.prompts(model.config.vocab_size)
     device = next(model.parameters()).device
     kwargs = dict(max_new_tokens=workload.output_len, min_new_tokens=workload.output_len, do_sample=False)
-    if static_cache:
-        kwargs["cache_implementation"] = "static"
     with torch.inference_mode():
-        warm = torch.tensor(prompts[:batch_size], device=device)
-        warm_kwargs = kwargs if static_cache else {**kwargs, "max_new_tokens": 8, "min_new_tokens": 8}
-        model.generate(warm, **warm_kwargs)  # compiles (static cache) or warms up the kernels
+        model.generate(torch.tensor(prompts[:batch_size], device=device), **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
         _sync(device)
         start = time.perf_counter()
         for i in range(0, len(prompts), batch_size):

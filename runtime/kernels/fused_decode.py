@@ -242,12 +242,13 @@ def _rope_paged_attention_kernel(
     per_split = tl.cdiv(num_pages, SPLITS)  # the context of this step, not the table's width, is split
     first = split * per_split
     last = tl.minimum(first + per_split, num_pages)
+    table = block_tables_ptr + seq * stride_bt  # this sequence's block table row
     if EARLY_KV:
-        kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, first, last, cached,
+        kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, table, first, last, cached,
                                                 kv_head, s, d, stride_cb, stride_cs, stride_ch, HALF, BLOCK_SIZE)
     _pdl_wait(USE_PDL, EARLY_LAUNCH)  # q, k, v come from the previous kernel
     if not EARLY_KV:
-        kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, first, last, cached,
+        kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, table, first, last, cached,
                                                 kv_head, s, d, stride_cb, stride_cs, stride_ch, HALF, BLOCK_SIZE)
     row = qkv_ptr + seq * stride_qkv
 
@@ -265,7 +266,7 @@ def _rope_paged_attention_kernel(
     if first < last:
         m, l, acc1, acc2 = _attend_page(q1, q2, kc1, kc2, vc1, vc2, s_mask, m, l, acc1, acc2, scale, dtype, PRECISION)
     for page in range(first + 1, last):
-        kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, page, last, cached,
+        kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, table, page, last, cached,
                                                 kv_head, s, d, stride_cb, stride_cs, stride_ch, HALF, BLOCK_SIZE)
         m, l, acc1, acc2 = _attend_page(q1, q2, kc1, kc2, vc1, vc2, s_mask, m, l, acc1, acc2, scale, dtype, PRECISION)
     # ... and split 0 writes the new k, v to their slot and adds the new token, from registers
