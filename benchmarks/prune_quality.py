@@ -58,11 +58,10 @@ def run_cached(cache, name: str, config: dict, artifact, calib, *, source: str, 
     cls = get_pass(name)
     p = cls(make_config(cls, config))
     key = p.cache_key(artifact.digest, calib.model_dump(mode="json"))
-    started, cached = time.perf_counter(), cache.dir_entry("passes", key) is not None
-    if not cached:
-        with cache.new_dir_entry("passes", key) as tmp:
-            p.run(artifact, PassContext(output_dir=tmp, model=ModelSpec(source=source), calibration=calib, device=device))
-    return ModelArtifact.open(cache.dir_entry("passes", key), cache.memo), time.perf_counter() - started, cached
+    started = time.perf_counter()
+    entry, cached = cache.get_or_build_dir(
+        "passes", key, lambda tmp: p.run(artifact, PassContext(output_dir=tmp, model=ModelSpec(source=source), calibration=calib, device=device)))
+    return ModelArtifact.open(entry.path, entry.files), time.perf_counter() - started, cached
 
 
 def evaluate(label: str, artifact, args, **extra) -> dict:

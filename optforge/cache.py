@@ -1,20 +1,32 @@
 """Content-addressed cache of expensive intermediates: converted sources, pass outputs, eval results.
 
-Entries are keyed by sha256 of what produced them. Directory entries are built in a temporary sibling and
-renamed into place, so a crash never leaves a half-written entry that a later run would trust.
+Entries are keyed by sha256 of what produced them. A directory entry is built in a staging sibling, flushed
+to disk and renamed into place under a per-key lock, so concurrent builds of one key compute it once and a
+killed build leaves nothing a later run trusts. Beside each directory entry, `<key>.entry.json` records the
+sha256 of every file as written; before reuse the files are hashed again (from their content, never from
+their size or mtime) and an entry that no longer matches is discarded with a warning and rebuilt. JSON
+entries carry the sha256 of their value the same way.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import tempfile
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from optforge.hashing import HashMemo
+from optforge.durable import fsync_parent, publish_dir, remove_stale_staging, staging_sibling
+from optforge.hashing import file_table, sha256_json
+
+log = logging.getLogger(__name__)
+
+DIR_KINDS = ("sources", "passes")
+RECORD_SUFFIX = ".entry.json"
 
 
 def default_cache_dir() -> Path:
@@ -22,43 +34,196 @@ def default_cache_dir() -> Path:
     return Path(base) / "optforge"
 
 
+@dataclass(frozen=True)
+class DirEntry:
+    """A verified directory entry: its path and the file table its content hashes to now."""
+
+    path: Path
+    files: list[dict]
+
+
+@dataclass(frozen=True)
+class EntryCheck:
+    kind: str
+    key: str
+    ok: bool
+    problem: str = ""
+
+
 class Cache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_cache_dir()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.memo = HashMemo(self.root / "file-hashes.json")
+        for kind in (*DIR_KINDS, "evals"):
+            remove_stale_staging(self.root / kind)
 
-    def dir_entry(self, kind: str, key: str) -> Path | None:
+    # ---- directory entries --------------------------------------------------------------------------
+    def dir_entry(self, kind: str, key: str) -> DirEntry | None:
+        """The entry (kind, key) if present and its files still match their record; a corrupt entry is
+        discarded (with a warning) and reported as absent."""
+        path, record = self.root / kind / key, self._record_path(kind, key)
+        if not path.is_dir() and not record.exists():
+            return None
+        problem = self._problem(path, record)
+        if problem is None:
+            os.utime(record)  # last use, for `optforge cache prune --older-than`
+            return DirEntry(path, self._read_record(record)["files"])
+        log.warning("cache entry %s/%s is corrupt (%s): discarding it and rebuilding", kind, key[:12], problem)
+        self._discard(kind, key)
+        return None
+
+    def get_or_build_dir(self, kind: str, key: str, build: Callable[[Path], None]) -> tuple[DirEntry, bool]:
+        """Return ((path, files), cached). On a miss, `build(staging_dir)` fills a staging folder that becomes
+        the entry only if it returns; concurrent callers of one key wait for the first and reuse its entry."""
+        with self._lock(kind, key):
+            hit = self.dir_entry(kind, key)
+            if hit is not None:
+                return hit, True
+            final = self.root / kind / key
+            tmp = staging_sibling(final)
+            try:
+                build(tmp)
+                files = file_table(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self._write_json_atomic(self._record_path(kind, key), {"key": key, "files": files, "created": time.time()})
+            publish_dir(tmp, final)
+            return DirEntry(final, files), False
+
+    def _record_path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}{RECORD_SUFFIX}"
+
+    @staticmethod
+    def _read_record(record: Path) -> dict:
+        return json.loads(record.read_text())
+
+    def _problem(self, path: Path, record: Path) -> str | None:
+        """Why the entry at `path` cannot be trusted, or None when every file matches its record."""
+        if not path.is_dir():
+            return "its directory is missing"
+        try:
+            expected = self._read_record(record)["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its record of file hashes is missing or unreadable"
+        if any(p.is_symlink() for p in path.rglob("*")):
+            return "it contains a symbolic link"
+        actual = file_table(path)
+        if actual == expected:
+            return None
+        want, have = {r["path"]: r for r in expected}, {r["path"]: r for r in actual}
+        changed = sorted(p for p in want.keys() | have.keys() if want.get(p) != have.get(p))
+        return f"files differ from what was written: {', '.join(changed[:5])}"
+
+    def _discard(self, kind: str, key: str) -> None:
+        self._record_path(kind, key).unlink(missing_ok=True)
         path = self.root / kind / key
-        return path if path.is_dir() else None
+        if path.exists():
+            trash = staging_sibling(path, "tmp")  # a dead-writer name: removed now, or by the next run if killed
+            os.rmdir(trash)
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     @contextmanager
-    def new_dir_entry(self, kind: str, key: str) -> Iterator[Path]:
-        """Yield a staging dir; on success it becomes the entry (kind, key)."""
-        parent = self.root / kind
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.tmp-", dir=parent))
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        final = parent / key
-        if final.exists():  # a concurrent build finished first; the content is the same by construction
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+    def _lock(self, kind: str, key: str) -> Iterator[None]:
+        """An exclusive advisory lock on one key; the kernel releases it when the holder dies."""
+        import fcntl
 
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{kind}-{key}", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # ---- JSON entries -------------------------------------------------------------------------------
     def get_json(self, kind: str, key: str) -> dict | None:
         path = self.root / kind / f"{key}.json"
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+            stored = json.loads(path.read_text())
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError):
+            stored = None
+        if isinstance(stored, dict) and "value" in stored and stored.get("sha256") == sha256_json(stored["value"]):
+            return stored["value"]
+        log.warning("cache entry %s/%s is corrupt: discarding it and recomputing", kind, key[:12])
+        path.unlink(missing_ok=True)
+        return None
 
     def put_json(self, kind: str, key: str, value: dict) -> None:
-        path = self.root / kind / f"{key}.json"
+        self._write_json_atomic(self.root / kind / f"{key}.json", {"sha256": sha256_json(value), "value": value})
+
+    @staticmethod
+    def _write_json_atomic(path: Path, value: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(value))
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(value))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_parent(path)
+
+    # ---- maintenance (`optforge cache ...`) ---------------------------------------------------------
+    def dir_keys(self, kind: str) -> list[str]:
+        folder = self.root / kind
+        if not folder.is_dir():
+            return []
+        names = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        names |= {p.name[: -len(RECORD_SUFFIX)] for p in folder.glob(f"*{RECORD_SUFFIX}")}
+        return sorted(names)
+
+    def verify(self, *, discard: bool = False, progress: Callable[[str], None] | None = None) -> list[EntryCheck]:
+        """Re-hash every directory entry against its record and every JSON entry against its checksum."""
+        checks = []
+        for kind in DIR_KINDS:
+            for key in self.dir_keys(kind):
+                if progress:
+                    progress(f"{kind}/{key[:12]}")
+                with self._lock(kind, key):
+                    problem = self._problem(self.root / kind / key, self._record_path(kind, key))
+                    if problem and discard:
+                        self._discard(kind, key)
+                checks.append(EntryCheck(kind, key, problem is None, problem or ""))
+        for path in sorted((self.root / "evals").glob("*.json")):
+            try:
+                stored = json.loads(path.read_text())
+                ok = isinstance(stored, dict) and stored.get("sha256") == sha256_json(stored.get("value"))
+            except (OSError, ValueError):
+                ok = False
+            if not ok and discard:
+                path.unlink(missing_ok=True)
+            checks.append(EntryCheck("evals", path.stem, ok, "" if ok else "checksum does not match its value"))
+        return checks
+
+    def prune(self, *, older_than_s: float) -> list[str]:
+        """Remove entries not used for `older_than_s` seconds (and staging left by dead runs)."""
+        removed, cutoff = [], time.time() - older_than_s
+        for kind in DIR_KINDS:
+            remove_stale_staging(self.root / kind)
+            for key in self.dir_keys(kind):
+                record = self._record_path(kind, key)
+                used = record.stat().st_mtime if record.exists() else 0.0
+                if used < cutoff:
+                    with self._lock(kind, key):
+                        self._discard(kind, key)
+                    removed.append(f"{kind}/{key}")
+        for path in (self.root / "evals").glob("*.json"):
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed.append(f"evals/{path.stem}")
+        return removed
+
+    def clear(self) -> None:
+        """Remove every entry (the cache folder itself stays)."""
+        for child in self.root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file() and not p.is_symlink())

@@ -68,18 +68,22 @@ def build(
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write each gate as a JUnit XML test case to this file (written when a gate fails too)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder that is not an optforge artifact (an earlier artifact is replaced without it)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Build RECIPE: load the model, run each pass with its gate, and write a verified artifact.
 
     Nothing is written to the output path unless every gate passes. Exit 3 names the pass whose gate failed.
+    An existing artifact at the output path stays whole until the new one replaces it; a non-empty folder
+    that is not an artifact is refused (exit 2) unless --force, and the source model's folder, the cache,
+    the working directory and the home directory are never replaced.
     """
     _setup_logging(verbose)
     from optforge.pipeline import build as run_build
 
     try:
         with _progress() as progress:
-            result = run_build(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, junit=junit)
+            result = run_build(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, junit=junit, force=force)
     except GateFailed as exc:
         _console().print(f"[bold red]gate failed[/] in pass [bold]{exc.pass_name}[/]: {exc.result and _gate_line(exc.result)}", highlight=False)
         _console().print("Nothing was written to the output path.")
@@ -94,6 +98,8 @@ def _gate_line(gate: dict) -> str:
     line = f"{gate['metric']} baseline {gate['baseline']:.4f}, measured {gate['measured']:.4f} ({gate['change_pct']:+.2f}%)"
     if "verdict" not in gate:
         return f"{line}, threshold {gate['threshold']:.4f} [{gate['rule']}]"
+    if gate.get("method") == "not finite":
+        return f"{line}: {gate['rule']}"
     unit = "%" if gate["metric"] == "perplexity" else " pts"
     line += f"; drop {gate['drop']:+.2f}{unit} [{gate['ci_low']:+.2f}, {gate['ci_high']:+.2f}] vs allowed {gate['max_drop']:.2f}{unit}, n={gate['n']}: {gate['verdict']}"
     if gate["verdict"] == "undecided" and gate.get("needed_n"):
@@ -219,7 +225,7 @@ def passes():
 
 
 # Modules that add commands to `app`, each defining `register(app)`. They must not import torch at top level.
-COMMAND_MODULES: tuple[str, ...] = ("optforge.commands.runtime", "optforge.commands.cpp")
+COMMAND_MODULES: tuple[str, ...] = ("optforge.commands.runtime", "optforge.commands.cpp", "optforge.commands.cache")
 
 
 def _register_commands() -> None:

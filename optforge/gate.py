@@ -50,6 +50,8 @@ class GateResult:
 
     def describe(self) -> str:
         unit = "%" if self.metric in LOWER_IS_BETTER else " pts"
+        if self.method == "not finite":
+            return f"{self.metric}: baseline {self.baseline:.4f}, measured {self.measured:.4f}: {self.rule}"
         text = (
             f"{self.metric}: baseline {self.baseline:.4f}, measured {self.measured:.4f}; drop {self.drop:+.2f}{unit} "
             f"[{self.ci_low:+.2f}, {self.ci_high:+.2f}] at {self.confidence:.0%} on n={self.n} vs allowed {self.max_drop:.2f}{unit}: {self.verdict}"
@@ -77,6 +79,8 @@ def evaluate_gate(spec: GateSpec, baseline: dict[str, dict], measured: dict[str,
         raise RecipeError(f"gate metric '{metric}' is missing from the baseline's evals")
     base, new = baseline[metric], measured[metric]
     base_value, new_value = float(base["value"]), float(new["value"])
+    if not _all_finite(base) or not _all_finite(new):
+        return _not_finite(spec, metric, base_value, new_value, n=int(new.get("n", 0)), baseline_bad=not _all_finite(base))
     if metric in LOWER_IS_BETTER:
         interval = _perplexity_interval(base["per_example"], new["per_example"], spec.confidence)
         drop, low, high = (100.0 * math.expm1(x) for x in (interval.diff, interval.low, interval.high))
@@ -114,6 +118,28 @@ def evaluate_gate(spec: GateSpec, baseline: dict[str, dict], measured: dict[str,
         needed_n=decided.needed_n,
         method=interval.method,
         p_value=p_value,
+    )
+
+
+def _all_finite(result: dict) -> bool:
+    """The value and every per-example number of a metric result are finite (a NaN loss is not a number to
+    compare, and an interval over it is meaningless)."""
+    import numpy as np
+
+    per_example = result.get("per_example") or {}
+    arrays = [np.asarray(v, dtype=float) for k, v in per_example.items() if k in ("nll", "correct")]
+    return math.isfinite(float(result["value"])) and all(bool(np.isfinite(a).all()) for a in arrays)
+
+
+def _not_finite(spec: GateSpec, metric: str, base_value: float, new_value: float, *, n: int, baseline_bad: bool) -> GateResult:
+    """A failed gate for a model whose metric came out NaN or infinite: it cannot be judged, so it fails."""
+    which = "the baseline's" if baseline_bad else "the measured"
+    max_drop = float(spec.max_increase_pct if metric in LOWER_IS_BETTER else (spec.max_drop if spec.max_drop is not None else spec.max_drop_pct))
+    return GateResult(
+        metric=metric, baseline=base_value, measured=new_value, threshold=float("nan"), passed=False,
+        rule=f"{metric}: {which} values are not finite (NaN or infinite), so the model cannot pass",
+        change_pct=float("nan"), verdict="fail", drop=float("inf"), ci_low=float("inf"), ci_high=float("inf"),
+        max_drop=max_drop, confidence=spec.confidence, n=n, needed_n=None, method="not finite",
     )
 
 

@@ -6,7 +6,7 @@ import json
 import platform
 from pathlib import Path
 
-from optforge.hashing import HashMemo, file_table, sha256_text
+from optforge.hashing import file_table, sha256_text
 
 SCHEMA_VERSION = 1
 
@@ -27,7 +27,7 @@ def environment(device: str) -> dict:
     }
 
 
-def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metrics: dict, records: list, device: str, memo: HashMemo | None = None) -> dict:
+def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metrics: dict, records: list, device: str) -> dict:
     from optforge import __version__
     from optforge.pipeline import _summaries
 
@@ -43,7 +43,7 @@ def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metric
         },
         "passes": [r.to_dict() for r in records],
         "environment": environment(device),
-        "files": file_table(path, memo),
+        "files": file_table(path),
     }
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

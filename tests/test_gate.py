@@ -81,3 +81,16 @@ def test_gate_specs_validate_thresholds():
 def test_unknown_metric_names_what_is_computed():
     with pytest.raises(RecipeError, match="arc_easy.acc"):
         evaluate_gate(GateSpec(metric="hellaswag", max_drop=1.0), _acc([1, 0]), _acc([1, 0]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_metric_fails_the_gate_instead_of_crashing(bad):
+    tokens = [200] * 10
+    nll = np.full(10, 600.0)
+    spec = GateSpec(metric="perplexity", max_increase_pct=1.0)
+    poisoned = nll.copy()
+    poisoned[3] = bad
+    result = evaluate_gate(spec, _ppl(nll, tokens), _ppl(poisoned, tokens))
+    assert result.verdict == "fail" and not result.passed and "not finite" in result.describe()
+    acc = evaluate_gate(GateSpec(metric="arc_easy.acc", max_drop=2.0), _acc([1, 0] * 10), {"arc_easy.acc": {"value": bad, "per_example": {"correct": [1, 0] * 10}}})
+    assert acc.verdict == "fail" and not acc.passed

@@ -48,16 +48,15 @@ def test_rebuild_reuses_every_pass_and_eval(tiny_model_dir, tmp_path, cache_dir,
 
 
 def test_failed_gate_names_pass_and_leaves_output_untouched(tiny_model_dir, tmp_path, cache_dir, make_recipe):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous artifact")
+    out = optforge.build(make_recipe(tiny_model_dir, tmp_path / "out"), cache_dir=cache_dir).output  # an earlier artifact
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     recipe = make_recipe(tiny_model_dir, out, passes=[{"name": "test.scramble", "gate": {"metric": "perplexity", "max_increase_pct": 1.0}}])
     with pytest.raises(GateFailed) as exc:
         optforge.build(recipe, cache_dir=cache_dir)
     assert exc.value.pass_name == "test.scramble"
     assert exc.value.exit_code == 3
     assert exc.value.result["passed"] is False and exc.value.result["measured"] > exc.value.result["threshold"]
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 

@@ -128,3 +128,38 @@ def test_a_pass_takes_a_list_of_gates_and_each_is_checked():
     assert [g.metric for g in recipe.passes[0].gates()] == ["perplexity", "arc_easy"]
     with pytest.raises(ValueError, match="hellaswag"):
         Recipe.model_validate({**base, "passes": [{"name": "quant.rtn", "gate": [*gates, {"metric": "hellaswag", "max_drop": 3}]}]})
+
+
+def test_nested_yaml_aliases_give_a_short_error(tmp_path):
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcde", "bcdef"):
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    lines.append("model: {source: *f}")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 400
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    assert "expands to more than" in str(exc.value) and len(str(exc.value)) < 400
+
+
+def test_too_many_aliases_are_refused(tmp_path):
+    path = tmp_path / "aliases.yaml"
+    path.write_text("x: &x 1\nlist: [" + ", ".join(["*x"] * 100) + "]\n")
+    with pytest.raises(RecipeError, match="aliases"):
+        load_recipe(path)
+
+
+def test_a_non_utf8_recipe_is_a_recipe_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="not UTF-8"):
+        load_recipe(path)
+
+
+def test_a_long_wrong_value_is_shortened_in_the_error(tmp_path):
+    data = _base()
+    data["model"]["dtype"] = "x" * 100_000
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(_write(tmp_path, data))
+    assert len(str(exc.value)) < 1000

@@ -21,13 +21,19 @@ BACKEND = typer.Option(
     "sampler and server (CPU, float32; build it with `make cpp`; runs HF fp32 folders, int8 artifacts and pack.cpu engines).",
 )
 THREADS = typer.Option(0, "--threads", help="CPU threads of the cpp backend (0: all cores).")
+NO_VERIFY = typer.Option(
+    False, "--no-verify",
+    help="Load without checking the files against the artifact's manifest.json. Artifacts are verified by default and "
+    "refused when their manifest is missing; plain Hugging Face folders (no optforge.json) load unverified either way.",
+)
 
 
-def _engine_config(dtype: str, device: str, no_prefix: bool, max_num_seqs: int, backend: str = "torch", threads: int = 0, **extra):
+def _engine_config(dtype: str, device: str, no_prefix: bool, max_num_seqs: int, backend: str = "torch", threads: int = 0,
+                   no_verify: bool = False, **extra):
     from optforge.runtime.llm import EngineConfig
 
     return EngineConfig(dtype=dtype, device=device, enable_prefix_caching=not no_prefix, max_num_seqs=max_num_seqs, backend=backend,
-                        num_threads=threads, **extra)
+                        num_threads=threads, verify=not no_verify, **extra)
 
 
 def _load(artifact: Path, config):
@@ -55,6 +61,7 @@ def generate(
     max_num_seqs: int = MAX_SEQS,
     backend: str = BACKEND,
     threads: int = THREADS,
+    no_verify: bool = NO_VERIFY,
 ):
     """Generate completions for PROMPTS with the runtime (continuous batching, paged KV cache)."""
     from optforge.cli import _fail, _setup_logging
@@ -63,7 +70,7 @@ def generate(
 
     _setup_logging(False)
     try:
-        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads))
+        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify))
         if chat:
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -91,6 +98,7 @@ def serve(
     max_num_seqs: int = MAX_SEQS,
     backend: str = BACKEND,
     threads: int = THREADS,
+    no_verify: bool = NO_VERIFY,
 ):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from optforge.cli import _console, _fail, _setup_logging
@@ -102,7 +110,7 @@ def serve(
         from optforge.runtime.async_engine import AsyncEngine
         from optforge.runtime.server import serve as run_server
 
-        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads))
+        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify))
     except OptforgeError as exc:
         _fail(exc)
     _console().print(f"serving {artifact} on http://{host}:{port} (OpenAI API under /v1)")
@@ -124,6 +132,7 @@ def bench(
     device: str = DEVICE,
     backend: str = BACKEND,
     threads: int = THREADS,
+    no_verify: bool = NO_VERIFY,
 ):
     """Throughput, TTFT and inter-token latency of ARTIFACT on random prompts, beside HF generate."""
     from optforge.cli import _console, _fail, _setup_logging
@@ -133,7 +142,7 @@ def bench(
     _setup_logging(False)
     workload = Workload(input_len=input_len, output_len=output_len, num_requests=num_requests, concurrency=concurrency)
     try:
-        config = _engine_config(dtype, device, False, concurrency, backend, threads, max_model_len=input_len + output_len + 16)
+        config = _engine_config(dtype, device, False, concurrency, backend, threads, no_verify, max_model_len=input_len + output_len + 16)
         llm = _load(artifact, config)
     except OptforgeError as exc:
         _fail(exc)

@@ -25,7 +25,7 @@ def onnx_recipe(model_dir: Path, output: Path, passes: list[dict]) -> dict:
 
 def pass_output(cache_dir: Path, manifest: dict, index: int) -> ModelArtifact:
     """The cached output of pass `index` of a build (e.g. the unfused export before `fuse.onnx_graph`)."""
-    return ModelArtifact.open(Cache(cache_dir).dir_entry("passes", manifest["passes"][index]["cache_key"]))
+    return ModelArtifact.open(Cache(cache_dir).dir_entry("passes", manifest["passes"][index]["cache_key"]).path)
 
 
 def build_onnx(model_dir: Path, tmp_path_factory, passes: list[dict]) -> dict:
