@@ -110,3 +110,21 @@ def test_stale_staging_of_dead_writers_is_removed_and_an_interrupted_swap_restor
     remove_stale_staging(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "other"])
     assert (tmp_path / "other" / "weights").read_text() == "old artifact"
+
+
+def test_publish_flushes_every_file_before_the_rename(tmp_path, monkeypatch):
+    import optforge.durable as durable
+
+    events = []
+    monkeypatch.setattr(durable, "_fsync", lambda path: events.append(("fsync", path.name)))
+    real_rename = os.rename
+    monkeypatch.setattr(durable.os, "rename", lambda a, b: (events.append(("rename", b.name)), real_rename(a, b)))
+    final = tmp_path / "art"
+    staged = staging_sibling(final)
+    (staged / "sub").mkdir()
+    for name in ("a.bin", "sub/b.bin"):
+        (staged / name).write_bytes(b"x")
+    publish_dir(staged, final)
+    flushed_before = {name for kind, name in events[: events.index(("rename", "art"))] if kind == "fsync"}
+    assert {"a.bin", "b.bin", "sub", staged.name} <= flushed_before
+    assert events[-1] == ("fsync", tmp_path.name)  # the parent folder, so the new name itself is durable
