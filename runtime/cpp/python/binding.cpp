@@ -121,6 +121,7 @@ PYBIND11_MODULE(_optforge_rt, m) {
       .def_property_readonly("weight_format", [](Engine& e) { return e.model().weight_format(); })
       .def_property_readonly("weight_bytes", [](Engine& e) { return e.model().weight_bytes(); })
       .def_property_readonly("num_threads", &Engine::num_threads)
+      .def_property_readonly("verified", &Engine::verified, "Whether every file matched manifest.json at load.")
       .def_property_readonly("num_free_blocks", [](Engine& e) { return e.block_manager().num_free_blocks(); })
       .def_property_readonly("prefix_hits", [](Engine& e) { return e.block_manager().num_prefix_hits(); });
 }

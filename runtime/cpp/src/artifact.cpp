@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 
+#include "optforge_rt/checked.h"
 #include "optforge_rt/errors.h"
 #include "optforge_rt/safetensors.h"
 #include "optforge_rt/sha256.h"
@@ -28,21 +30,98 @@ std::string read_text_file(const std::string& path) {
 }
 
 namespace {
-int get_int(const Json& cfg, const char* key, const std::string& where) {
-  const Json* v = cfg.find(key);
-  if (v == nullptr) throw ArtifactError(where + ": config.json has no '" + key + "'");
-  return static_cast<int>(v->integer(key));
+std::string range_text(int64_t lo, int64_t hi) {
+  return "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
 }
 
-std::vector<int> int_list(const Json* v) {
-  std::vector<int> out;
-  if (v == nullptr || v->is_null()) return out;
-  if (v->is_array()) {
-    for (const Json& x : v->items()) out.push_back(static_cast<int>(x.integer("eos_token_id")));
-  } else {
-    out.push_back(static_cast<int>(v->integer("eos_token_id")));
+[[noreturn]] void bad_value(const std::string& where, const std::string& key, const std::string& found, const std::string& expected) {
+  throw ArtifactError(where + ": '" + key + "' is " + found + ", expected " + expected);
+}
+
+// cfg[key] as an integer in [lo, hi]; `fallback` when absent or null (an error when there is none).
+int config_int(const Json& cfg, const std::string& key, int64_t lo, int64_t hi, const std::string& where,
+               std::optional<int> fallback = std::nullopt) {
+  const Json* v = cfg.find(key);
+  if (v == nullptr || v->is_null()) {
+    if (fallback.has_value()) return *fallback;
+    throw ArtifactError(where + ": '" + key + "' is missing, expected " + range_text(lo, hi));
   }
+  if (!v->is_integer_in(lo, hi)) bad_value(where, key, v->describe(), range_text(lo, hi));
+  return static_cast<int>(v->number());
+}
+
+// cfg[key] as a positive finite float; `fallback` when absent or null.
+float config_float(const Json& cfg, const std::string& key, const std::string& where, float fallback) {
+  const Json* v = cfg.find(key);
+  if (v == nullptr || v->is_null()) return fallback;
+  const double d = v->is_number() ? v->number() : 0.0;
+  if (!(d > 0.0 && d <= 3.0e38)) bad_value(where, key, v->describe(), "a positive finite number");
+  return static_cast<float>(d);
+}
+
+// eos_token_id: one token id or a list of them (absent or null: none).
+std::vector<int> token_ids(const Json& cfg, const std::string& key, const std::string& where) {
+  std::vector<int> out;
+  const Json* v = cfg.find(key);
+  if (v == nullptr || v->is_null()) return out;
+  auto take = [&](const Json& x, const std::string& name) {
+    if (!x.is_integer_in(0, kMaxVocabSize - 1)) bad_value(where, name, x.describe(), "a token id, " + range_text(0, kMaxVocabSize - 1));
+    out.push_back(static_cast<int>(x.number()));
+  };
+  if (!v->is_array()) {
+    take(*v, key);
+    return out;
+  }
+  for (size_t i = 0; i < v->items().size(); ++i) take(v->items()[i], key + "[" + std::to_string(i) + "]");
   return out;
+}
+
+// head_dim from the config, or hidden_size / num_attention_heads when it gives none; even, and heads x head_dim bounded.
+int parse_head_dim(const Json& cfg, const ModelConfig& c, const std::string& where) {
+  const Json* hd = cfg.find("head_dim");
+  const bool derived = hd == nullptr || hd->is_null();
+  if (derived && c.hidden_size % c.num_heads != 0) {
+    throw ArtifactError(where + ": 'hidden_size' (" + std::to_string(c.hidden_size) + ") is not a multiple of 'num_attention_heads' (" +
+                        std::to_string(c.num_heads) + ") and there is no 'head_dim'");
+  }
+  const int head_dim = config_int(cfg, "head_dim", 1, kMaxModelDim, where, c.hidden_size / c.num_heads);
+  if (head_dim % 2 != 0) {
+    bad_value(where, "head_dim", std::to_string(head_dim) + (derived ? " (hidden_size / num_attention_heads)" : ""),
+              "an even number (rotary embeddings rotate pairs)");
+  }
+  uint64_t q_dim = 0;
+  if (!checked_product({uint64_t(c.num_heads), uint64_t(head_dim)}, &q_dim) || q_dim > uint64_t(kMaxModelDim)) {
+    throw ArtifactError(where + ": 'num_attention_heads' x 'head_dim' is " + std::to_string(c.num_heads) + " x " + std::to_string(head_dim) +
+                        ", expected at most " + std::to_string(kMaxModelDim) + " in all");
+  }
+  return head_dim;
+}
+
+void parse_sizes(const Json& cfg, const std::string& where, ModelConfig& c) {
+  c.vocab_size = config_int(cfg, "vocab_size", 1, kMaxVocabSize, where);
+  c.hidden_size = config_int(cfg, "hidden_size", 1, kMaxModelDim, where);
+  c.intermediate_size = config_int(cfg, "intermediate_size", 1, kMaxModelDim, where);
+  c.num_layers = config_int(cfg, "num_hidden_layers", 1, kMaxLayers, where);
+  c.num_heads = config_int(cfg, "num_attention_heads", 1, kMaxHeads, where);
+  c.num_kv_heads = config_int(cfg, "num_key_value_heads", 1, kMaxHeads, where, c.num_heads);
+  if (c.num_heads % c.num_kv_heads != 0) {
+    throw ArtifactError(where + ": 'num_attention_heads' (" + std::to_string(c.num_heads) + ") is not a multiple of 'num_key_value_heads' (" +
+                        std::to_string(c.num_kv_heads) + ")");
+  }
+  c.head_dim = parse_head_dim(cfg, c, where);
+}
+
+void parse_rope(const Json& cfg, const std::string& where, ModelConfig& c) {
+  const Json* rope = cfg.find("rope_parameters");
+  if (rope == nullptr) rope = cfg.find("rope_scaling");
+  if (rope != nullptr && rope->is_object()) {
+    if (const Json* type = rope->find("rope_type"); type != nullptr && !(type->is_string() && type->str() == "default")) {
+      const std::string found = type->is_string() ? "'" + type->str() + "'" : type->describe();
+      throw ArtifactError(where + ": rope_type " + found + " is not supported yet (only 'default')");
+    }
+    c.rope_theta = config_float(*rope, "rope_theta", where, c.rope_theta);
+  }
+  c.rope_theta = config_float(cfg, "rope_theta", where, c.rope_theta);
 }
 }  // namespace
 
@@ -54,74 +133,98 @@ ModelConfig parse_model_config(const Json& cfg, const std::string& where) {
   if (std::find(table.begin(), table.end(), c.model_type) == table.end()) {
     throw ArtifactError(where + ": model_type '" + c.model_type + "' is not supported by the C++ runtime (supported: llama)");
   }
-  c.vocab_size = get_int(cfg, "vocab_size", where);
-  c.hidden_size = get_int(cfg, "hidden_size", where);
-  c.intermediate_size = get_int(cfg, "intermediate_size", where);
-  c.num_layers = get_int(cfg, "num_hidden_layers", where);
-  c.num_heads = get_int(cfg, "num_attention_heads", where);
-  const Json* kv = cfg.find("num_key_value_heads");
-  c.num_kv_heads = kv != nullptr && !kv->is_null() ? static_cast<int>(kv->integer()) : c.num_heads;
-  const Json* hd = cfg.find("head_dim");
-  c.head_dim = hd != nullptr && !hd->is_null() ? static_cast<int>(hd->integer()) : c.hidden_size / std::max(1, c.num_heads);
-  if (const Json* eps = cfg.find("rms_norm_eps")) c.rms_norm_eps = static_cast<float>(eps->number("rms_norm_eps"));
-  const Json* rope = cfg.find("rope_parameters");
-  if (rope == nullptr) rope = cfg.find("rope_scaling");
-  if (rope != nullptr && rope->is_object()) {
-    if (const Json* type = rope->find("rope_type"); type != nullptr && type->str() != "default") {
-      throw ArtifactError(where + ": rope_type '" + type->str() + "' is not supported yet (only 'default')");
-    }
-    if (const Json* theta = rope->find("rope_theta")) c.rope_theta = static_cast<float>(theta->number());
+  parse_sizes(cfg, where, c);
+  parse_rope(cfg, where, c);
+  c.rms_norm_eps = config_float(cfg, "rms_norm_eps", where, c.rms_norm_eps);
+  if (const Json* tie = cfg.find("tie_word_embeddings"); tie != nullptr && !tie->is_null()) {
+    if (tie->type() != Json::Type::kBool) bad_value(where, "tie_word_embeddings", tie->describe(), "true or false");
+    c.tie_word_embeddings = tie->boolean();
   }
-  if (const Json* theta = cfg.find("rope_theta")) c.rope_theta = static_cast<float>(theta->number());
-  if (const Json* tie = cfg.find("tie_word_embeddings")) c.tie_word_embeddings = tie->boolean("tie_word_embeddings");
-  c.eos_token_ids = int_list(cfg.find("eos_token_id"));
-  if (const Json* bos = cfg.find("bos_token_id"); bos != nullptr && bos->is_number()) c.bos_token_id = static_cast<int>(bos->integer());
-  bool bad = c.vocab_size <= 0 || c.hidden_size <= 0 || c.num_layers <= 0 || c.num_heads <= 0 || c.num_kv_heads <= 0 ||
-             c.head_dim <= 0 || c.head_dim % 2 != 0 || c.num_heads % c.num_kv_heads != 0 || c.intermediate_size <= 0;
-  if (bad) throw ArtifactError(where + ": config.json has inconsistent sizes (heads, head_dim or hidden size)");
+  c.eos_token_ids = token_ids(cfg, "eos_token_id", where);
+  c.bos_token_id = config_int(cfg, "bos_token_id", 0, kMaxVocabSize - 1, where, -1);
   return c;
 }
 
-void verify_manifest(const std::string& dir) {
-  std::string path = dir + "/manifest.json";
-  Json manifest;
-  try {
-    manifest = Json::parse(read_text_file(path));
-  } catch (const FormatError& e) {
-    throw ArtifactError(path + ": not valid JSON (" + e.what() + ")");
+namespace {
+ArtifactError symlink_error(const std::string& dir, const std::string& rel) {
+  return ArtifactError(dir + ": '" + rel + "' is a symbolic link; artifacts hold plain files only (rebuild the artifact)");
+}
+
+// The file a manifest row names, refusing any path that could leave the artifact: absolute, with an empty, `.` or
+// `..` component or a backslash, or passing through a symbolic link.
+std::string listed_file(const std::string& dir, const std::string& rel) {
+  auto outside = [&] {
+    return ArtifactError(dir + ": the manifest lists '" + rel + "', a path outside the artifact; refusing to read it (rebuild the artifact)");
+  };
+  if (rel.empty() || rel[0] == '/' || rel.find('\\') != std::string::npos) throw outside();
+  std::string prefix;
+  for (size_t start = 0; start <= rel.size();) {
+    const size_t slash = std::min(rel.find('/', start), rel.size());
+    const std::string part = rel.substr(start, slash - start);
+    if (part.empty() || part == "." || part == "..") throw outside();
+    prefix += (prefix.empty() ? "" : "/") + part;
+    if (fs::is_symlink(fs::symlink_status(dir + "/" + prefix))) throw symlink_error(dir, prefix);
+    start = slash + 1;
   }
-  const Json* files = manifest.find("files");
-  if (files == nullptr) throw ArtifactError(path + ": no 'files' table; rebuild the artifact");
-  std::set<std::string> listed;
-  for (const Json& row : files->items("manifest files")) {
-    const std::string& rel = row.at("path").str("path");
-    if (rel.find("..") != std::string::npos || (!rel.empty() && rel[0] == '/')) throw ArtifactError(path + ": bad path '" + rel + "'");
-    listed.insert(rel);
-    std::string file = dir + "/" + rel;
-    if (!fs::is_regular_file(file)) throw ArtifactError(dir + ": file '" + rel + "' listed in the manifest is missing; rebuild the artifact");
-    uint64_t size = fs::file_size(file);
-    int64_t expected = row.at("bytes").integer("bytes");
-    if (static_cast<int64_t>(size) != expected) {
-      throw ArtifactError(dir + ": '" + rel + "' has " + std::to_string(size) + " bytes, the manifest says " + std::to_string(expected) +
-                          ": the file was changed or truncated; rebuild the artifact");
-    }
-    MappedFile mapped(file);
-    if (sha256_hex(mapped.data(), mapped.size()) != row.at("sha256").str("sha256")) {
-      throw ArtifactError(dir + ": '" + rel + "' does not match its sha256 in the manifest: the file was modified after the build; rebuild the artifact");
-    }
+  return dir + "/" + rel;
+}
+
+void check_listed_file(const std::string& dir, const Json& row) {
+  const std::string& rel = row.at("path").str("path");
+  const std::string file = listed_file(dir, rel);
+  if (!fs::is_regular_file(file)) throw ArtifactError(dir + ": file '" + rel + "' listed in the manifest is missing; rebuild the artifact");
+  const uint64_t size = fs::file_size(file);
+  const Json& expected = row.at("bytes");
+  if (!expected.is_integer_in(0, int64_t(1) << 62) || static_cast<int64_t>(size) != static_cast<int64_t>(expected.number())) {
+    throw ArtifactError(dir + ": '" + rel + "' has " + std::to_string(size) + " bytes, the manifest says " + expected.describe() +
+                        ": the file was changed or truncated; rebuild the artifact");
   }
+  MappedFile mapped(file);
+  if (sha256_hex(mapped.data(), mapped.size()) != row.at("sha256").str("sha256")) {
+    throw ArtifactError(dir + ": '" + rel + "' does not match its sha256 in the manifest: the file was modified after the build; rebuild the artifact");
+  }
+}
+
+// Every entry under `dir` is a plain file or directory, and every file is listed (or is the manifest itself).
+void check_nothing_unlisted(const std::string& dir, const std::set<std::string>& listed) {
   for (const auto& entry : fs::recursive_directory_iterator(dir)) {
-    if (!entry.is_regular_file()) continue;
-    std::string rel = fs::relative(entry.path(), dir).generic_string();
-    if (rel != "manifest.json" && listed.count(rel) == 0) throw ArtifactError(dir + ": file not in the manifest: " + rel);
+    const std::string rel = entry.path().lexically_relative(dir).generic_string();
+    if (entry.is_symlink()) throw symlink_error(dir, rel);
+    if (entry.is_regular_file() && rel != "manifest.json" && listed.count(rel) == 0) throw ArtifactError(dir + ": file not in the manifest: " + rel);
+  }
+}
+
+bool entry_exists(const std::string& path) { return fs::exists(fs::symlink_status(path)); }
+}  // namespace
+
+void verify_manifest(const std::string& dir) {
+  const std::string path = dir + "/manifest.json";
+  try {
+    const Json manifest = Json::parse(read_text_file(path));
+    const Json* files = manifest.find("files");
+    if (files == nullptr || !files->is_array()) throw ArtifactError(path + ": no 'files' table; rebuild the artifact");
+    std::set<std::string> listed;
+    for (const Json& row : files->items()) {
+      check_listed_file(dir, row);
+      listed.insert(row.at("path").str());
+    }
+    check_nothing_unlisted(dir, listed);
+  } catch (const FormatError& e) {
+    throw ArtifactError(path + ": not a valid manifest (" + e.what() + "); rebuild the artifact");
+  } catch (const fs::filesystem_error& e) {
+    throw ArtifactError(dir + ": cannot check the files against manifest.json (" + e.what() + ")");
   }
 }
 
 Artifact open_artifact(const std::string& dir, bool verify, bool require_manifest) {
   if (!fs::is_directory(dir)) throw ArtifactError(dir + ": no such artifact directory");
-  bool has_manifest = fs::is_regular_file(dir + "/manifest.json");
+  const bool has_manifest = entry_exists(dir + "/manifest.json");
   if (require_manifest && !has_manifest) {
     throw ArtifactError(dir + ": not an optforge artifact (no manifest.json); build one with `optforge build RECIPE`");
+  }
+  if (verify && !has_manifest && entry_exists(dir + "/optforge.json")) {
+    throw ArtifactError(dir + ": manifest.json is missing, so its files cannot be verified; rebuild the artifact, "
+                        "or pass --no-verify to load it unverified");
   }
   Artifact a;
   a.dir = dir;

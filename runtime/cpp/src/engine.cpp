@@ -23,6 +23,7 @@ double now_seconds() {
 Engine::Engine(const std::string& artifact_dir, int num_threads, int num_kv_blocks, int block_size, bool verify, bool enable_prefix_caching)
     : pool_(num_threads) {
   Artifact artifact = open_artifact(artifact_dir, verify);
+  verified_ = artifact.verified;
   model_ = std::make_unique<Model>(artifact, num_kv_blocks, block_size);
   blocks_ = std::make_unique<BlockManager>(num_kv_blocks, block_size, enable_prefix_caching);
 }

@@ -1,6 +1,7 @@
 #include "optforge_rt/json.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 
 #include "optforge_rt/errors.h"
@@ -219,6 +220,29 @@ const std::vector<Json>& Json::items(const char* what) const {
 const std::vector<std::pair<std::string, Json>>& Json::members(const char* what) const {
   if (type_ != Type::kObject) wrong_type(what, "an object");
   return object_;
+}
+
+bool Json::is_integer_in(int64_t lo, int64_t hi) const {
+  if (type_ != Type::kNumber) return false;
+  return number_ >= static_cast<double>(lo) && number_ <= static_cast<double>(hi) && number_ == std::floor(number_);
+}
+
+std::string Json::describe() const {
+  switch (type_) {
+    case Type::kNull: return "null";
+    case Type::kBool: return bool_ ? "true" : "false";
+    case Type::kArray: return "an array";
+    case Type::kObject: return "an object";
+    case Type::kString: return string_.size() > 32 ? "\"" + string_.substr(0, 32) + "...\"" : "\"" + string_ + "\"";
+    case Type::kNumber: break;
+  }
+  if (is_integer_in(-(int64_t(1) << 62), int64_t(1) << 62)) return std::to_string(static_cast<int64_t>(number_));
+  char buf[32];
+  for (int precision = 1; precision <= 17; ++precision) {  // the shortest text that reads back as the same double
+    std::snprintf(buf, sizeof(buf), "%.*g", precision, number_);
+    if (std::strtod(buf, nullptr) == number_) break;
+  }
+  return buf;
 }
 
 const Json* Json::find(std::string_view key) const {

@@ -1,11 +1,13 @@
 #include "optforge_rt/model.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 
+#include "optforge_rt/checked.h"
 #include "optforge_rt/errors.h"
 
 namespace optforge_rt {
@@ -73,6 +75,21 @@ size_t available_memory() {
   return SIZE_MAX;
 }
 
+// Floats per layer in the K (and in the V) cache. Throws std::invalid_argument when the whole cache (K and V of
+// every layer) does not fit in 64 bits or in the available memory.
+size_t kv_cache_floats(const ModelConfig& c, int num_kv_blocks, int block_size) {
+  uint64_t floats = 0, bytes = 0;
+  const bool fits = checked_product({uint64_t(num_kv_blocks), uint64_t(block_size), uint64_t(c.num_kv_heads), uint64_t(c.head_dim)}, &floats) &&
+                    checked_product({floats, uint64_t(c.num_layers), 2, sizeof(float)}, &bytes);
+  const size_t available = available_memory();
+  if (!fits || bytes > available) {
+    throw std::invalid_argument("a KV cache of " + std::to_string(num_kv_blocks) + " blocks x " + std::to_string(block_size) + " tokens x " +
+                                std::to_string(c.num_layers) + " layers needs " + (fits ? std::to_string(bytes) : std::string("over 2^64")) +
+                                " bytes, more than the " + std::to_string(available) + " bytes of memory available; use fewer KV blocks");
+  }
+  return static_cast<size_t>(floats);
+}
+
 }  // namespace
 
 Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size)
@@ -128,7 +145,7 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size)
   }
   const char* placement = std::getenv("OPTFORGE_RT_WEIGHTS");
   if (placement == nullptr || std::string(placement) != "mmap") copy_weights_to_arena();
-  size_t cache_floats = static_cast<size_t>(num_kv_blocks) * block_size * c.num_kv_heads * c.head_dim;
+  const size_t cache_floats = kv_cache_floats(c, num_kv_blocks, block_size);
   k_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
   v_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
   for (int i = 0; i < c.head_dim / 2; ++i) {
@@ -279,6 +296,7 @@ std::vector<float> Model::forward(const ForwardBatch& batch, ThreadPool& pool) {
   const int T = static_cast<int>(batch.tokens.size());
   const int H = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
   const int q_dim = c.num_heads * D, kv_dim = c.num_kv_heads * D;
+  if (int64_t(T) * c.num_heads > INT_MAX) throw std::invalid_argument("a step of " + std::to_string(T) + " tokens is too large for one forward");
   for (int t = 0; t < T; ++t) {
     if (batch.tokens[t] < 0 || batch.tokens[t] >= c.vocab_size) throw std::invalid_argument("token id out of range: " + std::to_string(batch.tokens[t]));
     const auto& table = batch.block_tables.at(batch.seq_of[t]);

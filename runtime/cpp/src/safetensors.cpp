@@ -8,6 +8,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "optforge_rt/checked.h"
 #include "optforge_rt/errors.h"
 #include "optforge_rt/json.h"
 
@@ -101,6 +102,81 @@ DType parse_dtype(const std::string& s, const std::string& where) {
   if (s == "I64") return DType::kI64;
   throw FormatError(where + ": unsupported dtype '" + s + "'");
 }
+
+constexpr uint64_t kMaxHeaderBytes = uint64_t(100) << 20;  // the reference implementation's limit
+constexpr int64_t kMaxDim = int64_t(1) << 40;
+constexpr uint64_t kMaxElements = uint64_t(1) << 40;
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+// entry[key]: present, with the expected type (`array` or a string).
+const Json& field(const Json& entry, const char* key, bool array, const std::string& where) {
+  const Json* v = entry.is_object() ? entry.find(key) : nullptr;
+  if (v == nullptr || (array ? !v->is_array() : !v->is_string())) {
+    throw FormatError(where + ": '" + key + "' is " + (v == nullptr ? std::string("missing") : v->describe()) + ", expected " +
+                      (array ? "an array" : "a string"));
+  }
+  return *v;
+}
+
+// The shape's dimensions, each in [0, 2^40], with at most 2^40 elements in all (computed without wrapping).
+std::vector<int64_t> parse_shape(const Json& entry, const std::string& where, uint64_t* numel) {
+  std::vector<int64_t> shape;
+  const auto& dims = field(entry, "shape", true, where).items();
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (!dims[i].is_integer_in(0, kMaxDim)) {
+      throw FormatError(where + ": shape[" + std::to_string(i) + "] is " + dims[i].describe() + ", expected an integer in [0, " +
+                        std::to_string(kMaxDim) + "]");
+    }
+    shape.push_back(static_cast<int64_t>(dims[i].number()));
+  }
+  uint64_t n = 1;
+  for (int64_t d : shape) {
+    if (!checked_product({n, uint64_t(d)}, &n) || n > kMaxElements) {
+      throw FormatError(where + ": shape " + shape_text(shape) + " has more than " + std::to_string(kMaxElements) + " elements");
+    }
+  }
+  *numel = n;
+  return shape;
+}
+
+// data_offsets [begin, end) inside the data_size bytes after the header, holding exactly `nbytes`.
+std::pair<uint64_t, uint64_t> parse_offsets(const Json& entry, const std::string& where, uint64_t data_size, uint64_t nbytes) {
+  const auto& offsets = field(entry, "data_offsets", true, where).items();
+  const int64_t limit = int64_t(1) << 62;
+  if (offsets.size() != 2 || !offsets[0].is_integer_in(0, limit) || !offsets[1].is_integer_in(0, limit)) {
+    throw FormatError(where + ": data_offsets must be 2 non-negative integers [begin, end)");
+  }
+  const uint64_t begin = static_cast<uint64_t>(offsets[0].number()), end = static_cast<uint64_t>(offsets[1].number());
+  const std::string range = "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) + ")";
+  if (end < begin || end > data_size) {
+    throw FormatError(where + ": " + range + " outside the " + std::to_string(data_size) + " data bytes: the file is truncated or corrupt");
+  }
+  if (end - begin != nbytes) {
+    throw FormatError(where + ": " + range + " hold " + std::to_string(end - begin) + " bytes, its shape and dtype need " + std::to_string(nbytes));
+  }
+  return {begin, end};
+}
+
+// One header entry: dtype, shape and data_offsets checked, a view into the data after the header.
+TensorView parse_tensor(const Json& entry, const std::string& where, const uint8_t* base, size_t data_size) {
+  TensorView view;
+  view.dtype = parse_dtype(field(entry, "dtype", false, where).str(), where);
+  uint64_t numel = 0, nbytes = 0;
+  view.shape = parse_shape(entry, where, &numel);
+  checked_product({numel, dtype_size(view.dtype)}, &nbytes);  // numel <= 2^40: cannot wrap
+  const auto [begin, end] = parse_offsets(entry, where, data_size, nbytes);
+  view.nbytes = static_cast<size_t>(end - begin);
+  view.data = base + begin;
+  if (reinterpret_cast<uintptr_t>(view.data) % dtype_size(view.dtype) != 0) {  // the writer pads the header to 8 bytes
+    throw FormatError(where + ": data is not aligned to its " + std::to_string(dtype_size(view.dtype)) + "-byte dtype (unpadded header?)");
+  }
+  return view;
+}
 }  // namespace
 
 SafeTensors::SafeTensors(const uint8_t* data, size_t size, std::string name) : name_(std::move(name)) {
@@ -111,6 +187,9 @@ SafeTensors::SafeTensors(const uint8_t* data, size_t size, std::string name) : n
     throw FormatError(name_ + ": header of " + std::to_string(header_len) + " bytes runs past the end of the file (" +
                       std::to_string(size) + " bytes): the file is truncated");
   }
+  if (header_len > kMaxHeaderBytes) {
+    throw FormatError(name_ + ": header of " + std::to_string(header_len) + " bytes, expected at most " + std::to_string(kMaxHeaderBytes));
+  }
   Json header;
   try {
     header = Json::parse(std::string_view(reinterpret_cast<const char*>(data + 8), header_len));
@@ -118,41 +197,15 @@ SafeTensors::SafeTensors(const uint8_t* data, size_t size, std::string name) : n
     throw FormatError(name_ + ": bad safetensors header: " + e.what());
   }
   const uint8_t* base = data + 8 + header_len;
-  size_t data_size = size - 8 - header_len;
+  const size_t data_size = size - 8 - header_len;
   for (const auto& [key, entry] : header.members("safetensors header")) {
-    std::string where = name_ + ": tensor '" + key + "'";
     if (key == "__metadata__") {
       for (const auto& [mk, mv] : entry.members("__metadata__")) {
         if (mv.is_string()) metadata_[mk] = mv.str();
       }
       continue;
     }
-    TensorView view;
-    view.dtype = parse_dtype(entry.at("dtype").str("dtype"), where);
-    uint64_t numel = 1;
-    for (const Json& d : entry.at("shape").items("shape")) {
-      int64_t dim = d.integer("shape entry");
-      if (dim < 0 || dim > (int64_t(1) << 40)) throw FormatError(where + ": bad dimension " + std::to_string(dim));
-      view.shape.push_back(dim);
-      numel *= static_cast<uint64_t>(dim);
-      if (numel > (uint64_t(1) << 40)) throw FormatError(where + ": too many elements");
-    }
-    const auto& offsets = entry.at("data_offsets").items("data_offsets");
-    if (offsets.size() != 2) throw FormatError(where + ": data_offsets must have 2 entries");
-    int64_t begin = offsets[0].integer("data_offsets"), end = offsets[1].integer("data_offsets");
-    if (begin < 0 || end < begin || static_cast<uint64_t>(end) > data_size) {
-      throw FormatError(where + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
-                        ") outside the " + std::to_string(data_size) + " data bytes: the file is truncated or corrupt");
-    }
-    view.nbytes = static_cast<size_t>(end - begin);
-    if (view.nbytes != numel * dtype_size(view.dtype)) {
-      throw FormatError(where + ": " + std::to_string(view.nbytes) + " bytes do not match its shape and dtype");
-    }
-    view.data = base + begin;
-    if (reinterpret_cast<uintptr_t>(view.data) % dtype_size(view.dtype) != 0) {  // the writer pads the header to 8 bytes
-      throw FormatError(where + ": data is not aligned to its " + std::to_string(dtype_size(view.dtype)) + "-byte dtype (unpadded header?)");
-    }
-    tensors_[key] = std::move(view);
+    tensors_[key] = parse_tensor(entry, name_ + ": tensor '" + key + "'", base, data_size);
   }
 }
 

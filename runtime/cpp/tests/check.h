@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #define CHECK(cond)                                                            \
   do {                                                                         \
@@ -22,4 +23,22 @@
       thrown = true;                          \
     }                                         \
     CHECK(thrown && "expected " #Exception);  \
+  } while (0)
+
+// Runs `body` and checks that it throws `Exception` whose message contains every one of the strings after it.
+#define CHECK_THROWS_WITH(Exception, body, ...)                                                   \
+  do {                                                                                           \
+    bool thrown = false;                                                                         \
+    try {                                                                                        \
+      body;                                                                                      \
+    } catch (const Exception& e) {                                                               \
+      thrown = true;                                                                             \
+      for (const char* part : {__VA_ARGS__}) {                                                   \
+        if (std::string(e.what()).find(part) == std::string::npos) {                             \
+          std::fprintf(stderr, "%s:%d: message lacks '%s': %s\n", __FILE__, __LINE__, part, e.what()); \
+          std::exit(1);                                                                          \
+        }                                                                                        \
+      }                                                                                          \
+    }                                                                                            \
+    CHECK(thrown && "expected " #Exception);                                                     \
   } while (0)

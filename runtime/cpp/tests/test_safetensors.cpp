@@ -35,6 +35,35 @@ static void check_arena() {
   CHECK(threw);
 }
 
+// Shapes whose element or byte count would wrap 64 bits, out-of-range dimensions and offsets, and an oversized
+// header: a FormatError naming the file, the tensor, what was found and what is expected.
+static void check_crafted_shapes(const std::string& data) {
+  auto with = [&](const std::string& shape, const std::string& offsets) {
+    return parse(image(R"({"w": {"dtype": "F32", "shape": )" + shape + R"(, "data_offsets": )" + offsets + "}}", data));
+  };
+  CHECK_THROWS_WITH(FormatError, with("[4294967296, 4294967296]", "[0, 0]"), "test.safetensors: tensor 'w'", "shape [4294967296, 4294967296]",
+                    "more than 1099511627776 elements");  // 2^64 elements wrap to 0
+  CHECK_THROWS_WITH(FormatError, with("[1099511627776, 16777216, 16]", "[0, 0]"), "more than 1099511627776 elements");
+  CHECK_THROWS_WITH(FormatError, with("[4611686018427387904, 8]", "[0, 0]"), "shape[0] is 4611686018427387904", "[0, 1099511627776]");
+  CHECK_THROWS_WITH(FormatError, with("[2, -3]", "[0, 24]"), "shape[1] is -3");
+  CHECK_THROWS_WITH(FormatError, with("[1e300]", "[0, 4]"), "shape[0] is 1e+300");
+  CHECK_THROWS_WITH(FormatError, with("[1.5]", "[0, 4]"), "shape[0] is 1.5");
+  CHECK_THROWS_WITH(FormatError, with("[\"6\"]", "[0, 24]"), "shape[0] is \"6\"");
+  CHECK_THROWS_WITH(FormatError, with("6", "[0, 24]"), "'shape' is 6, expected an array");
+  CHECK_THROWS_WITH(FormatError, with("[2, 3]", "[0, 20]"), "data_offsets [0, 20) hold 20 bytes, its shape and dtype need 24");
+  CHECK_THROWS_WITH(FormatError, with("[2, 3]", "[-8, 16]"), "tensor 'w'", "data_offsets must be 2 non-negative integers");
+  CHECK_THROWS_WITH(FormatError, with("[2, 3]", "[0, 18446744073709551616]"), "data_offsets must be 2 non-negative integers");
+  CHECK_THROWS_WITH(FormatError, with("[2, 3]", "[\"0\", 24]"), "data_offsets must be 2 non-negative integers");
+  CHECK_THROWS_WITH(FormatError, with("[2, 3]", "[0, 24, 48]"), "data_offsets must be 2 non-negative integers");
+  CHECK_THROWS_WITH(FormatError, with("[0]", "[32, 32]"), "data_offsets [32, 32) outside the 26 data bytes");
+  CHECK_THROWS_WITH(FormatError, with("[1]", "[24, 20]"), "data_offsets [24, 20) outside");
+  CHECK_THROWS_WITH(FormatError, parse(image(R"({"w": 7})", data)), "tensor 'w'", "'dtype' is missing");
+  CHECK(with("[0, 4294967296]", "[24, 24]").get("w").numel() == 0);  // empty tensors are fine
+  // A header over 100 MiB is refused before it is parsed, even when the file holds it.
+  std::string big = image("{}" + std::string((size_t(100) << 20) + 8, ' '), data);
+  CHECK_THROWS_WITH(FormatError, parse(big), "header of 104857616 bytes, expected at most 104857600");
+}
+
 int main() {
   check_arena();
   float values[6] = {1, 2, 3, 4, 5, 6};
@@ -62,5 +91,6 @@ int main() {
   CHECK_THROWS(FormatError, parse(std::string(reinterpret_cast<const char*>(&hl), 8) + h + data));
   std::string huge(8, '\xff');
   CHECK_THROWS(FormatError, parse(huge + "{}"));  // header length past the end
+  check_crafted_shapes(data);
   return 0;
 }

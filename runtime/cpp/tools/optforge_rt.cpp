@@ -70,7 +70,12 @@ int run(int argc, char** argv) {
   int block_size = 16;
   int num_blocks = args.get_int("--kv-blocks", 1024);
   if (args.flag("--no-copy")) setenv("OPTFORGE_RT_WEIGHTS", "mmap", 1);  // read by Model at load
-  Engine engine(dir, threads, num_blocks, block_size, !args.flag("--no-verify"), true);
+  const bool verify = !args.flag("--no-verify");
+  Engine engine(dir, threads, num_blocks, block_size, verify, true);
+  if (!engine.verified()) {
+    std::cerr << dir << (verify ? ": a plain model folder (no manifest.json): loading it unverified\n"
+                                : ": loading without verifying its files (--no-verify)\n");
+  }
   if (cmd == "generate") {
     Tokenizer tok = Tokenizer::from_file(dir + "/tokenizer.json");
     std::string prompt = args.positional.size() > 1 ? args.positional[1] : "";

@@ -3,6 +3,8 @@ prefix caching and preemption invariance, and clear errors on tampered or trunca
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,26 @@ def test_truncated_weights_give_clear_errors(rt, tiny_artifact):
     (tiny_artifact / "extra.bin").write_bytes(b"x")
     with pytest.raises(rt.ArtifactError):
         rt.verify_manifest(str(tiny_artifact))
+
+
+def test_missing_manifest_fails_closed(rt, tiny_artifact):
+    assert rt.Engine(str(tiny_artifact)).verified
+    (tiny_artifact / "manifest.json").unlink()
+    (tiny_artifact / "optforge.json").write_text('{"properties": []}')  # an optforge model directory without its manifest
+    with pytest.raises(rt.ArtifactError, match="manifest.json is missing, so its files cannot be verified.*--no-verify"):
+        rt.Engine(str(tiny_artifact))
+    with pytest.raises(rt.ArtifactError, match="manifest.json is missing"):
+        rt.StepRunner(str(tiny_artifact))
+    assert not rt.Engine(str(tiny_artifact), verify=False).verified
+    (tiny_artifact / "optforge.json").unlink()  # a plain Hugging Face folder never had a manifest: loads unverified
+    assert not rt.Engine(str(tiny_artifact)).verified
+
+
+def test_crafted_config_sizes_are_refused(rt, tiny_artifact):
+    config = json.loads((tiny_artifact / "config.json").read_text())
+    (tiny_artifact / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4, "head_dim": 2**30 + 16}))
+    with pytest.raises(rt.ArtifactError, match=r"'head_dim' is 1073741840, expected an integer in \[1, 1048576\]"):
+        rt.Engine(str(tiny_artifact), verify=False)
 
 
 def test_missing_artifact_and_bad_config(rt, tmp_path, tiny_model_dir):

@@ -58,7 +58,7 @@ def test_smollm2_greedy_matches_hf(rt, smollm2_dir):
 
     tok = rt.Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    engine = rt.Engine(str(smollm2_dir), num_threads=2)
+    engine = rt.Engine(str(smollm2_dir), num_threads=2, verify=False)  # the source cache: optforge.json, no manifest
     prompts = [tok.encode(p) for p in PROMPTS[:5]]
     ours, _ = engine.generate(prompts, max_new_tokens=64, ignore_eos=True)
     num_threads = torch.get_num_threads()

@@ -1,6 +1,7 @@
 // Opening an optforge artifact directory: manifest verification, the model config and the layout.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,13 @@ struct ModelConfig {
   int bos_token_id = -1;
 };
 
+// Bounds on config.json sizes (inclusive). Every size is checked against them before any allocation or loop uses it,
+// so products of sizes fit comfortably in 64 bits and per-row sizes fit in int.
+constexpr int64_t kMaxModelDim = int64_t(1) << 20;  // hidden_size, intermediate_size, head_dim, heads x head_dim
+constexpr int64_t kMaxVocabSize = int64_t(1) << 24;
+constexpr int64_t kMaxLayers = int64_t(1) << 16;
+constexpr int64_t kMaxHeads = int64_t(1) << 16;
+
 // Architectures this runtime runs (model_type values); Gemma-3 joins by adding its norms and rope here.
 const std::vector<std::string>& architecture_table();
 
@@ -34,17 +42,20 @@ ModelConfig parse_model_config(const Json& config, const std::string& where);
 std::string read_text_file(const std::string& path);
 
 // Checks every file listed in `dir`/manifest.json (size and sha256) and that no unlisted file exists, like
-// optforge.artifact.verify_artifact. Throws ArtifactError with the file and what to do.
+// optforge.artifact.verify_artifact. Paths that leave the artifact (absolute, `..`, symbolic links) are refused.
+// Throws ArtifactError with the file and what to do.
 void verify_manifest(const std::string& dir);
 
 struct Artifact {
   std::string dir;
   ModelConfig config;
-  Json layout;       // optforge.json ({} when absent)
-  bool verified = false;
+  Json layout;            // optforge.json ({} when absent)
+  bool verified = false;  // every file matched manifest.json
 };
 
-// `verify`: check manifest.json when present; `require_manifest`: fail without one (a built artifact).
+// `verify`: check every file against manifest.json. An optforge model directory (it has optforge.json) without a
+// manifest fails closed; a plain Hugging Face folder (neither file) never had one and opens unverified
+// (`Artifact::verified` says which). `require_manifest`: fail without a manifest even when `verify` is off.
 Artifact open_artifact(const std::string& dir, bool verify, bool require_manifest = false);
 
 }  // namespace optforge_rt

@@ -92,6 +92,8 @@ class Engine {
   Model& model() { return *model_; }
   BlockManager& block_manager() { return *blocks_; }
   int num_threads() const { return pool_.num_threads(); }
+  // Whether every file matched the artifact's manifest.json at load (false: loaded unverified).
+  bool verified() const { return verified_; }
 
   // Greedy generation for every prompt with continuous batching; returns the new tokens of each.
   std::vector<std::vector<int>> generate(const std::vector<std::vector<int>>& prompts, const GenerationConfig& cfg, GenerationStats* stats = nullptr);
@@ -106,6 +108,7 @@ class Engine {
   std::unique_ptr<Model> model_;
   std::unique_ptr<BlockManager> blocks_;
   int next_seq_id_ = 0;
+  bool verified_ = false;
 };
 
 }  // namespace optforge_rt

@@ -32,6 +32,11 @@ class Json {
   const std::vector<Json>& items(const char* what = "value") const;
   const std::vector<std::pair<std::string, Json>>& members(const char* what = "value") const;
 
+  // True for a number that is a whole integer within [lo, hi] (no conversion of an out-of-range value).
+  bool is_integer_in(int64_t lo, int64_t hi) const;
+  // The value as an error message shows it: a number, a quoted prefix of a string, or its type.
+  std::string describe() const;
+
   // Object lookup: nullptr when absent (or when this is not an object).
   const Json* find(std::string_view key) const;
   // Object lookup that throws FormatError("missing key ...") when absent.

@@ -1,5 +1,7 @@
-// A memory-mapped safetensors reader. The header is validated (dtype, shape, offsets inside the file,
-// no overlaps past the end) before any tensor is handed out; tensors are views into the mapping.
+// A memory-mapped safetensors reader. The header is validated before any tensor is handed out: its length
+// (inside the file, at most 100 MiB), each dtype, each shape (dimensions in [0, 2^40], at most 2^40 elements,
+// counted without wrapping) and each tensor's data_offsets (begin <= end, inside the data, end - begin equal to
+// the shape's byte count). Tensors are views into the mapping.
 #pragma once
 
 #include <cstddef>
