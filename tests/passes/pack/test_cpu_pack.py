@@ -98,7 +98,7 @@ def test_packed_engine_runs_close_to_fp32(tiny_src, tmp_path, fmt, tol):
     rt = load()
     out = run_pack(tiny_src, tmp_path / fmt, weights=fmt, lm_head=fmt)
     ids = [5, 17, 42, 99, 7, 3, 250]
-    ours = rt.Engine(str(out.path), num_threads=2).last_logits(ids)
+    ours = rt.Engine(str(out.path), num_threads=2, verify=False).last_logits(ids)  # a pass output: no manifest yet
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(tiny_src, dtype=torch.float32)(torch.tensor([ids])).logits[0, -1].numpy()
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
@@ -123,11 +123,11 @@ def test_runtime_loads_v1_engines_and_refuses_newer(tiny_src, tmp_path, fmt):
     rt = load()
     v2 = run_pack(tiny_src, tmp_path / "v2", weights=fmt, lm_head=fmt).path
     ids = [5, 17, 42, 99, 7]
-    want = rt.Engine(str(v2), num_threads=1).last_logits(ids)
+    want = rt.Engine(str(v2), num_threads=1, verify=False).last_logits(ids)  # pass outputs carry no manifest
     # v1 stored fp32 scales: these hold fp16 values, so rounding them back at load gives the same bits
     v1 = _rewrite_engine(v2, tmp_path / "v1", torch.float32, "optforge-cpu/1")
-    assert np.array_equal(rt.Engine(str(v1), num_threads=1).last_logits(ids), want)
+    assert np.array_equal(rt.Engine(str(v1), num_threads=1, verify=False).last_logits(ids), want)
     with pytest.raises(Exception, match="newer than this runtime.*pack.cpu"):
-        rt.Engine(str(_rewrite_engine(v2, tmp_path / "v3", torch.float16, "optforge-cpu/3")))
+        rt.Engine(str(_rewrite_engine(v2, tmp_path / "v3", torch.float16, "optforge-cpu/3")), verify=False)
     with pytest.raises(Exception, match="qscales are F32, expected F16"):
-        rt.Engine(str(_rewrite_engine(v2, tmp_path / "v2f32", torch.float32, "optforge-cpu/2")))
+        rt.Engine(str(_rewrite_engine(v2, tmp_path / "v2f32", torch.float32, "optforge-cpu/2")), verify=False)
