@@ -1,4 +1,4 @@
-"""Issue 7's distillation run: prune SmolLM2's MLP width by 25%, then distill.kd from the dense model.
+"""Distillation after pruning: prune SmolLM2's MLP width by 25%, then distill.kd from the dense model.
 
 Made for the GPU machine (one H100, ~5 minutes of training), and runs the same code on the CPU with tiny sizes.
 Steps, each printed as it happens (flushed, so a run cut off by `timeout` shows how far it got):

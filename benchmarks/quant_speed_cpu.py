@@ -1,4 +1,4 @@
-"""CPU speed of SmolLM2-135M per quantization scheme (issue 4): prefill and decode tokens/s at batch 1 and 8.
+"""CPU speed of SmolLM2-135M per quantization scheme: prefill and decode tokens/s at batch 1 and 8.
 
 Loads each artifact through optforge's loader (the modules and kernels the runtime uses; fp32 is plain HF
 transformers) and times a 128-token prefill and 32 greedy new tokens with HF `generate` (KV cache on).

@@ -1,4 +1,4 @@
-"""GPU speed of the quantized Linear kernels at decode shapes (issue 4), Llama-3.2-1B shaped, random weights.
+"""GPU speed of the quantized Linear kernels at decode shapes, Llama-3.2-1B shaped, random weights.
 
 For each scheme every Linear of the 16 decoder layers (q, k, v, o, gate, up, down) is built as the module
 optforge's runtime loads (bf16 nn.Linear, WeightOnlyLinear int8/int4, Fp8Linear dynamic/static, W8A8Linear) and one decode step's

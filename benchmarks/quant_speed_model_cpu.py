@@ -1,4 +1,4 @@
-"""Whole-model CPU speed of SmolLM2-135M-Instruct per quantization layout (issue 4), against fp32 HF.
+"""Whole-model CPU speed of SmolLM2-135M-Instruct per quantization layout, against fp32 HF.
 
 Builds one artifact per weight layout through `optforge.build` with a tiny recipe (RTN for the weight-only
 layouts: AWQ and GPTQ write the same layout, so they run the same kernels at the same speed; a short

@@ -1,4 +1,4 @@
-"""Quality table for issue 4: SmolLM2-135M-Instruct per quantization scheme, on the CPU or the GPU machine.
+"""Quality of SmolLM2-135M-Instruct per quantization scheme (perplexity, ARC-Easy, HellaSwag), on the CPU or a GPU.
 
 Builds each scheme through `optforge.build` (pass outputs cached in --cache-dir; the build's own perplexity
 eval runs on --device), then scores the artifact on --device: perplexity (BoolQ val rows 0-40, 256 tokens)

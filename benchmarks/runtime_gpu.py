@@ -1,4 +1,4 @@
-"""GPU numbers for the runtime (issue 5): kernel checks, batch-1 decode vs roofline, throughput vs HF.
+"""GPU numbers for the runtime: kernel checks, batch-1 decode vs roofline, throughput vs HF.
 
 bf16, random weights, Llama-3.2-1B and Llama-3.1-8B shapes. Writes markdown tables to stdout and, with
 --out DIR, results.md and results.json there. Usage: python benchmarks/runtime_gpu.py --out $OUT
@@ -126,7 +126,7 @@ def run_shape(name: str, shape: dict, out: dict, emit) -> None:
 
 def read_bandwidth() -> float:
     """Bytes/s of a plain streaming read on this GPU (torch.sum over 4 GB, the best of 20), beside the 3.0e12 B/s
-    the issue's roofline assumes for an H100: an H200's HBM3e is faster, so its runtime fraction is quoted on both."""
+    the fixed roofline assumes for an H100: an H200's HBM3e is faster, so its runtime fraction is quoted on both."""
     buf = torch.ones(2**30, dtype=torch.float32, device="cuda")
     out = torch.empty((), device="cuda")
     torch.sum(buf, dim=0, out=out)
