@@ -13,17 +13,24 @@ that stops on a token or a stop string is finished when its token is read; the r
 step already launched is dropped (its KV write lands in a position past its end, in a block that is not in
 the prefix cache). Waiting requests, sampling, penalties, logprobs or too few free blocks end the overlap:
 the engine then collects and goes back to scheduling step by step.
+
+A failed step fails only the request behind it: when the runner raises, every running request is put back
+to be recomputed and each runs one step on its own; those that fail alone end with finish_reason "error"
+(`take_failed()` hands them to the caller), the others carry on and give the tokens they give alone.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from optforge.errors import UserInputError
 from optforge.runtime.block_manager import BlockManager
+from optforge.runtime.detokenize import cut_at_stop
 from optforge.runtime.sampler import takes_raw_argmax
 from optforge.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from optforge.runtime.sequence import SamplingParams, Sequence
@@ -50,6 +57,19 @@ class EngineConfig:
     verify: bool = True  # check the artifact's files against its manifest before loading (see artifact.verify_for_loading)
 
 
+class RunnerFailed(Exception):
+    """The model runner raised during a step (the cause is chained); the engine's own state is still sound."""
+
+
+@contextmanager
+def _runner_call():
+    """Marks runner failures, so `step` isolates them and lets the engine's own errors (bugs) propagate."""
+    try:
+        yield
+    except Exception as exc:
+        raise RunnerFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -59,6 +79,7 @@ class RequestOutput:
     finish_reason: str | None
     num_cached_tokens: int = 0
     logprobs: list[dict] = field(default_factory=list)
+    error: str | None = None  # why the request failed, where finish_reason is "error"
 
 
 class Engine:
@@ -83,12 +104,51 @@ class Engine:
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
         self.num_overlapped_steps = 0  # steps launched before the previous step's tokens were read
+        self.num_failed_steps = 0  # steps whose runner raised (their requests were then run one at a time)
+        self.vocab_size: int | None = getattr(getattr(self.runner, "config", None), "vocab_size", None)  # model's embedding rows
         self._inflight: tuple[ScheduledBatch, object] | None = None  # a launched step whose tokens are not read yet
+        self._failed: list[Sequence] = []  # requests ended with "error" since the last `take_failed()`
+
+    @property
+    def kv_capacity(self) -> int:
+        """Tokens the whole KV cache holds: no request may need more (prompt + max_tokens)."""
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    @property
+    def max_context(self) -> int:
+        """Prompt + output tokens one request may have: max_model_len, or less where the KV cache is smaller."""
+        return min(self.config.max_model_len, self.kv_capacity)
+
+    def set_max_model_len(self, max_model_len: int) -> None:
+        """Lower the context length after loading (to what the KV cache holds); never above what the runner built."""
+        built = getattr(self.runner, "max_model_len", None)
+        if max_model_len < 1 or (built is not None and max_model_len > built):
+            raise ValueError(f"max_model_len must be in [1, {built}], got {max_model_len}")
+        self.config = replace(self.config, max_model_len=max_model_len)
+
+    def check_request(self, token_ids, params: SamplingParams) -> list[int]:
+        """The prompt's token ids as a list of ints, or ValueError saying why the request can never run: an
+        empty prompt, ids outside the model's vocabulary, or more tokens than max_model_len or the KV cache."""
+        try:
+            ids = [operator.index(t) for t in token_ids]
+        except TypeError as exc:
+            raise ValueError(f"prompt token ids must be integers: {exc}") from exc
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if self.vocab_size is not None:
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
+        total = len(ids) + params.max_tokens
+        if total > self.config.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len {self.config.max_model_len}")
+        if total > self.kv_capacity:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) can never fit the KV cache ({self.kv_capacity} tokens)")
+        return ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> Sequence:
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if len(token_ids) + params.max_tokens > self.config.max_model_len:
-            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len {self.config.max_model_len}")
+        """Queue a request; ValueError (see `check_request`) where it can never run."""
+        token_ids = self.check_request(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt, params)
         if not params.ignore_eos:
             params = replace(params, stop_token_ids=tuple(params.stop_token_ids) + self.eos_token_ids)
         seq = Sequence(token_ids, params, request_id=request_id, arrival_time=time.perf_counter())
@@ -107,17 +167,35 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    def take_failed(self) -> list[Sequence]:
+        """Requests ended with finish_reason "error" since the last call (their step failed with them alone)."""
+        failed, self._failed = self._failed, []
+        return failed
+
     def step(self) -> list[tuple[Sequence, int]]:
         """Schedule, run, postprocess. Returns (sequence, new token) for each token produced this step."""
+        try:
+            return self._step()
+        except RunnerFailed:  # find the request(s) that fail alone, keep the rest
+            log.exception("engine step failed; running its requests one at a time to find the one that fails")
+            self.num_failed_steps += 1
+            return self._isolate_failure()
+
+    def _step(self) -> list[tuple[Sequence, int]]:
         if self._inflight is not None:
             return self._step_overlapped()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         if self._overlappable(batch):
-            self._inflight = (batch, self.runner.launch(batch, [None] * len(batch)))
+            with _runner_call():
+                self._inflight = (batch, self.runner.launch(batch, [None] * len(batch)))
             return self._step_overlapped()
-        sampled = self.runner.run(batch)
+        with _runner_call():
+            sampled = self.runner.run(batch)
+        return self._postprocess(batch, sampled)
+
+    def _postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[tuple[Sequence, int]]:
         self.scheduler.postprocess(batch, sampled)
         self.num_steps += 1
         produced = []
@@ -128,6 +206,38 @@ class Engine:
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
         return produced
+
+    # ---- fault isolation (see the module docstring) --------------------------------------------------------
+    def _isolate_failure(self) -> list[tuple[Sequence, int]]:
+        """After a failed step: recompute every running request, each in a step of its own; end those that fail."""
+        if self._inflight is not None:  # read what was launched, so no copy into the runner's buffers is left queued
+            inflight, self._inflight = self._inflight, None
+            try:
+                self.runner.collect(inflight[1])
+            except Exception:  # the failure itself may sit in this launch: its tokens are dropped either way
+                log.debug("dropping a failed launch", exc_info=True)
+        suspects = list(self.scheduler.running)
+        for seq in reversed(suspects):  # newest first, so the queue keeps them oldest first
+            self.scheduler.preempt(seq)
+        produced = []
+        for seq in suspects:
+            batch = self.scheduler.schedule_alone(seq)
+            if batch is None:  # no room beside the requests already re-run: it runs with the others later
+                continue
+            try:
+                sampled = self.runner.run(batch)
+            except Exception as exc:
+                log.warning("request %s fails on its own and is ended with an error", seq.request_id, exc_info=True)
+                self._fail(seq, f"{type(exc).__name__} while generating")
+                continue
+            produced += self._postprocess(batch, sampled)
+        return produced
+
+    def _fail(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, "error")
+        seq.error = reason
+        self.requests.pop(seq.request_id, None)
+        self._failed.append(seq)
 
     # ---- overlapped decode (see the module docstring) -----------------------------------------------------
     def _overlappable(self, batch: ScheduledBatch) -> bool:
@@ -146,9 +256,11 @@ class Engine:
         following = self._next_decode(live)
         if following is not None:
             rows = {seq.seq_id: r for r, seq in enumerate(batch.seqs)}
-            self._inflight = (following, self.runner.launch(following, [rows[seq.seq_id] for seq in following.seqs]))
+            with _runner_call():
+                self._inflight = (following, self.runner.launch(following, [rows[seq.seq_id] for seq in following.seqs]))
             self.num_overlapped_steps += 1
-        tokens = self.runner.collect(launched)
+        with _runner_call():
+            tokens = self.runner.collect(launched)
         self.num_steps += 1
         produced = []
         for seq, token in zip(batch.seqs, tokens):
@@ -199,10 +311,8 @@ class Engine:
         if token_ids and seq.finish_reason == "stop" and token_ids[-1] in seq.params.stop_token_ids:
             token_ids = token_ids[:-1]  # the stop token itself is not part of the text
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-        for stop in seq.params.stop:
-            if stop in text:
-                text = text[: text.index(stop)]
-        return RequestOutput(seq.request_id, seq.token_ids[: seq.num_prompt_tokens], list(seq.output_token_ids), text, seq.finish_reason, seq.num_cached_tokens, seq.logprobs)
+        return RequestOutput(seq.request_id, seq.token_ids[: seq.num_prompt_tokens], list(seq.output_token_ids), cut_at_stop(text, seq.params.stop),
+                             seq.finish_reason, seq.num_cached_tokens, seq.logprobs, seq.error)
 
 
 def _cpp_engine(path: Path, config: EngineConfig) -> tuple[Engine, object]:

@@ -52,6 +52,9 @@ def render_metrics(engine: AsyncEngine) -> str:
         ("optforge_requests_finished_total", "counter", "Requests that completed.", s.num_finished),
         ("optforge_requests_aborted_total", "counter", "Requests whose client went away.", s.num_aborted),
         ("optforge_requests_refused_total", "counter", "Requests refused with 429 (queue full).", s.num_refused),
+        ("optforge_requests_failed_total", "counter", "Requests ended with an error (their step failed, or the engine stopped).", s.num_failed),
+        ("optforge_engine_alive", "gauge", "1 while the engine thread runs; 0 once it has stopped on an error.", int(engine.is_alive)),
+        ("optforge_engine_failed_steps_total", "counter", "Steps whose runner raised (their requests were then run one by one).", engine.engine.num_failed_steps),
         ("optforge_generation_tokens_total", "counter", "Tokens generated.", s.num_generated_tokens),
         ("optforge_preemptions_total", "counter", "Sequences preempted (recomputed later) for lack of KV blocks.", engine.engine.scheduler.num_preemptions),
     ]

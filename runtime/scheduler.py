@@ -100,6 +100,19 @@ class Scheduler:
             budget -= num_new
         return batch
 
+    def schedule_alone(self, seq: Sequence) -> ScheduledBatch | None:
+        """A step of one waiting sequence and nothing else (the engine runs requests alone to find the one
+        that breaks a step); None where its blocks are not free now, and it stays waiting."""
+        num_new = min(len(seq) - self.block_manager.num_cached_tokens(seq), self.config.max_num_batched_tokens)
+        if seq not in self.waiting or not self.block_manager.can_allocate(seq, num_new):
+            return None
+        self.waiting.remove(seq)
+        batch = ScheduledBatch()
+        batch.add(seq, num_new, self.block_manager.allocate(seq, num_new))
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return batch
+
     def _make_room(self, seq: Sequence, num_new: int, preempted: set[int]) -> bool:
         """Preempt the newest running sequences until `seq` fits; False if `seq` itself had to go.
 

@@ -6,15 +6,21 @@ Pure Python (no torch), shared by the block manager, the scheduler and the engin
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from enum import Enum
+
+
+# Below this, logits / temperature overflows float32 for ordinary logits and the softmax turns to NaN;
+# 0.01 already makes sampling all but greedy, and 0 asks for greedy outright.
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to pick tokens for one request. The defaults give greedy decoding of up to 16 tokens."""
 
-    temperature: float = 0.0  # 0 means greedy (argmax); > 0 samples from softmax(logits / temperature)
+    temperature: float = 0.0  # 0 means greedy (argmax); >= MIN_TEMPERATURE samples from softmax(logits / temperature)
     top_k: int | None = None  # keep only the k most likely tokens (None: all)
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability sums to >= top_p, in (0, 1]
     min_p: float = 0.0  # drop tokens with probability < min_p * max probability, in [0, 1)
@@ -27,8 +33,10 @@ class SamplingParams:
     logprobs: int | None = None  # also return the log-probability of the chosen token and the top-n
 
     def __post_init__(self):
+        numbers = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (all(math.isfinite(x) for x in numbers), "temperature, top_p, min_p and repetition_penalty must be finite"),
+            (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE, f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}"),
             (self.top_k is None or self.top_k >= 1, "top_k must be >= 1 or null"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
@@ -68,7 +76,8 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at the last admission
     num_preemptions: int = 0
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (its step failed; see `error`)
+    error: str | None = None  # why the engine gave up on this request, where finish_reason is "error"
     logprobs: list[dict] = field(default_factory=list)
 
     def __post_init__(self):

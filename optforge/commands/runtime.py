@@ -91,7 +91,25 @@ def serve(
     artifact: Path = typer.Argument(..., help="An artifact or model directory."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    max_waiting: int = typer.Option(1024, "--max-waiting", help="Queued requests beyond this get HTTP 429."),
+    max_waiting: int = typer.Option(1024, "--max-waiting", help="Requests waiting for a free slot (beyond --max-num-seqs) past this get HTTP 429."),
+    max_model_len: Optional[int] = typer.Option(
+        None, "--max-model-len", show_default=False,
+        help="Prompt + output tokens per request, at most [default: the model's context length, at most 4096, or less where "
+        "the KV cache holds less]. The server refuses to start when one request of this length cannot fit the KV cache.",
+    ),
+    kv_cache_memory: Optional[str] = typer.Option(
+        None, "--kv-cache-memory", show_default=False,
+        help="KV cache size, e.g. 2GiB, 512MiB or bytes [default: 512MiB on the CPU, half the free GPU memory on CUDA].",
+    ),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="OPTFORGE_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); /health stays open.",
+    ),
+    allowed_origins: str = typer.Option(
+        "", "--allowed-origins",
+        help="Comma-separated browser origins (e.g. http://localhost:3000) that may call the server, with CORS. Requests "
+        "carrying any other Origin header get 403; none are allowed by default.",
+    ),
     dtype: str = DTYPE,
     device: str = DEVICE,
     no_prefix: bool = NO_PREFIX,
@@ -108,15 +126,21 @@ def serve(
     try:
         require("aiohttp", "optforge serve", "pip install aiohttp")
         from optforge.runtime.async_engine import AsyncEngine
+        from optforge.runtime.serve_options import fit_max_model_len, initial_max_model_len, model_context_length, parse_bytes
         from optforge.runtime.server import serve as run_server
 
-        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify))
+        kv_cache_bytes = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else None
+        context = initial_max_model_len(max_model_len, model_context_length(artifact))
+        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify,
+                                             max_model_len=context, kv_cache_bytes=kv_cache_bytes))
+        context = fit_max_model_len(llm.engine, max_model_len)
     except OptforgeError as exc:
         _fail(exc)
-    _console().print(f"serving {artifact} on http://{host}:{port} (OpenAI API under /v1)")
+    _console().print(f"serving {artifact} on http://{host}:{port} (OpenAI API under /v1; max_model_len {context})")
     engine = AsyncEngine(llm.engine, max_waiting=max_waiting)
+    origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
     try:
-        run_server(engine, artifact.name, host, port)
+        run_server(engine, artifact.name, host, port, api_key=api_key or None, allowed_origins=origins)
     finally:
         engine.shutdown()
 

@@ -57,7 +57,7 @@ def test_bad_requests_get_clear_400s(engine):
             path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
             r = await client.post(path, json=body)
             out.append((r.status, (await r.json())["error"]))
-        r = await client.post("/v1/completions", data=b"{not json")
+        r = await client.post("/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"})
         out.append((r.status, (await r.json())["error"]))
         return out
 

@@ -1,0 +1,67 @@
+"""The server's context length and KV budget, settled at start-up rather than discovered by failing requests.
+
+`--max-model-len` (prompt + output tokens per request) may not exceed the model's own context length, and one
+request of that length must fit the KV cache (`--kv-cache-memory`); otherwise the server refuses to start and
+says which flag to change. Without `--max-model-len` it is the model's context length, at most 4096, or less
+where the KV cache holds less (the CPU default budget of 512 MiB holds under 4096 tokens of a 3B-8B fp32
+model), and the log says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from optforge.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 4096
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB' or a plain number of bytes -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise UserInputError(f"--kv-cache-memory {text!r}: expected a size such as 2GiB, 512MiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def model_context_length(model_dir: Path) -> int | None:
+    """The model's own context length (max_position_embeddings in config.json), where it says."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the loader reports a missing or broken config.json in its own words
+    value = config.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def initial_max_model_len(requested: int | None, model_limit: int | None) -> int:
+    """The context length to build the engine with (checked before loading any weights)."""
+    if requested is not None:
+        if requested < 2:
+            raise UserInputError(f"--max-model-len {requested}: a request needs at least one prompt and one new token")
+        if model_limit is not None and requested > model_limit:
+            raise UserInputError(f"--max-model-len {requested} is beyond the model's context length of {model_limit} tokens "
+                                 f"(max_position_embeddings in config.json); use at most {model_limit}")
+        return requested
+    return min(model_limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+
+
+def fit_max_model_len(engine, requested: int | None) -> int:
+    """Check (or, where defaulted, shrink) the engine's max_model_len against its KV cache; returns it."""
+    wanted, kv_tokens = engine.config.max_model_len, engine.kv_capacity
+    if wanted <= kv_tokens:
+        return wanted
+    if requested is not None:
+        raise UserInputError(f"--max-model-len {wanted} does not fit the KV cache, which holds {kv_tokens} tokens: "
+                             f"lower --max-model-len to at most {kv_tokens}, or raise --kv-cache-memory")
+    log.info("max_model_len %d (not %d): that is what the KV cache holds; raise --kv-cache-memory for longer requests", kv_tokens, wanted)
+    engine.set_max_model_len(kv_tokens)
+    return kv_tokens
