@@ -61,6 +61,11 @@ class RunnerFailed(Exception):
     """The model runner raised during a step (the cause is chained); the engine's own state is still sound."""
 
 
+class DeviceLost(RuntimeError):
+    """The accelerator is unusable after a failed step (a CUDA error such as a device-side assert is sticky:
+    every later call fails), so no request can run any more and the engine must stop, not fail them one by one."""
+
+
 @contextmanager
 def _runner_call():
     """Marks runner failures, so `step` isolates them and lets the engine's own errors (bugs) propagate."""
@@ -179,7 +184,19 @@ class Engine:
         except RunnerFailed:  # find the request(s) that fail alone, keep the rest
             log.exception("engine step failed; running its requests one at a time to find the one that fails")
             self.num_failed_steps += 1
+            self._check_device()
             return self._isolate_failure()
+
+    def _check_device(self) -> None:
+        device = getattr(self.runner, "device", None)
+        if getattr(device, "type", None) != "cuda":
+            return
+        import torch
+
+        try:
+            torch.cuda.synchronize(device)
+        except Exception as exc:  # the CUDA runtime raises several types for a poisoned context
+            raise DeviceLost(f"the CUDA device is unusable after a failed step ({type(exc).__name__}: {exc}); restart the server") from exc
 
     def _step(self) -> list[tuple[Sequence, int]]:
         if self._inflight is not None:

@@ -61,3 +61,26 @@ def test_an_engine_error_is_not_swallowed(tiny_llama, byte_tokenizer, monkeypatc
     llm.engine.add_request("r", PROMPTS[0], PARAMS)
     with pytest.raises(RuntimeError, match="bookkeeping"):
         llm.engine.step()
+
+
+def test_a_lost_device_stops_the_engine_instead_of_failing_requests_one_by_one(tiny_llama, byte_tokenizer, monkeypatch):
+    """A CUDA device-side assert poisons the context: every later call fails. The engine must then raise (the
+    server reports itself dead, /health 503) rather than end each request with an error while looking healthy."""
+    import types
+
+    import torch
+
+    from optforge.runtime.llm import DeviceLost
+
+    llm = LLM.from_model(tiny_llama, byte_tokenizer, EngineConfig(num_blocks=64, block_size=4, async_scheduling=False))
+    poison(llm.engine.runner, monkeypatch, 299)
+    monkeypatch.setattr(llm.engine.runner, "device", types.SimpleNamespace(type="cuda"))
+
+    def poisoned_context(device=None):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", poisoned_context)
+    llm.engine.add_request("bad", [10, 299, 11], PARAMS)
+    with pytest.raises(DeviceLost, match="restart the server"):
+        while llm.engine.has_unfinished:
+            llm.engine.step()
