@@ -49,7 +49,9 @@ def build_cmd(recipe_path: Path, cache: Path) -> list[str]:
 
 def full_build(recipe_path: Path, cache: Path) -> float:
     started = time.perf_counter()
-    subprocess.run(build_cmd(recipe_path, cache), check=True, capture_output=True)
+    done = subprocess.run(build_cmd(recipe_path, cache), capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"an uninterrupted build failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return time.perf_counter() - started
 
 
