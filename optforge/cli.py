@@ -212,7 +212,7 @@ def passes():
     """List the registered passes with their config keys, defaults and meaning."""
     from rich.table import Table
 
-    from optforge.pass_ import describe_config, registry
+    from optforge.pass_ import describe_config, describe_support, registry
 
     for name, cls in sorted(registry().items()):
         table = Table(title=f"{name} (v{cls.version}): {(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}", title_justify="left")
@@ -221,7 +221,8 @@ def passes():
         for row in describe_config(cls):
             table.add_row(row["name"], row["type"], row["default"], row["help"])
         _console().print(table)
-        _console().print(f"  requires {sorted(cls.requires)}, produces {sorted(cls.produces)}\n")
+        _console().print(f"  requires {sorted(cls.requires)}, produces {sorted(cls.produces)}")
+        _console().print(f"  runs in {describe_support(cls)}\n", highlight=False)
 
 
 # Modules that add commands to `app`, each defining `register(app)`. They must not import torch at top level.

@@ -16,10 +16,18 @@ class PassContext:
     output_dir: Path
     model: "ModelSpec"
     calibration: "CalibrationSpec | None"
-    # Device the pass may compute on ("cpu", "cuda").
+    # Device the pass computes on (`--device`: "cpu", "cuda", "cuda:1"); a pass that cannot honour it says
+    # so in its `devices` and the build refuses the recipe before any work (`pass_.plan_passes`).
     device: str = "cpu"
     # progress(description, total) -> advance(n) callable; a no-op outside the CLI.
     progress: Callable[[str, int], Callable[[int], None]] = lambda desc, total: (lambda n=1: None)
+
+    @property
+    def dtype(self) -> str:
+        """Precision the recipe asks the pass to compute in (`model.dtype`): float32, bfloat16 or float16.
+
+        Quantized weights keep their own storage types; a pass that cannot honour it says so in its `dtypes`."""
+        return self.model.dtype
 
     def calibration_texts(self) -> list[str]:
         """The recipe's calibration passages (raises PassError in the caller if there are none)."""

@@ -3,7 +3,9 @@
 A pass is registered under `family.method` (`quant.int8_weight_only`), has a frozen keyword-only config
 dataclass, declares the properties it `requires` of its input and `produces` in its output (the pipeline
 checks both), and has a `version` that enters the cache key: bump it whenever the output changes.
-`run(artifact, ctx)` returns a new artifact and never mutates its input.
+`run(artifact, ctx)` returns a new artifact and never mutates its input. It computes in the recipe's
+`model.dtype` on the `--device` it was given (`ctx.dtype`, `ctx.device`); where it cannot, `dtypes` or
+`devices` narrows what it accepts and `unsupported_why` says why, and the build refuses the recipe up front.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class Pass:
     removes: ClassVar[frozenset[str]] = frozenset()
     # Whether the pass reads the recipe's calibration data (it then enters the cache key).
     uses_calibration: ClassVar[bool] = False
+    # Recipe dtypes (`model.dtype`) and device types (`--device` without its index) the pass can honour;
+    # None is all of them. Narrow them only with `unsupported_why` saying why (shown by `optforge passes`).
+    dtypes: ClassVar[frozenset[str] | None] = None
+    devices: ClassVar[frozenset[str] | None] = None
+    unsupported_why: ClassVar[str] = ""
 
     def __init__(self, config: Any):
         self.config = config
@@ -49,11 +56,15 @@ class Pass:
 
         Called while the recipe is validated, so a build that cannot finish stops before it loads anything."""
 
+    def config_dict(self) -> dict:
+        """The config as JSON values (tuples become lists): what the manifest records and the cache key hashes."""
+        return json.loads(json.dumps(dataclasses.asdict(self.config), default=str))
+
     def cache_key(self, input_digest: str, calibration: dict | None) -> str:
         payload = {
             "pass": self.name,
             "version": self.version,
-            "config": dataclasses.asdict(self.config),
+            "config": self.config_dict(),
             "input": input_digest,
             "calibration": calibration if self.uses_calibration else None,
         }
@@ -108,13 +119,42 @@ def make_config(cls: type[Pass], config: dict, *, source: str = "<python>", key:
         raise RecipeError(f"{err['msg']} (found {err.get('input')!r})", path=source, key=f"{key}.{sub}" if sub else key) from None
 
 
-def validate_pass_specs(recipe: "Recipe", source: str) -> None:
+def plan_passes(recipe: "Recipe", *, source: str = "<python>", device: str | None = None) -> list[Pass]:
+    """The recipe's passes, each with its config parsed (once) and checked against the machine, the recipe's
+    dtype and `device` (None: not known yet, checked by the build). Raises RecipeError naming the pass."""
+    passes = []
     for i, spec in enumerate(recipe.passes):
         try:
             cls = get_pass(spec.name)
         except RecipeError as exc:
             raise RecipeError(str(exc), path=source, key=f"passes[{i}].name") from None
-        cls(make_config(cls, spec.config, source=source, key=f"passes[{i}].config")).preflight()
+        problem = unsupported(cls, recipe.model.dtype, device)
+        if problem:
+            raise RecipeError(problem, path=source, key=f"passes[{i}].name")
+        p = cls(make_config(cls, spec.config, source=source, key=f"passes[{i}].config"))
+        p.preflight()
+        passes.append(p)
+    return passes
+
+
+def unsupported(cls: type[Pass], dtype: str, device: str | None) -> str | None:
+    """Why `cls` cannot run in `dtype` on `device` (None when it can)."""
+    kind = device.split(":")[0] if device else None
+    if cls.dtypes is not None and dtype not in cls.dtypes:
+        asked, allowed = f"model.dtype {dtype}", f"model.dtype in {sorted(cls.dtypes)}"
+    elif kind is not None and cls.devices is not None and kind not in cls.devices:
+        asked, allowed = f"--device {device}", f"--device in {sorted(cls.devices)}"
+    else:
+        return None
+    return f"pass '{cls.name}' cannot run with {asked}: {cls.unsupported_why or 'not supported'}. Use {allowed}, or drop the pass"
+
+
+def describe_support(cls: type[Pass]) -> str:
+    """One line for `optforge passes`: the dtypes and devices the pass honours, and why not others."""
+    dtypes = ", ".join(sorted(cls.dtypes)) if cls.dtypes is not None else "any"
+    devices = ", ".join(sorted(cls.devices)) if cls.devices is not None else "any"
+    why = f" ({cls.unsupported_why})" if cls.unsupported_why else ""
+    return f"model.dtype {dtypes}; --device {devices}{why}"
 
 
 def describe_config(cls: type[Pass]) -> list[dict[str, str]]:

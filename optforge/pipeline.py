@@ -14,7 +14,7 @@ from optforge.context import PassContext
 from optforge.errors import GateFailed, PassError
 from optforge.evaluation import run_evals
 from optforge.gate import evaluate_gate
-from optforge.pass_ import Pass, get_pass, make_config
+from optforge.pass_ import Pass, plan_passes
 from optforge.recipe import PassSpec, Recipe
 from optforge.report import write_junit, write_reports
 
@@ -56,6 +56,19 @@ class BuildResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class _Build:
+    """What every pass of one build shares."""
+
+    recipe: Recipe
+    cache: Cache
+    device: str
+    progress: Progress
+    # The recipe's calibration slice as JSON (enters the cache key of passes that calibrate).
+    calibration: dict | None
+    source_metrics: dict
+
+
 def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None, junit: str | Path | None = None, force: bool = False) -> BuildResult:
     """Build a recipe (object, dict or YAML path). Raises GateFailed (nothing written) when a gate fails.
 
@@ -72,9 +85,10 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     if isinstance(recipe, (str, Path)):
         recipe_path = Path(recipe).resolve()
         base_dir = recipe_path.parent
-        recipe, recipe_text = load_recipe(recipe)
+        recipe, recipe_text = load_recipe(recipe, check_passes=False)
     elif isinstance(recipe, dict):
-        recipe = parse_recipe(recipe)
+        recipe = parse_recipe(recipe, check_passes=False)
+    passes = plan_passes(recipe, source=str(recipe_path or "<python>"), device=device)  # each config parsed once, here
     if recipe_text is None:
         import yaml
 
@@ -92,11 +106,12 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
 
     source, source_info = resolve_source(recipe.model, cache)
     source_metrics, _ = run_evals(source, recipe.data.eval, dtype=recipe.model.dtype, cache=cache, device=device, progress=progress)
+    shared = _Build(recipe=recipe, cache=cache, device=device, progress=progress, calibration=calibration, source_metrics=source_metrics)
     current, current_metrics = source, source_metrics
     records: list[PassRecord] = []
     try:
-        for index, spec in enumerate(recipe.passes):
-            current, current_metrics, record = _run_pass(index, spec, recipe, current, current_metrics, source_metrics, cache, calibration, device, progress)
+        for spec, p in zip(recipe.passes, passes):
+            current, current_metrics, record = _run_pass(shared, spec, p, current, current_metrics)
             records.append(record)
     except GateFailed as exc:
         if junit:
@@ -114,15 +129,13 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     return BuildResult(output=out_path, manifest=manifest, seconds=time.perf_counter() - started)
 
 
-def _run_pass(index, spec: PassSpec, recipe: Recipe, current: ModelArtifact, current_metrics, source_metrics, cache: Cache, calibration, device, progress):
-    cls = get_pass(spec.name)
-    config = make_config(cls, spec.config, key=f"passes[{index}].config")
-    p: Pass = cls(config)
+def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, current_metrics: dict) -> tuple[ModelArtifact, dict, PassRecord]:
+    recipe, cache, device, progress = shared.recipe, shared.cache, shared.device, shared.progress
     missing = p.requires - current.properties
     if missing:
         raise PassError(p.name, f"its input lacks {sorted(missing)} (input has {sorted(current.properties)}); reorder the recipe's passes so an earlier pass does not remove them")
-    key = p.cache_key(current.digest, calibration)
-    record = PassRecord(name=p.name, config=_jsonable(config), cache_key=key)
+    key = p.cache_key(current.digest, shared.calibration)
+    record = PassRecord(name=p.name, config=p.config_dict(), cache_key=key)
     started = time.perf_counter()
 
     def run(tmp: Path) -> None:
@@ -140,7 +153,7 @@ def _run_pass(index, spec: PassSpec, recipe: Recipe, current: ModelArtifact, cur
     record.weight_bytes = result.weight_bytes()
     metrics, _ = run_evals(result, recipe.data.eval, dtype=recipe.model.dtype, cache=cache, device=device, progress=progress)
     record.metrics = metrics
-    results = [evaluate_gate(g, source_metrics if g.baseline == "source" else current_metrics, metrics) for g in spec.gates()]
+    results = [evaluate_gate(g, shared.source_metrics if g.baseline == "source" else current_metrics, metrics) for g in spec.gates()]
     record.gates = [r.to_dict() for r in results]
     failed = [r for r in results if not r.passed]
     if results:
@@ -150,12 +163,6 @@ def _run_pass(index, spec: PassSpec, recipe: Recipe, current: ModelArtifact, cur
     for gate in results:
         log.info("gate after %s %s: %s", p.name, "passed" if gate.verdict == "pass" else "passed (undecided, on_undecided: pass)", gate.describe())
     return result, metrics, record
-
-
-def _jsonable(config) -> dict:
-    import dataclasses
-
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
 def _summaries(metrics: dict) -> dict:

@@ -211,8 +211,11 @@ MAX_YAML_ALIASES = 64
 MAX_RECIPE_NODES = 100_000
 
 
-def load_recipe(path: str | Path) -> tuple[Recipe, str]:
-    """Read and validate a recipe file. Returns the recipe and its exact text (for the manifest)."""
+def load_recipe(path: str | Path, *, check_passes: bool = True) -> tuple[Recipe, str]:
+    """Read and validate a recipe file. Returns the recipe and its exact text (for the manifest).
+
+    `check_passes=False` leaves the pass configs to the caller's `pass_.plan_passes` (the build parses
+    them once, knowing the device)."""
     import yaml
 
     path = Path(path)
@@ -233,7 +236,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, str]:
         raise RecipeError(f"expected a mapping at the top level, found {type(data).__name__}", path=str(path))
     if _count_nodes(data, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
         raise RecipeError(f"the recipe expands to more than {MAX_RECIPE_NODES} values (nested aliases?); write it out plainly", path=str(path))
-    return parse_recipe(data, source=str(path)), text
+    return parse_recipe(data, source=str(path), check_passes=check_passes), text
 
 
 def _count_nodes(data: Any, budget: int) -> int:
@@ -279,15 +282,16 @@ class _LazyLoader:
 _BoundedLoader = _LazyLoader()
 
 
-def parse_recipe(data: dict, *, source: str = "<python>") -> Recipe:
+def parse_recipe(data: dict, *, source: str = "<python>", check_passes: bool = True) -> Recipe:
     """Validate a recipe given as a dict; errors name `source` and the key path."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise _recipe_error(exc, data, source) from None
-    from optforge.pass_ import validate_pass_specs
+    if check_passes:
+        from optforge.pass_ import plan_passes
 
-    validate_pass_specs(recipe, source)
+        plan_passes(recipe, source=source)
     return recipe
 
 
