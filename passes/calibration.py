@@ -1,0 +1,222 @@
+"""Layer-by-layer calibration: the one driver every calibrated pass runs its algorithm through.
+
+After llm-compressor's sequential pipeline (`pipelines/sequential/`): the lifecycle is written once, here, and
+each algorithm (GPTQ, AWQ, SmoothQuant, FP8 static scales, KV-cache scales, Wanda, SparseGPT, the structured
+importances) is a small `LayerAlgorithm` beside its math. `calibrate(model, batches, algorithm, targets)`:
+
+1. capture: the model runs once over the calibration batches with every decoder layer replaced by a stub
+   that records the keyword arguments the layer gets (attention masks, rotary position embeddings, cache
+   positions; per layer, as sliding-window and global layers get different masks) and keeps the hidden
+   states entering layer 0. The output head computes one position only.
+2. per decoder layer, in order:
+   a. observe: forward pre-hooks on the modules `algorithm.watch(step)` names hand every input
+      x (tokens, in) as float32 to `algorithm.record(key, x)` while the layer runs over the held inputs;
+   b. transform: `algorithm.apply(step)` changes the layer (rounds, prunes, folds scales) or reads what it saw;
+   c. propagate: the layer's outputs become the next layer's inputs, recomputed after the transform
+      (`propagate = "after"`: the next layer sees the changed one, GPTQ's and SparseGPT's sequential scheme)
+      or taken from the observing run (`"before"`: an algorithm that only measures).
+
+Memory holds one layer's inputs and outputs (num_batches x B x T x hidden), never every layer's activations.
+
+Where large models plug in (not done yet), each in this file alone: `held` in `calibrate` is the one place
+activations live between layers, a list of device tensors; a spilling store writes each batch to disk as
+`_run_layer` computes it and reads it back one batch at a time. Today the whole model sits on `ctx.device`;
+onloading moves `layer` there at the top of the layer loop in `calibrate` and back to the CPU at its end (the
+capture then needs only the embeddings on the device). Distributed calibration splits `batches` across ranks
+and all-reduces what `record` accumulated before `apply`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterator, Literal
+
+import torch
+from torch import nn
+
+from optforge.errors import PassError
+from optforge.evals.perplexity import leading_bos
+
+
+# ------------------------------------------------------------------------------------ calibration data
+
+
+def calibration_samples(pass_name: str, tokenizer, ctx, num_samples: int | None) -> list[torch.Tensor]:
+    """Token ids (1, T) per calibration passage (BOS first where the tokenizer adds one), truncated to the
+    recipe's max_length: the batches of the quantization passes."""
+    texts = ctx.calibration_texts()
+    if not texts:
+        raise PassError(pass_name, "needs calibration text: set data.calibration in the recipe (e.g. {dataset: boolq, rows: [2000, 2128]})")
+    texts = texts[:num_samples] if num_samples else texts
+    max_length = ctx.calibration.max_length
+    bos = leading_bos(tokenizer)
+    samples = [torch.tensor([(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length]], device=ctx.device) for t in texts]
+    return [s for s in samples if s.shape[1] > 1]
+
+
+def token_windows(tokenizer, texts: list[str], *, num_samples: int | None, seq_len: int, pass_name: str) -> torch.Tensor:
+    """(num_samples, seq_len) token ids: the texts joined with EOS and cut into consecutive windows (the
+    pruning and distillation passes). `num_samples=None` takes every whole window the text gives (at least one)."""
+    if not texts:
+        raise PassError(pass_name, "needs calibration text, but the recipe has none; set data.calibration")
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + sep)
+        if num_samples is not None and len(ids) >= num_samples * seq_len:
+            break
+    available = len(ids) // seq_len
+    num_samples = available if num_samples is None else num_samples
+    if available < max(num_samples, 1):
+        raise PassError(pass_name, f"calibration text gives {available} windows of {seq_len} tokens, {num_samples} requested; widen data.calibration.rows or lower num_samples")
+    return torch.tensor(ids[: num_samples * seq_len]).view(num_samples, seq_len)
+
+
+def calibration_forward(model: nn.Module, ids: torch.Tensor, *, all_logits: bool = False):
+    """model(ids) for calibration, computing the last position's logits only unless `all_logits`.
+
+    Calibration reads what goes into layers, not the logits; with Gemma-3's 262k vocabulary the output head
+    costs more than the 18 decoder layers together, so skipping it for T - 1 positions matters.
+    """
+    kwargs = {"input_ids": ids, "use_cache": False}
+    if not all_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer during calibration: what an algorithm's `watch` and `apply` see."""
+
+    index: int
+    name: str  # qualified name, e.g. "model.layers.3"
+    layer: nn.Module
+    # The pass's target modules inside this layer, by qualified name (model order).
+    targets: dict[str, nn.Module]
+    # Hidden states entering the layer, one (B, T, D) per batch.
+    inputs: list[torch.Tensor]
+    # The layer's outputs in the observing run, before `apply` (None when no observing run was needed).
+    outputs: list[torch.Tensor] | None = None
+
+
+class LayerAlgorithm:
+    """What a calibrated pass plugs into `calibrate`: what to watch in a layer, what to keep of what it sees,
+    and how to change the layer."""
+
+    # Next layer's inputs: this layer's outputs recomputed after `apply`, or those of the observing run.
+    propagate: ClassVar[Literal["after", "before"]] = "after"
+
+    def session(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Set-up around the whole run, capture included (e.g. an attention implementation that observes)."""
+        return contextlib.nullcontext()
+
+    def watch(self, step: LayerStep) -> dict[str, nn.Module]:
+        """{key: module} whose inputs `record` receives during the observing run; default the layer's targets."""
+        return step.targets
+
+    def record(self, key: str, x: torch.Tensor) -> None:
+        """One input x (tokens, in), float32, of the watched module `key`."""
+
+    def apply(self, step: LayerStep) -> None:
+        """Change the layer from what was recorded (or only read it)."""
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlgorithm, *, pass_name: str, targets: dict[str, nn.Module] | None = None, progress=None) -> None:
+    """Run `algorithm` over the decoder layers of `model`, one layer at a time, on token-id `batches` (B, T)."""
+    layers = decoder_layers(model, pass_name)
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = targets or {}
+    with algorithm.session(model):
+        held, kwargs = _capture(model, layers, batches)
+        advance = progress(pass_name, len(layers)) if progress else (lambda n=1: None)
+        for index, layer in enumerate(layers):
+            prefix = names[id(layer)]
+            local = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
+            step = LayerStep(index, prefix, layer, local, held)
+            watched = algorithm.watch(step)
+            if watched or algorithm.propagate == "before":
+                with watch_inputs(watched, algorithm.record):
+                    step.outputs = _run_layer(layer, held, kwargs[index])
+            algorithm.apply(step)
+            held = step.outputs if algorithm.propagate == "before" else _run_layer(layer, held, kwargs[index])
+            kwargs[index] = []
+            advance(1)
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Hidden states entering layer 0 per batch, and each layer's keyword arguments per batch."""
+    first: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+
+    def stub(index: int):
+        def forward(hidden_states, *args, **kw):
+            if index == 0:
+                first.append(hidden_states)
+            kw.pop("past_key_values", None)
+            kwargs[index].append(kw)
+            return hidden_states
+
+        return forward
+
+    device = model.get_input_embeddings().weight.device
+    for i, layer in enumerate(layers):
+        layer.forward = stub(i)
+    try:
+        for ids in batches:
+            calibration_forward(model, ids.to(device))  # the stubbed layers pass hidden states through
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+    return first, kwargs
+
+
+def _run_layer(layer: nn.Module, held: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    outputs = []
+    for hidden, kw in zip(held, kwargs):
+        out = layer(hidden, **kw)
+        outputs.append(out[0] if isinstance(out, tuple) else out)  # (B, T, D)
+    return outputs
+
+
+def decoder_layers(model: nn.Module, pass_name: str) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise PassError(pass_name, f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers, a ModuleList); calibrated passes support HF decoder-only models")
+    return layers
+
+
+@contextlib.contextmanager
+def watch_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call fn(key, x (tokens, in) float32) with every input the modules see inside the block."""
+    handles = []
+    for key, module in modules.items():
+
+        def hook(mod, args, key=key):
+            x = args[0]
+            fn(key, x.reshape(-1, x.shape[-1]).float())
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def observe_forward(model: nn.Module, batches: list[torch.Tensor], modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
+    """Whole-model forwards with `watch_inputs` on `modules`: for targets outside every decoder layer (an
+    included output head, which then computes logits at every position)."""
+    head = model.get_output_embeddings()
+    all_logits = any(m is head for m in modules.values())
+    with watch_inputs(modules, fn):
+        for ids in batches:
+            calibration_forward(model, ids, all_logits=all_logits)
