@@ -99,28 +99,28 @@ def projections() -> None:
 def decode_step(model) -> None:
     fd.USE_PDL = False  # the same graph without programmatic dependent launch, for the comparison below
     engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
-    no_pdl_ms = replay_us(engine.runner.graphs[1][0]) / 1e3
+    no_pdl_ms = replay_us(engine.runner.graphs.by_size[1][0]) / 1e3
     del engine
     fd.USE_PDL = None
     engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
     runner = engine.runner
-    print("fused decode path active:", runner.decode_weights is not None, "| PDL:", fd.pdl_enabled(runner.device))
-    graph = runner.graphs[1][0]
+    print("fused decode path active:", runner.decoder.decode_weights is not None, "| PDL:", fd.pdl_enabled(runner.device))
+    graph = runner.graphs.by_size[1][0]
     fused_ms = replay_us(graph) / 1e3
-    s = runner.static
-    body = runner._graph_body(1)
+    s = runner.graphs.static
+    body = runner.graphs.body(1, runner.decode_logits)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         body()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50))
-    saved, runner.decode_weights = runner.decode_weights, None
-    unfused = runner._graph_body(1)
-    runner.decode_weights = saved
+    saved, runner.decoder.decode_weights = runner.decoder.decode_weights, None  # the layer path, until captured
+    unfused = runner.graphs.body(1, runner.decode_logits)
     unfused()
     torch.cuda.synchronize()
     g2 = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g2):
         unfused()
+    runner.decoder.decode_weights = saved
     unfused_ms = replay_us(g2) / 1e3
     print(f"batch-1 decode graph GPU time: fused {fused_ms:.3f} ms, fused without PDL {no_pdl_ms:.3f} ms, "
           f"unfused {unfused_ms:.3f} ms (static input token {s['tokens'][s['src'][0]].item()})")
@@ -133,10 +133,10 @@ def ablate(model) -> None:
     engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
     print("batch-1 decode:", bench_decode(engine, 1, 128, 256))
     runner = engine.runner
-    heads = runner.num_heads * runner.head_dim
+    heads = runner.decoder.num_heads * runner.decoder.head_dim
 
     def step_ms() -> float:
-        body = runner._graph_body(1)
+        body = runner.graphs.body(1, runner.decode_logits)
         body()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -153,7 +153,7 @@ def ablate(model) -> None:
         "attention and combine left out": lambda: setattr(fd, "rope_paged_attention", lambda qkv, *a, **k: qkv[:, :heads]),
         "no programmatic dependent launch": lambda: setattr(fd, "USE_PDL", False),
     }
-    print(f"context {int(runner.static['lens'][0])}")
+    print(f"context {int(runner.graphs.static['lens'][0])}")
     print("| variant | graph GPU ms | tok/s at that time |")
     print("| --- | --- | --- |")
     for name, change in variants.items():

@@ -34,15 +34,15 @@ def batch1(model) -> None:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
     print(out.getvalue())
-    graph = engine.runner.graphs[1][0]
+    graph = engine.runner.graphs.by_size[1][0]
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(200):
         graph.replay()
     torch.cuda.synchronize()
     print(f"GPU time of one batch-1 decode graph: {(time.perf_counter() - start) / 200 * 1e3:.3f} ms "
-          f"(context {int(engine.runner.static['lens'][0])}, as the last step left it)")
-    body = engine.runner._graph_body(1)  # the same kernels outside the graph, at that context: GPU time per kernel
+          f"(context {int(engine.runner.graphs.static['lens'][0])}, as the last step left it)")
+    body = engine.runner.graphs.body(1, engine.runner.decode_logits)  # the same kernels outside the graph, at that context: GPU time per kernel
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         body()
         torch.cuda.synchronize()

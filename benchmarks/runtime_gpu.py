@@ -95,7 +95,7 @@ def check_tokens() -> dict:
     while engine.has_unfinished:
         engine.step()
     same = sum(a == b for s, h in zip(seqs, hf) for a, b in zip(s.output_token_ids, h))
-    return {"tiny_fp32_tokens_equal": f"{same}/{24 * len(prompts)}", "fused": engine.runner.fused is not None, "graphs": len(engine.runner.graphs)}
+    return {"tiny_fp32_tokens_equal": f"{same}/{24 * len(prompts)}", "fused": engine.runner.fused is not None, "graphs": len(engine.runner.graphs.by_size) if engine.runner.graphs else 0}
 
 
 def run_shape(name: str, shape: dict, out: dict, emit) -> None:

@@ -4,9 +4,9 @@ the quantized modules run inside our forward, and greedy tokens equal HF generat
 import torch
 
 import optforge
-from optforge.runtime.layers import Int8WeightOnlyLinear
+from optforge.formats.int8 import Int8WeightOnlyLinear
+from optforge.model_io import load_model
 from optforge.runtime.llm import LLM, EngineConfig
-from optforge.runtime.loader import load_model
 from optforge.runtime.sequence import SamplingParams
 
 
@@ -22,7 +22,7 @@ def test_int8_artifact_generates_like_hf(tiny_model_dir, tmp_path, cache_dir, ma
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False)
             expected.append(gen[0, ids.shape[1]:].tolist())
     llm = LLM(out, EngineConfig(num_blocks=64, block_size=4))
-    layer = llm.engine.runner.layers[0].self_attn.q_proj
+    layer = llm.engine.runner.decoder.layers[0].self_attn.q_proj
     assert isinstance(layer, Int8WeightOnlyLinear)
     outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected

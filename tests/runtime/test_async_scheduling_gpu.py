@@ -35,7 +35,7 @@ def test_overlapped_graphs_match_hf_across_batch_sizes_and_stops(model, byte_tok
     expected = [hf_greedy(model, p, n) for p, n in zip(prompts, lengths)]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths]
     llm = LLM.from_model(model, byte_tokenizer, CONFIG)
-    assert llm.engine.runner.graphs and llm.engine.runner.decode_weights is not None
+    assert llm.engine.runner.graphs and llm.engine.runner.decoder.decode_weights is not None
     outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == expected
     assert llm.engine.num_overlapped_steps > 30

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from optforge.runtime.layers import quantize_in_memory
+from optforge.formats import quantize_in_memory
 from optforge.runtime.llm import EngineConfig, LLM
 from optforge.runtime.sequence import SamplingParams
 
@@ -86,6 +86,6 @@ def test_batch1_fused_decode_matches_hf_generate(tiny_llama_factory, byte_tokeni
         expected = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
                     for p in prompts]
     llm = LLM.from_model(copy.deepcopy(model), byte_tokenizer, EngineConfig(device="cuda", num_blocks=64, block_size=16, max_num_seqs=4, max_model_len=256))
-    assert llm.engine.runner.decode_weights is not None
+    assert llm.engine.runner.decoder.decode_weights is not None
     got = [llm.generate([p], SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids for p in prompts]  # one at a time: batch 1
     assert got == expected

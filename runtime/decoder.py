@@ -1,0 +1,172 @@
+"""The forward of a Llama-family decoder over the paged KV cache.
+
+The forward is ours; the weights and modules are the HF model's (q/k/v/o projections, which may be the
+quantized Linear modules of an artifact, MLP, norms, and HF's rotary module, so rope scaling follows the
+config). A layer runs in one of three forms:
+- the HF modules one by one (CPU, and models the fused forms do not take);
+- fused (CUDA with Triton): q/k/v and gate/up as one matmul each, dense or quantized with per-row scales,
+  residual+RMSNorm, rotary+KV write and SiLU*up as Triton kernels;
+- batch-1 decode in six launches per layer (`kernels/fused_decode.py`), where every projection is dense in
+  the model dtype or per-channel int8.
+Attention is the caller's `attend(layer, q)` (runtime/attention.py); the KV cache is the caller's tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from optforge.errors import UserInputError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Decoder:
+    """The model's weights in the forms its forward paths need (`fused`, `decode_weights`: None where a form
+    does not apply), and those paths."""
+
+    def __init__(self, model: nn.Module):
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            raise UserInputError(
+                f"the runtime runs {', '.join(SUPPORTED_MODEL_TYPES)} decoders without sliding windows; this model is "
+                f"'{cfg.model_type}'. Evaluate it with HF transformers instead (`optforge eval`)."
+            )
+        self.model, self.config = model, cfg
+        self.base = model.model
+        self.layers = list(self.base.layers)
+        self.device = self.base.embed_tokens.weight.device
+        self.dtype = self.base.embed_tokens.weight.dtype
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused: list[dict] | None = None
+        self.decode_weights: dict | None = None
+
+    # ---- weights ------------------------------------------------------------------------------------
+    def fuse(self, max_model_len: int) -> None:
+        """Build the fused forms where they apply (CUDA with Triton). The runner calls this after allocating the
+        KV cache, whose size may follow the free memory: stacking the weights moves memory around."""
+        self.fused = self._fuse_weights()
+        self.decode_weights = self._decode_weights(max_model_len) if self.fused is not None else None
+
+    def _fuse_weights(self) -> list[dict] | None:
+        """One q|k|v and one gate|up module per layer, dense or quantized (`stack_linears`); the HF modules keep
+        views into the stacked tensors, so no second copy of the weights stays alive."""
+        from optforge.formats.fused import can_stack, stack_linears
+
+        fused = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "gate_up": [mlp.gate_proj, mlp.up_proj]}
+            if hasattr(attn, "q_norm") or self.config.hidden_act != "silu" or not all(can_stack(g) for g in groups.values()):
+                return None
+            fused.append({key: stack_linears(mods, share=True) for key, mods in groups.items()})
+        return fused
+
+    def _decode_weights(self, max_model_len: int) -> dict | None:
+        """Weights of the batch-1 decode path with six launches per layer (`kernels/fused_decode.py`), or None
+        where it does not apply: every projection dense in the model dtype or per-channel int8, without bias;
+        rotary that depends on the position only; head_dim / 2 a power of two >= 16 (the attention tiles)."""
+        from optforge.formats.int8 import Int8WeightOnlyLinear
+
+        def weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+            if getattr(m, "bias", None) is not None:
+                return None
+            if type(m) is nn.Linear and m.weight.dtype == self.dtype:
+                return m.weight, None
+            if type(m) is Int8WeightOnlyLinear and m.weight.dtype == torch.int8:
+                return m.weight, m.weight_scale.reshape(-1).float().contiguous()
+            return None
+
+        half = self.head_dim // 2
+        if half < 16 or half & (half - 1) or getattr(self.base.rotary_emb, "rope_type", "default") not in ("default", "llama3", "linear"):
+            return None
+        layers = []
+        for layer, fused in zip(self.layers, self.fused):
+            ws = {"qkv": weight(fused["qkv"]), "o": weight(layer.self_attn.o_proj), "gate_up": weight(fused["gate_up"]), "down": weight(layer.mlp.down_proj)}
+            if any(w is None for w in ws.values()):
+                return None
+            layers.append(ws)
+        head = weight(self.model.lm_head)
+        if head is None:
+            return None
+        positions = torch.arange(max_model_len, device=self.device)[None]
+        cos, sin = self.base.rotary_emb(torch.empty(1, 1, dtype=self.dtype, device=self.device), positions)
+        cos, sin = cos[0], sin[0]
+        if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+            return None
+        return {"layers": layers, "head": head, "cos": cos[:, :half].contiguous(), "sin": sin[:, :half].contiguous()}
+
+    # ---- the forward --------------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def forward(self, kv_cache, input_ids, positions, slot_mapping, attend) -> torch.Tensor:
+        """(T,) token ids, positions and cache slots -> (T, hidden) final-normed hidden states; writes each
+        token's K/V to its slot of `kv_cache` (layers, k|v, blocks, block_size, kv heads, head dim)."""
+        h = self.base.embed_tokens(input_ids)  # (T, H)
+        cos, sin = self.base.rotary_emb(h[None], positions[None])
+        cos, sin = cos[0], sin[0]  # (T, D)
+        if self.fused is not None:
+            return self._forward_fused(kv_cache, h, cos, sin, slot_mapping, attend)
+        num_tokens = h.shape[0]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+            k = attn.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+            kv_cache[i, 0].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
+            kv_cache[i, 1].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
+            h = h + attn.o_proj(attend(i, q).reshape(num_tokens, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.base.norm(h)
+
+    def _forward_fused(self, kv_cache, h, cos, sin, slot_mapping, attend) -> torch.Tensor:
+        from optforge.runtime.kernels.triton_ops import add_rms_norm, rope_and_cache, silu_mul
+
+        num_tokens, q_width, kv_width = h.shape[0], self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        eps = self.layers[0].input_layernorm.variance_epsilon
+        residual = h.clone()
+        x = add_rms_norm(h, self.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            qkv = self.fused[i]["qkv"](x)  # (T, (Hq + 2 Hkv) D)
+            q = qkv[:, :q_width].view(num_tokens, self.num_heads, self.head_dim)
+            k = qkv[:, q_width : q_width + kv_width].view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = qkv[:, q_width + kv_width :].view(num_tokens, self.num_kv_heads, self.head_dim)
+            rope_and_cache(q, k, v, cos, sin, slot_mapping, kv_cache[i, 0], kv_cache[i, 1])
+            a = layer.self_attn.o_proj(attend(i, q).reshape(num_tokens, -1))
+            x = add_rms_norm(a, layer.post_attention_layernorm.weight, eps, residual)
+            m = layer.mlp.down_proj(silu_mul(self.fused[i]["gate_up"](x)))
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.base.norm
+            x = add_rms_norm(m, next_norm.weight, eps, residual)
+        return x
+
+    def forward_decode(self, kv_cache, ids, positions, slots, block_tables, context_lens) -> torch.Tensor:
+        """Logits (1, vocab) of one decode token: embedding, then per layer RMSNorm+q|k|v, rotary+KV write+attention,
+        o_proj+residual, RMSNorm+gate|up, SiLU*up+down+residual, then final norm+LM head: 6 launches per layer
+        (attention splits its context over programs and a second launch combines them). Needs `decode_weights`."""
+        from optforge.runtime.kernels.fused_decode import PRO_RMSNORM, PRO_SILU_MUL, gemv, rope_paged_attention
+
+        dw = self.decode_weights
+        eps = self.layers[0].input_layernorm.variance_epsilon
+        residual = self.base.embed_tokens(ids)  # (1, H), a fresh tensor: updated in place below
+        for i, (layer, ws) in enumerate(zip(self.layers, dw["layers"])):
+            qkv = gemv(residual, *ws["qkv"], prologue=PRO_RMSNORM, norm_weight=layer.input_layernorm.weight, eps=eps)
+            attn = rope_paged_attention(qkv, dw["cos"], dw["sin"], positions, slots, kv_cache[i, 0], kv_cache[i, 1],
+                                        block_tables, context_lens, self.num_heads, self.scale)
+            gemv(attn, *ws["o"], residual=residual)
+            gate_up = gemv(residual, *ws["gate_up"], prologue=PRO_RMSNORM, norm_weight=layer.post_attention_layernorm.weight, eps=eps)
+            gemv(gate_up, *ws["down"], prologue=PRO_SILU_MUL, residual=residual)
+        return gemv(residual, *dw["head"], prologue=PRO_RMSNORM, norm_weight=self.base.norm.weight, eps=eps)
