@@ -53,7 +53,7 @@ def probe_tokens_per_s(artifact, args) -> float:
     import torch
 
     from optforge.passes.distill.kd import kd_loss
-    from optforge.runtime.loader import load_model
+    from optforge.model_io import load_model
 
     model, _ = load_model(artifact.path, device=args.device)
     model.train()

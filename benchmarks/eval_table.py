@@ -32,7 +32,7 @@ def export_data(path: Path) -> None:
 def load(args):
     import torch
 
-    from optforge.runtime.loader import DTYPES
+    from optforge.model_io import DTYPES
 
     if args.gguf:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,7 +42,7 @@ def load(args):
         return model.to(args.device).eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
     from optforge.cache import Cache
     from optforge.recipe import ModelSpec
-    from optforge.runtime.loader import load_model
+    from optforge.model_io import load_model
     from optforge.sources import resolve_source
 
     source, _ = resolve_source(ModelSpec(source=args.source), Cache(args.cache_dir))

@@ -41,7 +41,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from optforge.runtime.fused_linears import fuse_sibling_linears
+    from optforge.formats.fused import fuse_sibling_linears
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="llama-3.2-1b")

@@ -36,14 +36,9 @@ def load(args):
 
 
 def quantize_int8(model) -> None:
-    from optforge.passes.quant.int8_weight_only import quantize_per_channel_int8
-    from optforge.passes.quant.targets import select_linears
-    from optforge.runtime.layers import swap_linear
+    from optforge.formats import quantize_in_memory
 
-    for name, linear in select_linears(model, (r".*",), (r"(^|\.)lm_head$",)).items():
-        q, scale = quantize_per_channel_int8(linear.weight)
-        new = swap_linear(model, name, {"scheme": "int8_weight_only"})
-        new.weight, new.weight_scale = q, scale
+    quantize_in_memory(model, {"scheme": "int8_weight_only"})
 
 
 def measure(onnx_dir: Path, name: str, threads: int, repeats: int) -> dict:

@@ -65,7 +65,7 @@ def run_cached(cache, name: str, config: dict, artifact, calib, *, source: str, 
 
 
 def evaluate(label: str, artifact, args, **extra) -> dict:
-    from optforge.runtime.loader import load_model
+    from optforge.model_io import load_model
 
     model, tokenizer = load_model(artifact.path, device=args.device)
     row = {"label": label, "params": sum(p.numel() for p in model.parameters()), "bytes": artifact.weight_bytes(), **extra}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from optforge.runtime.bench import bench_decode
-from optforge.runtime.layers import quantize_in_memory
+from optforge.formats import quantize_in_memory
 from optforge.runtime.llm import Engine, EngineConfig
 
 SCHEMES = {

@@ -18,8 +18,8 @@ from pathlib import Path
 def main() -> None:
     import torch
 
-    from optforge.runtime.layers import kernels_used
-    from optforge.runtime.loader import load_model
+    from optforge.formats import kernels_used
+    from optforge.model_io import load_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("dirs", nargs="+")

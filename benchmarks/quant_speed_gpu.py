@@ -20,8 +20,10 @@ SHAPES = [("q", HIDDEN, HIDDEN), ("k", HIDDEN, KV), ("v", HIDDEN, KV), ("o", HID
 
 
 def build(scheme: str, weights: list[torch.Tensor]) -> list[torch.nn.Module]:
-    from optforge.passes.quant.grid import Grid, qparams, quantize
-    from optforge.runtime.layers import Fp8Linear, W8A8Linear, WeightOnlyLinear
+    from optforge.formats.grid import Grid, qparams, quantize
+    from optforge.formats.fp8 import Fp8Linear
+    from optforge.formats.int8 import W8A8Linear
+    from optforge.formats.weight_only import WeightOnlyLinear
 
     mods = []
     for w in weights:

@@ -2,7 +2,7 @@
 
 Builds one artifact per weight layout through `optforge.build` with a tiny recipe (RTN for the weight-only
 layouts: AWQ and GPTQ write the same layout, so they run the same kernels at the same speed; a short
-calibration for SmoothQuant; no evals), loads each with `optforge.runtime.loader.load_model` and times them
+calibration for SmoothQuant; no evals), loads each with `optforge.model_io.load_model` and times them
 all with one loop: a forward over a 128-token prompt into a transformers `DynamicCache` (prefill), then 32
 greedy single-token forwards (decode), at batch 1 and 8. Each number is the median of --repeats runs after
 one warm-up run; the repeats go round-robin over all loaded models, so load from other jobs falls on every
@@ -129,7 +129,7 @@ def weight_megabytes(model) -> tuple[float, float]:
 def load_scheme(label: str, cache_dir: str):
     """Build (or take from the cache) the artifact for `label` and load it: (model, artifact path)."""
     from optforge import build
-    from optforge.runtime.loader import load_model
+    from optforge.model_io import load_model
 
     passes, dtype = SCHEMES[label]
     slug = "".join(c if c.isalnum() else "_" for c in label)
@@ -139,7 +139,7 @@ def load_scheme(label: str, cache_dir: str):
 
 
 def bench(labels: list[str], cache_dir: str, repeats: int) -> list[dict]:
-    from optforge.runtime.layers import kernels_used
+    from optforge.formats import kernels_used
 
     loaded = {label: load_scheme(label, cache_dir) for label in labels}
     timings = time_all({label: model for label, (model, _) in loaded.items()}, repeats)

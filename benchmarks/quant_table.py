@@ -57,7 +57,7 @@ def recipe(passes: list, calib_rows: int, source: str) -> dict:
 
 def run_scheme(label: str, args) -> dict:
     from optforge import build
-    from optforge.runtime.loader import load_model
+    from optforge.model_io import load_model
 
     started = time.perf_counter()
     out_dir = Path(args.work_dir) / re.sub(r"[^A-Za-z0-9]+", "_", label)

@@ -235,7 +235,7 @@ def _score(logits, cont: list[int]) -> LoglikelihoodResult:
 
 def load_lm(path, *, dtype: str = "float32", device: str = "cpu", batch_size: int = 16, progress: Callable | None = None) -> HFLM:
     """An `HFLM` over an optforge model directory or artifact (quantized modules included)."""
-    from optforge.runtime.loader import load_model
+    from optforge.model_io import load_model
 
     model, tokenizer = load_model(path, dtype=dtype, device=device)
     return HFLM(model, tokenizer, batch_size=batch_size, progress=progress)

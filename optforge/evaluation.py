@@ -27,7 +27,7 @@ class _LazyModel:
 
     def get(self):
         if self._loaded is None:
-            from optforge.runtime.loader import load_model
+            from optforge.model_io import load_model
 
             self._loaded = load_model(self.artifact.path, dtype=self.dtype, device=self.device)
         return self._loaded

@@ -72,7 +72,7 @@ def resolve_source(spec: ModelSpec, cache: Cache) -> tuple[ModelArtifact, Source
     def convert(tmp: Path) -> None:
         log.info("converting %s to a %s optforge model directory (once; cached)", info.id, spec.dtype)
         model, tokenizer = loader()
-        from optforge.runtime.loader import save_model
+        from optforge.model_io import save_model
 
         save_model(model, tokenizer, tmp)
         write_layout(tmp, properties={"hf_causal_lm", "float_weights"}, extra={"architecture": type(model).__name__})
@@ -95,7 +95,7 @@ def _locate(spec: ModelSpec, cache: Cache):
 
 
 def _dtype(spec: ModelSpec):
-    from optforge.runtime.loader import DTYPES
+    from optforge.model_io import DTYPES
 
     return DTYPES[spec.dtype]
 

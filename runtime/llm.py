@@ -7,12 +7,11 @@ Overlapped decode (`async_scheduling`): when a step only decodes, every request 
 the raw logits and no request waits, the step is launched instead of run, and each following `step()`
 launches the next decode step before reading the previous one's tokens. The next step's input tokens go
 from the GPU's argmax straight into its inputs (`ModelRunner.launch`), so the GPU does not idle while the
-host reads tokens back, checks stops and schedules. The next step is built as the scheduler would build it:
-the same sequences minus those that reach max_tokens, with one more block where one fills up. A sequence
+host reads tokens back, checks stops and schedules. The scheduler (`AsyncScheduler`, runtime/async_scheduler.py)
+schedules the next step and allocates its blocks before the launched step's tokens are known. A sequence
 that stops on a token or a stop string is finished when its token is read; the row computed for it in the
-step already launched is dropped (its KV write lands in a position past its end, in a block that is not in
-the prefix cache). Waiting requests, sampling, penalties, logprobs or too few free blocks end the overlap:
-the engine then collects and goes back to scheduling step by step.
+step already launched is dropped. Waiting requests, sampling, penalties, logprobs or too few free blocks end
+the overlap: the engine then collects and goes back to scheduling step by step.
 
 A failed step fails only the request behind it: when the runner raises, every running request is put back
 to be recomputed and each runs one step on its own; those that fail alone end with finish_reason "error"
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from optforge.errors import UserInputError
+from optforge.runtime.async_scheduler import AsyncScheduler
 from optforge.runtime.block_manager import BlockManager
 from optforge.runtime.detokenize import cut_at_stop
 from optforge.runtime.sampler import takes_raw_argmax
@@ -100,7 +100,7 @@ class Engine:
             max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, use_cuda_graphs=config.use_cuda_graphs,
         )
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(
+        self.scheduler = (AsyncScheduler if config.async_scheduling else Scheduler)(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens, enable_chunked_prefill=config.enable_chunked_prefill),
             self.block_manager,
         )
@@ -258,19 +258,13 @@ class Engine:
 
     # ---- overlapped decode (see the module docstring) -----------------------------------------------------
     def _overlappable(self, batch: ScheduledBatch) -> bool:
-        # every running sequence in the batch: the steps that follow repeat it, so none may be left out
-        return (self.config.async_scheduling and hasattr(self.runner, "launch") and not self.scheduler.waiting
-                and len(batch) == len(self.scheduler.running) and self.runner.can_launch(batch)
-                and all(takes_raw_argmax(seq.params) for seq in batch.seqs))
+        return (self.config.async_scheduling and hasattr(self.runner, "launch") and self.scheduler.can_overlap(batch)
+                and self.runner.can_launch(batch) and all(takes_raw_argmax(seq.params) for seq in batch.seqs))
 
     def _step_overlapped(self) -> list[tuple[Sequence, int]]:
         batch, launched = self._inflight
         self._inflight = None
-        live = [seq for seq in batch.seqs if not seq.is_finished]  # aborted since the launch: their row is dropped
-        for seq in live:  # the launched step computes each row's KV: commit it as postprocess would
-            seq.num_computed_tokens += 1
-            self.block_manager.commit(seq)
-        following = self._next_decode(live)
+        following = self.scheduler.schedule_following(batch)
         if following is not None:
             rows = {seq.seq_id: r for r, seq in enumerate(batch.seqs)}
             with _runner_call():
@@ -279,17 +273,9 @@ class Engine:
         with _runner_call():
             tokens = self.runner.collect(launched)
         self.num_steps += 1
-        produced = []
-        for seq, token in zip(batch.seqs, tokens):
-            if seq.is_finished:
-                continue
-            seq.token_ids.append(token)
-            produced.append((seq, token))
-            reason = self.scheduler.stop_reason(seq)
-            if reason:
-                self.scheduler.finish(seq, reason)
-            else:
-                self._check_stop_string(seq)
+        produced = self.scheduler.postprocess_launched(batch, tokens)
+        for seq, _ in produced:
+            self._check_stop_string(seq)
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
         self._settle_inflight()
@@ -301,19 +287,6 @@ class Engine:
         if self._inflight is not None and all(seq.is_finished for seq in self._inflight[0].seqs):
             self.runner.collect(self._inflight[1])
             self._inflight = None
-
-    def _next_decode(self, live: list[Sequence]) -> ScheduledBatch | None:
-        """The decode step after the launched one, built before its tokens are known; None where the scheduler
-        could decide otherwise (a request waits) or where there is nothing certain to run."""
-        if not live or self.scheduler.waiting or not self.config.async_scheduling:
-            return None
-        seqs = [seq for seq in live if seq.num_output_tokens + 1 < seq.params.max_tokens]  # the rest end at "length"
-        if not seqs or sum(self.block_manager.num_blocks_needed(seq, 1) for seq in seqs) > self.block_manager.num_free_blocks:
-            return None
-        batch = ScheduledBatch()
-        for seq in seqs:
-            batch.add(seq, 1, self.block_manager.allocate(seq, 1))
-        return batch
 
     def _check_stop_string(self, seq: Sequence) -> None:
         if not seq.is_finished and seq.params.stop and self._stop_string_hit(seq):
@@ -353,7 +326,7 @@ class LLM:
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None, **overrides):
         from optforge.artifact import verify_for_loading
-        from optforge.runtime.loader import load_model
+        from optforge.model_io import load_model
 
         config = replace(config or EngineConfig(), **overrides)
         if config.backend == "cpp":  # the C++ loader verifies the same way (and refuses the same paths)

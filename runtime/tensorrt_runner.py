@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optforge.passes.export.tensorrt import import_tensorrt
+from optforge.formats.tensorrt import import_tensorrt
 
 
 class TensorRTCausalLM:

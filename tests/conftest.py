@@ -110,7 +110,7 @@ class Scramble(Pass):
     produces = frozenset({"hf_causal_lm", "float_weights"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        from optforge.runtime.loader import load_model, save_model
+        from optforge.model_io import load_model, save_model
 
         model, tokenizer = load_model(artifact.path)
         gen = torch.Generator().manual_seed(0)

@@ -38,20 +38,6 @@ def test_not_an_artifact(tmp_path):
         verify_artifact(tmp_path)
 
 
-def test_loaded_artifact_runs(artifact):
-    import torch
-
-    from optforge.runtime.layers import Int8WeightOnlyLinear
-    from optforge.runtime.loader import load_model
-
-    model, tokenizer = load_model(open_artifact(artifact).path)
-    layer = model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, Int8WeightOnlyLinear) and layer.weight.dtype == torch.int8
-    ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
-    logits = model(ids).logits
-    assert torch.isfinite(logits).all()
-
-
 def test_staging_dir_leaves_nothing_on_error(tmp_path):
     final = tmp_path / "final"
     with pytest.raises(RuntimeError):

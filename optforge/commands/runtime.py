@@ -175,7 +175,7 @@ def bench(
     if hf:
         model = llm.engine.runner.model
         if model is None:  # the cpp backend holds no torch module: load the same folder into HF transformers
-            from optforge.runtime.loader import load_model
+            from optforge.model_io import load_model
 
             model, _ = load_model(artifact, dtype=dtype, device=device)
         rows.append((f"HF generate, batch {concurrency}", bench_hf(model, workload, batch_size=concurrency)))

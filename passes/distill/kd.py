@@ -85,9 +85,9 @@ class KnowledgeDistillation(Pass):
     produces = frozenset({"hf_causal_lm", "float_weights", "distilled"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.model_io import load_model, save_model
         from optforge.passes.distill.teacher import cache_root, cached_teacher_targets, resolve_teacher
         from optforge.passes.prune.calibration import token_windows
-        from optforge.runtime.loader import load_model, save_model
 
         cfg = self.config
         self._validate()

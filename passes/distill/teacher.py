@@ -81,7 +81,7 @@ def cached_teacher_targets(teacher: ModelArtifact, windows: torch.Tensor, *, top
     if path is not None and path.is_file():
         state = load_file(path)
         return TeacherTargets(state["values"], state["indices"], state.get("hidden")), True
-    from optforge.runtime.loader import load_model
+    from optforge.model_io import load_model
 
     model, _ = load_model(teacher.path, dtype=dtype, device=device)
     targets = teacher_targets(model, windows, top_k=top_k, with_hidden=with_hidden, batch_size=batch_size, device=device)

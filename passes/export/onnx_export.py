@@ -178,7 +178,7 @@ class OnnxExport(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.errors import require
-        from optforge.runtime.loader import load_model
+        from optforge.model_io import load_model
 
         require("onnx", "export.onnx", "pip install onnx onnxscript onnxruntime")
         require("onnxscript", "export.onnx", "pip install onnx onnxscript onnxruntime")

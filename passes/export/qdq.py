@@ -51,7 +51,7 @@ class QdqLinear(nn.Module):
 
 def swap_int8_for_qdq(model: nn.Module) -> int:
     """Replace every Int8WeightOnlyLinear in `model` (in place) with QdqLinear; return how many."""
-    from optforge.runtime.layers import Int8WeightOnlyLinear
+    from optforge.formats.int8 import Int8WeightOnlyLinear
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     swapped = 0

@@ -22,27 +22,11 @@ from typing import Literal
 
 from optforge.artifact import ModelArtifact, copy_model_files, write_layout
 from optforge.context import PassContext
-from optforge.errors import MissingDependencyError, PassError
+from optforge.errors import PassError
+from optforge.formats.tensorrt import INSPECTOR_FILE, PLAN_FILE, import_tensorrt
 from optforge.pass_ import Pass, config, option, register
 
 log = logging.getLogger(__name__)
-
-PLAN_FILE = "model.plan"
-INSPECTOR_FILE = "engine_inspector.json"
-INSTALL_HINT = (
-    "pip install tensorrt-cu12 (or tensorrt-cu13) from NVIDIA's index (https://pypi.nvidia.com) on a machine "
-    "with a CUDA GPU, or use the `export.onnx` + onnxruntime path instead"
-)
-
-
-def import_tensorrt():
-    """The `tensorrt` module, or MissingDependencyError. The bindings alone import-fail without the libs."""
-    try:
-        import tensorrt
-    except (ImportError, OSError) as exc:  # OSError: bindings installed, libnvinfer missing
-        raise MissingDependencyError("tensorrt", "the `export.tensorrt` pass (building a TensorRT engine)", INSTALL_HINT) from exc
-    return tensorrt
-
 
 @config
 class TensorRTConfig:
@@ -167,7 +151,7 @@ class TensorRTExport(Pass):
         import torch
 
         from optforge.passes.export.onnx_export import make_cache_wrapper, sample_inputs
-        from optforge.runtime.loader import load_model
+        from optforge.model_io import load_model
         from optforge.runtime.tensorrt_runner import TensorRTCausalLM
 
         model, _ = load_model(artifact.path, dtype="float32")

@@ -1,8 +1,8 @@
 """Module-level fusion for our runtime: sibling Linears (q/k/v, gate/up) run as one matmul (`fuse.linears`).
 
-The math lives in `optforge.runtime.fused_linears`; this pass only records the fusion in optforge.json
+The math lives in `optforge.formats.fused`; this pass only records the fusion in optforge.json
 (`fusions: [{kind: sibling_linears, groups: ...}]`) and checks it: the output's weights stay in the standard
-unfused Hugging Face layout, so every consumer still loads them, and `optforge.runtime.loader.load_model`
+unfused Hugging Face layout, so every consumer still loads them, and `optforge.model_io.load_model`
 re-applies the fusion after loading. Checked at build time: the groups exist in the model, and the fused
 forward matches the unfused one to `tolerance` on a random prompt. Limits: dense float Linears only (quantized
 members are left unfused); put it after the passes that rewrite weights, since passes after it load the
@@ -43,9 +43,9 @@ class FuseLinears(Pass):
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         import torch
 
+        from optforge.formats.fused import fuse_sibling_linears
+        from optforge.model_io import load_model
         from optforge.passes.export.onnx_export import carried_layout
-        from optforge.runtime.fused_linears import fuse_sibling_linears
-        from optforge.runtime.loader import load_model
 
         if "fused_linears" in artifact.properties:
             raise PassError(self.name, "its input is already fused; run `fuse.linears` once")

@@ -90,8 +90,8 @@ class OnnxGraphFusion(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.errors import require
+        from optforge.model_io import load_model
         from optforge.passes.export.onnx_export import ONNX_DATA_FILE, ONNX_FILE, carried_layout, check_parity, graph_summary
-        from optforge.runtime.loader import load_model
 
         require("onnxscript", "fuse.onnx_graph", "pip install onnxscript onnxruntime")
         info = artifact.layout.get("onnx")

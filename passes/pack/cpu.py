@@ -93,8 +93,8 @@ def _source_linear(state: dict, name: str, spec: dict | None) -> tuple[torch.Ten
     if bits == 8 and spec.get("symmetric", True) and scale.shape[1] == 1:
         q = state[f"{name}.weight"]
         return None, (8, q, scale.expand(q.shape[0], q.shape[1] // BLOCK).contiguous())
-    from optforge.passes.quant.grid import dequantize
-    from optforge.runtime.packing import unpack_int4
+    from optforge.formats.grid import dequantize
+    from optforge.formats.packing import unpack_int4
 
     q = unpack_int4(state[f"{name}.weight_packed"]) if bits == 4 else state[f"{name}.weight"]
     zero = state.get(f"{name}.weight_zero_point")

@@ -70,8 +70,8 @@ class _StructuredPrune(Pass):
     produces = frozenset({"hf_causal_lm", "float_weights", "structurally_pruned"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.model_io import load_model, save_model
         from optforge.passes.prune.calibration import decoder_layers, layerwise, token_windows
-        from optforge.runtime.loader import load_model, save_model
 
         if artifact.quantized_modules:
             raise PassError(self.name, "its input has quantized modules; prune before quantizing")

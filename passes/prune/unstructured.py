@@ -56,7 +56,7 @@ class _UnstructuredPrune(Pass):
     produces = frozenset({"hf_causal_lm", "float_weights", "sparse_weights"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        from optforge.runtime.loader import load_model, save_model
+        from optforge.model_io import load_model, save_model
 
         cfg = self.config
         if not 0.0 <= cfg.sparsity < 1.0:

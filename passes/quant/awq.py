@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from optforge.errors import PassError
+from optforge.formats.grid import dequantize, fake_quantize, qparams, quantize
 from optforge.pass_ import config, option, register
-from optforge.passes.quant.grid import dequantize, fake_quantize, qparams, quantize
 from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Weights are scaled per output channel or per tensor so their max maps to 448 (E4M3's largest value) and
 cast. Activations are either dynamic (one scale per token computed at run time, no calibration) or static
 (one per-tensor scale per Linear from the max |x| seen on the recipe's calibration text; cheaper at run
-time, clipped if serving sees larger values). Runs on `runtime.layers.Fp8Linear`: `torch._scaled_mm` on
+time, clipped if serving sees larger values). Runs on `formats.fp8.Fp8Linear`: `torch._scaled_mm` on
 CUDA sm89+, E4M3-rounded float matmul elsewhere. Limits: no SmoothQuant-style smoothing; a Linear that
 sees no calibration signal in static mode is an error (never a zero scale).
 """
@@ -65,11 +65,11 @@ class Fp8(Pass):
         return not self.config.dynamic  # only static activation scales read the calibration text
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.formats import swap_linear
+        from optforge.model_io import load_model
         from optforge.passes.quant.calibration import calibration_samples
         from optforge.passes.quant.output import write_quantized
         from optforge.passes.quant.targets import pass_targets
-        from optforge.runtime.layers import swap_linear
-        from optforge.runtime.loader import load_model
 
         cfg = self.config
         model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
@@ -86,9 +86,6 @@ class Fp8(Pass):
             report.update(samples=len(samples), input_amax={n: round(v, 4) for n, v in amax.items()})
         spec = {"scheme": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
         for name, linear in targets.items():
-            new = swap_linear(model, name, spec)
-            new.set_float(linear.weight, input_amax=amax.get(name))
-            if linear.bias is not None:
-                new.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            swap_linear(model, name, spec).set_float(linear.weight, input_amax=amax.get(name))
         report["calibration_seconds"] = round(time.perf_counter() - started, 2)
         return write_quantized(model, tokenizer, artifact, self, ctx, dict.fromkeys(targets, spec), report)

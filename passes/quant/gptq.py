@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from optforge.formats.grid import Grid, dequantize, qparams, quantize
 from optforge.pass_ import config, option, register
-from optforge.passes.quant.grid import Grid, dequantize, qparams, quantize
 from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
 
 log = logging.getLogger(__name__)

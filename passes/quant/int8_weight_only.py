@@ -1,15 +1,13 @@
 """INT8 weight-only quantization, symmetric, one scale per output channel, round-to-nearest (RTN).
 
-For each selected Linear with weight W (out, in): s = max|W[o, :]| / 127, q = clamp(round(W / s), -127, 127).
-The artifact stores q as int8 and s as float32 (out, 1), the same tensors a compressed-tensors
+For each selected Linear with weight W (out, in): s = max|W[o, :]| / 127, q = clamp(round(W / s), -127, 127)
+(`optforge.formats.int8.quantize_rows_int8`; an all-zero row gets s = 1). The artifact stores q as int8 and s as float32 (out, 1), the same tensors a compressed-tensors
 "int-quantized" channel-wise checkpoint holds. The runtime runs them with an int8 weight-only matmul
-(`optforge.runtime.layers.Int8WeightOnlyLinear`). Limits: no calibration, so outlier channels are not
+(`optforge.formats.int8.Int8WeightOnlyLinear`). Limits: no calibration, so outlier channels are not
 protected; `lm_head` stays in full precision by default (it is tied to the embeddings in many models).
 """
 
 from __future__ import annotations
-
-import torch
 
 from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
@@ -22,15 +20,6 @@ class Int8WeightOnlyConfig:
     exclude: tuple[str, ...] = option((r"(^|\.)lm_head$",), "regexes of Linear names kept in full precision; wins over include")
 
 
-def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float -> int8 (out, in) and float32 scales (out, 1). Zero rows get scale 1, not 0 or NaN."""
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8)
-    return q, scale
-
-
 @register
 class Int8WeightOnly(Pass):
     name = "quant.int8_weight_only"
@@ -41,22 +30,17 @@ class Int8WeightOnly(Pass):
     removes = frozenset({"float_weights"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.formats import swap_linear
+        from optforge.model_io import load_model
         from optforge.passes.quant.output import write_quantized
         from optforge.passes.quant.targets import pass_targets
-        from optforge.runtime.layers import swap_linear
-        from optforge.runtime.loader import load_model
 
         model, tokenizer = load_model(artifact.path, dtype=ctx.model.dtype)
         targets = pass_targets(self.name, model, self.config.include, self.config.exclude)
         spec = {"scheme": "int8_weight_only", "bits": 8, "symmetric": True, "granularity": "channel"}
         advance = ctx.progress("int8 weight-only", len(targets))
         for name, linear in targets.items():
-            q, scale = quantize_per_channel_int8(linear.weight)
-            new = swap_linear(model, name, spec)
-            new.weight = q
-            new.weight_scale = scale
-            if linear.bias is not None:
-                new.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            swap_linear(model, name, spec).set_float(linear.weight)
             advance(1)
         modules = {name: spec for name in targets}
         return write_quantized(model, tokenizer, artifact, self, ctx, modules, {"method": "rtn", "calibrated": False})

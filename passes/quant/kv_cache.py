@@ -4,7 +4,7 @@ The cache stores K (after RoPE) and V per layer; one symmetric per-tensor scale 
 the recipe's calibration text (as vLLM's and TensorRT-LLM's FP8 KV caches use). The weights are not
 touched: the pass copies the model and adds `kv_cache` to optforge.json:
 `{"dtype": "fp8" | "int8", "scales": {layer index: {"k": float, "v": float}}, "margin": float}`.
-`runtime.layers.apply_kv_cache_layout(model, layout["kv_cache"])` makes an HF model read K/V rounded
+`formats.kv_cache.apply_kv_cache_layout(model, layout["kv_cache"])` makes an HF model read K/V rounded
 through those scales, so evals see what serving with the quantized cache sees. Limits: per-tensor scales
 only (no per-head); values beyond the calibrated max are clipped (`margin` widens the range); HF
 attention modules must carry `layer_idx`, and a layer never reached by calibration is an error.
@@ -33,8 +33,8 @@ class KvCacheConfig:
 @torch.no_grad()
 def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor]) -> dict[int, tuple[float, float]]:
     """{layer index: (max |K|, max |V|)} over the samples, K after RoPE as the cache stores it."""
+    from optforge.formats.kv_cache import attention_layers, use_kv_attention
     from optforge.passes.quant.calibration import calibration_forward
-    from optforge.runtime.layers import attention_layers, use_kv_attention
 
     layers = attention_layers(model)
     state = {idx: {"observed": (0.0, 0.0)} for idx in layers}
@@ -60,9 +60,9 @@ class KvCacheQuant(Pass):
     uses_calibration = True
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.formats.kv_cache import KV_QMAX, attention_layers
+        from optforge.model_io import load_model
         from optforge.passes.quant.calibration import calibration_samples
-        from optforge.runtime.layers import KV_QMAX, attention_layers
-        from optforge.runtime.loader import load_model
 
         cfg = self.config
         if cfg.margin < 1.0:

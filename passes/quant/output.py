@@ -26,8 +26,8 @@ def describe(spec: dict | None) -> str:
 
 def write_quantized(model: nn.Module, tokenizer, artifact: ModelArtifact, pass_, ctx, modules: dict[str, dict], report: dict) -> ModelArtifact:
     """Save `model` (its Linears in `modules` already swapped) into ctx.output_dir as a new artifact."""
+    from optforge.model_io import save_model
     from optforge.passes.quant.compressed_tensors import write_quantization_config
-    from optforge.runtime.loader import save_model
 
     save_model(model, tokenizer, ctx.output_dir)
     precision = {name: describe(modules.get(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear) or name in modules}

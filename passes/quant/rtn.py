@@ -6,8 +6,8 @@ AWQ and GPTQ must beat at the same grid. Limits: outlier weights stretch their g
 
 from __future__ import annotations
 
+from optforge.formats.grid import qparams, quantize
 from optforge.pass_ import register
-from optforge.passes.quant.grid import qparams, quantize
 from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
 
 

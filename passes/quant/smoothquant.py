@@ -4,7 +4,7 @@ Activations of LLMs have a few outlier input channels that ruin a per-token INT8
 SmoothQuant moves that difficulty into the weights: per input channel j, s_j = max|X_j|^alpha / max|W_j|^(1 -
 alpha), W' = W * s and the op producing X (an RMSNorm, or `up_proj`'s rows for `down_proj`) is divided by s,
 which leaves the float model unchanged. Then W' is rounded per output channel and the runtime
-(`runtime.layers.W8A8Linear`) quantizes each token's activations at run time and multiplies int8 x int8.
+(`formats.int8.W8A8Linear`) quantizes each token's activations at run time and multiplies int8 x int8.
 alpha is fixed or searched per Linear group on calibration rows (output error of the W8A8 product).
 Layer by layer (`calibration.run_layerwise`): each decoder layer is smoothed and quantized before the next
 sees its outputs. Limits: `o_proj` is not smoothed (no foldable op before it under GQA); architectures need
@@ -39,7 +39,7 @@ class SmoothQuantConfig:
 
 def fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (rows, in) @ w (out, in).T with both rounded as W8A8Linear rounds them (reference numerics)."""
-    from optforge.runtime.layers import quantize_rows_int8
+    from optforge.formats.int8 import quantize_rows_int8
 
     xq, xs = quantize_rows_int8(x)
     wq, ws = quantize_rows_int8(w)
@@ -67,19 +67,16 @@ def choose_alpha(x: torch.Tensor, act_max: torch.Tensor, weights: list[torch.Ten
 
 
 def swap_w8a8(model: nn.Module, name: str, spec: dict) -> None:
-    from optforge.runtime.layers import swap_linear
+    from optforge.formats import swap_linear
 
-    linear = model.get_submodule(name)
-    new = swap_linear(model, name, spec)
-    new.set_float(linear.weight)
-    if linear.bias is not None:
-        new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    weight = model.get_submodule(name).weight
+    swap_linear(model, name, spec).set_float(weight)
 
 
 @register
 class SmoothQuant(Pass):
     name = "quant.smoothquant"
-    version = 1
+    version = 2  # 2: an all-zero weight row stores scale 1 (was 1e-12 / 127); q and every output unchanged
     Config = SmoothQuantConfig
     requires = frozenset({"hf_causal_lm", "float_weights"})
     produces = frozenset({"hf_causal_lm", "quantized_weights", "quantized_activations"})
@@ -87,11 +84,11 @@ class SmoothQuant(Pass):
     uses_calibration = True
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.model_io import load_model
         from optforge.passes.quant.awq import FOLDS
         from optforge.passes.quant.calibration import calibration_samples, decoder_layers, run_layerwise
         from optforge.passes.quant.output import write_quantized
         from optforge.passes.quant.targets import pass_targets
-        from optforge.runtime.loader import load_model
 
         cfg = self.config
         if cfg.alpha is not None and not 0.0 <= cfg.alpha <= 1.0:

@@ -17,8 +17,8 @@ from torch import nn
 from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
+from optforge.formats.grid import Grid
 from optforge.pass_ import Pass, config, option
-from optforge.passes.quant.grid import Grid
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,10 @@ class WeightOnlyPass(Pass):
         return {"scheme": "weight_only", "method": self.method, **asdict(grid)}
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from optforge.formats import swap_linear
+        from optforge.model_io import load_model
         from optforge.passes.quant.output import write_quantized
         from optforge.passes.quant.targets import pass_targets
-        from optforge.runtime.layers import swap_linear
-        from optforge.runtime.loader import load_model
 
         check_grid(self.name, self.config)
         model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
@@ -77,10 +77,7 @@ class WeightOnlyPass(Pass):
         grids = plan_grids(targets, self.config)
         results, report = self.quantize(model, tokenizer, targets, grids, ctx)
         modules = {}
-        for name, linear in targets.items():
+        for name in targets:
             modules[name] = self.spec(grids[name])
-            new = swap_linear(model, name, modules[name])
-            new.set_quantized(*results[name])
-            if linear.bias is not None:
-                new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            swap_linear(model, name, modules[name]).set_quantized(*results[name])
         return write_quantized(model, tokenizer, artifact, self, ctx, modules, report)

@@ -17,7 +17,7 @@ def test_second_evaluation_comes_from_the_cache(tiny_model_dir, cache_dir, monke
     assert set(first) == {"arc_easy.acc", "arc_easy.acc_norm", "winogrande.acc"}
     assert first["arc_easy.acc"]["n"] == 4 and len(first["arc_easy.acc"]["per_example"]["correct"]) == 4
 
-    import optforge.runtime.loader as loader
+    import optforge.model_io as loader
 
     def no_load(*args, **kwargs):
         raise AssertionError("a cached evaluation must not load the model")

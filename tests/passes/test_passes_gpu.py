@@ -40,7 +40,7 @@ def synthetic_boolq(tmp_path_factory):
 @pytest.mark.parametrize("name", list(PASSES))
 def test_calibrated_pass_runs_on_cuda(name, tiny_model_dir, make_recipe, tmp_path, synthetic_boolq):
     import optforge
-    from optforge.runtime.loader import load_model
+    from optforge.model_io import load_model
 
     recipe = make_recipe(tiny_model_dir, tmp_path / "out", gate_pct=None, passes=[PASSES[name]])
     result = optforge.build(recipe, cache_dir=tmp_path / "cache", device="cuda")

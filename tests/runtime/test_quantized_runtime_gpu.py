@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from optforge.runtime.layers import quantize_in_memory
+from optforge.formats import quantize_in_memory
 from optforge.runtime.llm import EngineConfig, LLM
 from optforge.runtime.sequence import SamplingParams
 

@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
+from optforge.cache import Cache
 from optforge.recipe import ModelSpec
 from optforge.runtime.llm import LLM, EngineConfig
 from optforge.runtime.sequence import SamplingParams
 from optforge.sources import resolve_source
-from optforge.cache import Cache
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def smollm2(smollm2_cache):
 
 @pytest.fixture(scope="module")
 def hf_reference(smollm2):
-    from optforge.runtime.loader import load_model
+    from optforge.model_io import load_model
 
     model, tok = load_model(smollm2)
     outs = []

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from optforge.runtime.loader import load_model
+from optforge.model_io import load_model
 from optforge.runtime.onnx_runner import OnnxCausalLM
 
 REPO_RECIPE = __import__("pathlib").Path(__file__).resolve().parents[3] / "recipes" / "smollm2-onnx.yaml"

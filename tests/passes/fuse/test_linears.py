@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 from optforge.errors import ArtifactError, PassError
+from optforge.formats.fused import FusedSlice
+from optforge.model_io import load_model
 from optforge.pipeline import build
-from optforge.runtime.fused_linears import FusedSlice
-from optforge.runtime.loader import load_model
 
 
 def _recipe(model_dir, out, passes):

@@ -8,7 +8,7 @@ import torch
 
 from optforge.artifact import ModelArtifact
 from optforge.errors import PassError
-from optforge.runtime.loader import load_model
+from optforge.model_io import load_model
 from optforge.runtime.onnx_runner import OnnxCausalLM
 
 

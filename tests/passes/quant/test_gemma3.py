@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from optforge.model_io import load_model
 from optforge.passes.quant.calibration import leading_bos
-from optforge.runtime.loader import load_model
 
 INT4 = {"bits": 4, "group_size": 16}
 # (passes, max |logits - float logits| / max |float logits|). This random model amplifies weight error into

@@ -1,47 +1,56 @@
-"""INT8 weight-only RTN: numerics against a float reference, storage really int8, cache key semantics."""
+"""quant.int8_weight_only: what its artifact stores (zero rows and biases included) and its cache key semantics.
+
+The rounding itself is tested with the module in tests/formats/test_int8.py."""
 
 import dataclasses
 
+import pytest
 import torch
 
-from optforge.passes.quant.int8_weight_only import Int8WeightOnly, Int8WeightOnlyConfig, quantize_per_channel_int8
-from optforge.runtime.layers import Int8WeightOnlyLinear
+from optforge.passes.quant.int8_weight_only import Int8WeightOnly, Int8WeightOnlyConfig
+
+ZERO_ROW = 3  # of layer 0's q_proj
 
 
-def test_rtn_error_is_at_most_half_a_step():
-    torch.manual_seed(0)
-    w = torch.randn(96, 80) * torch.linspace(0.01, 3.0, 96)[:, None]
-    q, scale = quantize_per_channel_int8(w)
-    assert q.dtype == torch.int8 and scale.shape == (96, 1)
-    assert q.abs().max() <= 127
-    err = (q.float() * scale - w).abs()
-    assert torch.all(err <= scale / 2 + 1e-6)
-    # The largest-magnitude entry of every row maps to +-127 exactly.
-    assert torch.all(q.abs().amax(dim=1) == 127)
+@pytest.fixture(scope="module")
+def biased_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with biases on its attention projections and one all-zero row in layer 0's q_proj."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.attention_bias = True
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.load_state_dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), strict=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+        model.model.layers[0].self_attn.q_proj.weight[ZERO_ROW].zero_()
+    path = tmp_path_factory.mktemp("biased") / "model"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
 
 
-def test_zero_rows_get_finite_scales():
-    w = torch.zeros(4, 8)
-    w[1] = 1.0
-    q, scale = quantize_per_channel_int8(w)
-    assert torch.isfinite(scale).all() and (scale > 0).all()
-    assert torch.equal(q[0], torch.zeros(8, dtype=torch.int8))
+def test_artifact_holds_the_rounded_rows_scale_one_for_a_zero_row_and_the_bias(biased_model_dir, tmp_path, make_recipe):
+    """What the artifacts contain, pinned: s = max|W[o, :]| / 127 (1 for an all-zero row), q = round(W / s)."""
+    from safetensors.torch import load_file
 
+    import optforge
 
-def test_layer_matches_dequantized_reference():
-    torch.manual_seed(1)
-    linear = torch.nn.Linear(64, 48, bias=True)
-    q, scale = quantize_per_channel_int8(linear.weight)
-    layer = Int8WeightOnlyLinear(64, 48, True)
-    layer.weight, layer.weight_scale = q, scale
-    layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    x = torch.randn(3, 5, 64)  # (B, T, K)
-    ref = x @ (q.float() * scale).T + linear.bias
-    out = layer(x)
-    assert out.shape == (3, 5, 48)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # And close to the float layer: int8 RTN keeps ~2 significant digits.
-    assert (out - linear(x)).abs().max() < 0.02
+    optforge.build(make_recipe(biased_model_dir, tmp_path / "out", gate_pct=None), cache_dir=tmp_path / "cache")
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    source = load_file(biased_model_dir / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        w = source[f"{name}.weight"].float()
+        amax = w.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        assert torch.equal(stored[f"{name}.weight_scale"], scale)
+        assert torch.equal(stored[f"{name}.weight"], torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8))
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert stored[f"{q_proj}.weight_scale"][ZERO_ROW].item() == 1.0 and not stored[f"{q_proj}.weight"][ZERO_ROW].any()
+    assert torch.equal(stored[f"{q_proj}.bias"], source[f"{q_proj}.bias"])
 
 
 def test_cache_key_depends_on_version_config_input_not_calibration():

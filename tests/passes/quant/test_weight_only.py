@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from optforge.errors import PassError
-from optforge.passes.quant.grid import Grid, fake_quantize
+from optforge.formats.grid import Grid, fake_quantize
+from optforge.model_io import load_model
 from optforge.passes.quant.gptq import gptq_quantize
-from optforge.runtime.loader import load_model
 
 INT4 = {"bits": 4, "group_size": 32}
 
@@ -64,7 +64,7 @@ def test_gptq_beats_rtn_on_output_error_with_correlated_inputs():
     rtn = ((x @ (fake_quantize(w, grid) - w).T) ** 2).mean()
     for act_order in (False, True):
         q, s, z = gptq_quantize(w, h, grid, act_order=act_order, damp=0.01, block_size=32)
-        from optforge.passes.quant.grid import dequantize
+        from optforge.formats.grid import dequantize
 
         gptq = ((x @ (dequantize(q, s, z) - w).T) ** 2).mean()
         assert gptq < 0.7 * rtn, (act_order, float(gptq), float(rtn))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optforge.passes.quant.grid import Grid, dequantize, fake_quantize, qparams, quantize
+from optforge.formats.grid import Grid, dequantize, fake_quantize, qparams, quantize
 
 
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 128, False), (8, None, True), (8, 64, False)])

@@ -1,11 +1,11 @@
-"""Quantized Linear modules: the kernels agree with the dequantized reference and the buffers are the
+"""WeightOnlyLinear (INT4/INT8 grids): the kernels agree with the dequantized reference and the buffers are the
 compressed-tensors tensors."""
 
 import pytest
 import torch
 
-from optforge.passes.quant.grid import Grid, qparams, quantize
-from optforge.runtime.layers import Int8WeightOnlyLinear, WeightOnlyLinear, kernels_used, swap_linear
+from optforge.formats.grid import Grid, qparams, quantize
+from optforge.formats.weight_only import WeightOnlyLinear
 
 
 def make_layer(bits, group, symmetric, n=64, k=256, bias=True):
@@ -53,12 +53,3 @@ def test_reloaded_layer_runs_the_same():
     fresh.load_state_dict(layer.state_dict(), assign=True)
     x = torch.randn(2, 256)
     assert torch.equal(fresh(x), layer(x))
-
-
-def test_swap_linear_keeps_the_int8_scheme_and_reports_kernels():
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
-    assert isinstance(swap_linear(model, "0", {"scheme": "int8_weight_only"}), Int8WeightOnlyLinear)
-    swap_linear(model, "1", {"scheme": "weight_only", "bits": 8, "group_size": None, "symmetric": True})
-    assert kernels_used(model) == {"0": None, "1": None}
-    with pytest.raises(ValueError, match="unknown quantization scheme"):
-        swap_linear(model, "1", {"scheme": "nf3"})

@@ -16,14 +16,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from optforge.errors import ArtifactError
+from optforge.formats.fp8 import Fp8Linear
+from optforge.formats.int8 import ChannelInt8Linear
+from optforge.formats.weight_only import WeightOnlyLinear
+
 # Sibling groups per module type, tried on every submodule that has all the names.
 DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _spec(m: nn.Module) -> dict | None:
     """The constructor spec of a quantized module (what two modules must share to be stacked)."""
-    from optforge.runtime.layers import Fp8Linear, WeightOnlyLinear
-
     if isinstance(m, WeightOnlyLinear):
         return {"bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric}
     if isinstance(m, Fp8Linear):
@@ -34,11 +37,9 @@ def _spec(m: nn.Module) -> dict | None:
 def _row_tensors(m: nn.Module) -> list[tuple[str, int]] | None:
     """Names of m's tensors whose dim 0 runs over output features, each with the output features per row
     (8 for int4 zero points, packed along dim 0); None where m's layout cannot be stacked by rows."""
-    from optforge.runtime.layers import Fp8Linear, WeightOnlyLinear, _ChannelInt8Linear
-
     if type(m) is nn.Linear:
         names = [("weight", 1)]
-    elif isinstance(m, _ChannelInt8Linear):
+    elif isinstance(m, ChannelInt8Linear):
         names = [("weight", 1), ("weight_scale", 1)]
     elif isinstance(m, WeightOnlyLinear):
         names = [("weight_packed" if m.bits == 4 else "weight", 1), ("weight_scale", 1)]
@@ -169,8 +170,6 @@ def apply_fusions(model: nn.Module, fusions: list[dict]) -> nn.Module:
     The stored weights stay in the standard unfused layout (any Hugging Face consumer loads them); only our
     loader fuses. An unknown kind is an error rather than a silent slow (or wrong) model.
     """
-    from optforge.errors import ArtifactError
-
     for fusion in fusions:
         if fusion.get("kind") != "sibling_linears":
             raise ArtifactError(f"unknown module fusion {fusion!r} in optforge.json; this optforge knows 'sibling_linears' (upgrade optforge?)")

@@ -1,4 +1,5 @@
-"""Load an optforge model directory into a torch module, quantized layers included.
+"""Model I/O: load an optforge model directory into a torch module (quantized layers, fusions and the
+quantized KV cache re-applied), and save a model as one safetensors file.
 
 Dense directories go through `AutoModelForCausalLM.from_pretrained` (HF's own loader). Directories with
 quantized modules are built from their config, the Linear layers listed in optforge.json are swapped for
@@ -15,6 +16,9 @@ import torch
 
 from optforge.artifact import LAYOUT_FILE, WEIGHTS_FILE
 from optforge.errors import ArtifactError
+from optforge.formats import swap_linear
+from optforge.formats.fused import apply_fusions
+from optforge.formats.kv_cache import apply_kv_cache_layout
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,6 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
         return _apply_layout(model, layout).to(device).eval(), tokenizer
 
     from safetensors.torch import load_file
-
-    from optforge.runtime.layers import swap_linear
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -59,12 +61,8 @@ def _apply_layout(model, layout: dict):
     """Re-apply what optforge.json records beyond weights: module fusions (`fuse.linears`) and the quantized
     KV cache (`quant.kv_cache`), so evals and gates see the model as it will be served."""
     if layout.get("kv_cache"):
-        from optforge.runtime.layers import apply_kv_cache_layout
-
         apply_kv_cache_layout(model, layout["kv_cache"])
     if layout.get("fusions"):
-        from optforge.runtime.fused_linears import apply_fusions
-
         model = apply_fusions(model, layout["fusions"])
     return model
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optforge.runtime.fused_linears import FusedLinearGroup, can_stack, fuse_sibling_linears, stack_linears
-from optforge.runtime.loader import load_model
+from optforge.formats.fused import FusedLinearGroup, can_stack, fuse_sibling_linears, stack_linears
+from optforge.model_io import load_model
 
 
 def test_greedy_tokens_identical_after_fusion(tiny_model_dir):
@@ -47,8 +47,10 @@ def test_quantized_or_missing_members_are_left_alone():
 
 
 def _quantized_siblings(scheme: str, sizes=(16, 8, 8), k: int = 64) -> list[torch.nn.Module]:
-    from optforge.passes.quant.grid import Grid, qparams, quantize
-    from optforge.runtime.layers import Fp8Linear, Int8WeightOnlyLinear, W8A8Linear, WeightOnlyLinear
+    from optforge.formats.fp8 import Fp8Linear
+    from optforge.formats.grid import Grid, qparams, quantize
+    from optforge.formats.int8 import Int8WeightOnlyLinear, W8A8Linear
+    from optforge.formats.weight_only import WeightOnlyLinear
 
     mods = []
     for i, n in enumerate(sizes):
@@ -93,7 +95,7 @@ def test_stacked_quantized_siblings_match_their_members(scheme):
 
 
 def test_layouts_that_cannot_stack_are_refused():
-    from optforge.runtime.layers import Fp8Linear
+    from optforge.formats.fp8 import Fp8Linear
 
     per_tensor = [Fp8Linear(64, 8, False, {"strategy": "tensor", "dynamic": True}) for _ in range(2)]
     assert not can_stack(per_tensor)

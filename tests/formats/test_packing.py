@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optforge.runtime.packing import pack_int4, unpack_int4
+from optforge.formats.packing import pack_int4, unpack_int4
 
 
 def test_pack_round_trip_both_dims():

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from optforge.passes.quant.grid import Grid, qparams, quantize
-from optforge.runtime.layers import Fp8Linear, Int8WeightOnlyLinear, W8A8Linear, WeightOnlyLinear
+from optforge.formats.fp8 import Fp8Linear
+from optforge.formats.grid import Grid, qparams, quantize
+from optforge.formats.int8 import Int8WeightOnlyLinear, W8A8Linear
+from optforge.formats.weight_only import WeightOnlyLinear
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
