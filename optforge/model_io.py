@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *, trust_remote_code: bool = False):
-    """Return (model, tokenizer) for an optforge model directory, in eval mode."""
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *, trust_remote_code: bool = False, fusions: bool = True):
+    """Return (model, tokenizer) for an optforge model directory, in eval mode.
+
+    `fusions=False` leaves `fuse.linears`' module fusions unapplied: passes that rewrite weights change and
+    save the standard Linears (and carry the fusion record on)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -36,7 +39,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not modules:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        return _apply_layout(model, layout).to(device).eval(), tokenizer
+        return _apply_layout(model, layout, fusions).to(device).eval(), tokenizer
 
     from safetensors.torch import load_file
 
@@ -54,15 +57,15 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ArtifactError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return _apply_layout(model, layout).to(device).eval(), tokenizer
+    return _apply_layout(model, layout, fusions).to(device).eval(), tokenizer
 
 
-def _apply_layout(model, layout: dict):
+def _apply_layout(model, layout: dict, fusions: bool = True):
     """Re-apply what optforge.json records beyond weights: module fusions (`fuse.linears`) and the quantized
     KV cache (`quant.kv_cache`), so evals and gates see the model as it will be served."""
     if layout.get("kv_cache"):
         apply_kv_cache_layout(model, layout["kv_cache"])
-    if layout.get("fusions"):
+    if fusions and layout.get("fusions"):
         model = apply_fusions(model, layout["fusions"])
     return model
 
