@@ -96,7 +96,7 @@ def load_split(dataset: str, split: str = "validation") -> list[dict]:
     import pyarrow as pa
 
     if dataset not in DATASETS:
-        from optforge.recipe import suggest
+        from optforge.errors import suggest
 
         raise DataError(f"unknown dataset '{dataset}'.{suggest(dataset, DATASETS)} Known: {', '.join(sorted(DATASETS))}")
     base = data_root() / DATASETS[dataset][0]

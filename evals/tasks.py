@@ -138,7 +138,7 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        from optforge.recipe import suggest
+        from optforge.errors import suggest
 
         raise DataError(f"unknown task '{name}'.{suggest(name, TASKS)} Known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]

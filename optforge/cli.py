@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from optforge.commands.console import fail, progress_bars, setup_logging, stderr_console
 from optforge.errors import GateFailed, OptforgeError
 
 app = typer.Typer(
@@ -26,39 +25,6 @@ app = typer.Typer(
 
 CacheOpt = typer.Option(None, "--cache-dir", help="Cache of converted sources, pass outputs and eval results [default: ~/.cache/optforge].")
 DeviceOpt = typer.Option("cpu", "--device", help="Device for passes and evals: cpu or cuda.")
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[RichHandler(console=_console(), show_path=False, show_time=False)])
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-@contextmanager
-def _progress():
-    """A rich progress display; yields progress(description, total) -> advance(n)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(), transient=True) as bar:
-
-        def start(description: str, total: int):
-            task = bar.add_task(description, total=total)
-            return lambda n=1: bar.advance(task, n)
-
-        yield start
-
-
-def _fail(exc: OptforgeError) -> None:
-    _console().print(f"[bold red]error[/]: {exc}", highlight=False)
-    raise typer.Exit(exc.exit_code)
 
 
 @app.command()
@@ -78,18 +44,18 @@ def build(
     that is not an artifact is refused (exit 2) unless --force, and the source model's folder, the cache,
     the working directory and the home directory are never replaced.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from optforge.pipeline import build as run_build
 
     try:
-        with _progress() as progress:
+        with progress_bars() as progress:
             result = run_build(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, junit=junit, force=force)
     except GateFailed as exc:
-        _console().print(f"[bold red]gate failed[/] in pass [bold]{exc.pass_name}[/]: {exc.result and _gate_line(exc.result)}", highlight=False)
-        _console().print("Nothing was written to the output path.")
+        stderr_console().print(f"[bold red]gate failed[/] in pass [bold]{exc.pass_name}[/]: {exc.result and _gate_line(exc.result)}", highlight=False)
+        stderr_console().print("Nothing was written to the output path.")
         raise typer.Exit(exc.exit_code)
     except OptforgeError as exc:
-        _fail(exc)
+        fail(exc)
     _print_summary(result.manifest)
     typer.echo(f"artifact: {result.output}  ({result.seconds:.1f}s)")
 
@@ -117,7 +83,7 @@ def _print_summary(manifest: dict) -> None:
         gates = rec.get("gates") or ([rec["gate"]] if rec.get("gate") else [])
         verdict = "\n".join(("[green]pass[/] " if g["passed"] else "[red]fail[/] ") + _gate_line(g) for g in gates) or "-"
         table.add_row(rec["name"], f"{rec['seconds']:.1f}", "yes" if rec["cached"] else "no", f"{rec['weight_bytes'] / 1e6:.1f}", verdict)
-    _console().print(table)
+    stderr_console().print(table)
 
 
 @app.command()
@@ -132,7 +98,7 @@ def inspect(
     try:
         manifest = verify_artifact(artifact) if verify else read_manifest(artifact)
     except OptforgeError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
         return
@@ -160,7 +126,7 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results (with per-example values) to this file."),
 ):
     """Evaluate a model or artifact: perplexity on held-out BoolQ passages and lm-eval-style tasks. Cached."""
-    _setup_logging(False)
+    setup_logging(False)
     from optforge.artifact import MANIFEST_FILE, open_artifact
     from optforge.cache import Cache
     from optforge.evaluation import run_evals
@@ -181,12 +147,12 @@ def eval_cmd(
             target = open_artifact(model)
         else:
             target, _ = resolve_source(ModelSpec(source=model, dtype=dtype), cache)
-        with _progress() as progress:
+        with progress_bars() as progress:
             results, cached = run_evals(target, spec, dtype=dtype, cache=cache, device=device, progress=progress)
     except OptforgeError as exc:
-        _fail(exc)
+        fail(exc)
     except ValueError as exc:
-        _console().print(f"[bold red]error[/]: {exc}")
+        stderr_console().print(f"[bold red]error[/]: {exc}")
         raise typer.Exit(2)
     _print_eval_table(results, cached)
     if json_out:
@@ -202,7 +168,7 @@ def _print_eval_table(results: dict, cached: bool) -> None:
     for name, res in results.items():
         stderr, tps = res.get("stderr"), res.get("tokens_per_s")
         table.add_row(name, f"{res['value']:.4f}", "" if stderr is None else f"{stderr:.4f}", str(res["n"]), f"{res['seconds']:.1f}", "" if not tps else f"{tps:.0f}")
-    _console().print(table)
+    stderr_console().print(table)
     for name, res in results.items():
         typer.echo(f"{name}: {res['value']:.4f}  (n={res['n']}, {res['seconds']:.1f}s{', cached' if cached else ''})")
 
@@ -220,9 +186,9 @@ def passes():
             table.add_column(col)
         for row in describe_config(cls):
             table.add_row(row["name"], row["type"], row["default"], row["help"])
-        _console().print(table)
-        _console().print(f"  requires {sorted(cls.requires)}, produces {sorted(cls.produces)}")
-        _console().print(f"  runs in {describe_support(cls)}\n", highlight=False)
+        stderr_console().print(table)
+        stderr_console().print(f"  requires {sorted(cls.requires)}, produces {sorted(cls.produces)}")
+        stderr_console().print(f"  runs in {describe_support(cls)}\n", highlight=False)
 
 
 # Modules that add commands to `app`, each defining `register(app)`. They must not import torch at top level.
@@ -243,7 +209,7 @@ def main() -> None:
     try:
         app()
     except OptforgeError as exc:  # errors raised outside a command body (e.g. while parsing)
-        _console().print(f"[bold red]error[/]: {exc}")
+        stderr_console().print(f"[bold red]error[/]: {exc}")
         sys.exit(exc.exit_code)
 
 

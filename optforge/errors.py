@@ -5,6 +5,8 @@ Messages name the file and key (or the pass), what was expected, what was found,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class OptforgeError(Exception):
     """Base of every error optforge raises on purpose."""
@@ -80,3 +82,22 @@ def require(module: str, purpose: str, install: str | None = None):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(module, purpose, install) from exc
+
+
+def format_key(loc: tuple) -> str:
+    """A key path as a recipe writes it: ("passes", 0, "config") -> "passes[0].config"."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def suggest(word: str, candidates: Iterable[str]) -> str:
+    """" Did you mean 'x'?" naming the candidate closest to a misspelt `word`, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""

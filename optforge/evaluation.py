@@ -18,6 +18,12 @@ from optforge.recipe import EvalSpec, TaskSpec
 log = logging.getLogger(__name__)
 
 
+def metric_summaries(metrics: dict) -> dict:
+    """Metric results without their per-example arrays (those stay in the eval cache): what manifests and
+    reports hold."""
+    return {name: {k: v for k, v in result.items() if k != "per_example"} for name, result in metrics.items()}
+
+
 class _LazyModel:
     """Loads the model on first use, so a run answered entirely from the cache never loads it."""
 

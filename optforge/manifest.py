@@ -6,6 +6,7 @@ import json
 import platform
 from pathlib import Path
 
+from optforge.evaluation import metric_summaries
 from optforge.hashing import file_table, sha256_text
 
 SCHEMA_VERSION = 1
@@ -29,13 +30,12 @@ def environment(device: str) -> dict:
 
 def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metrics: dict, records: list, device: str) -> dict:
     from optforge import __version__
-    from optforge.pipeline import _summaries
 
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "optforge_version": __version__,
         "name": recipe.name,
-        "source": {**source.to_dict(), "metrics": _summaries(source_metrics)},
+        "source": {**source.to_dict(), "metrics": metric_summaries(source_metrics)},
         "recipe": {"sha256": sha256_text(recipe_text), "text": recipe_text},
         "data": {
             "calibration": recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None,

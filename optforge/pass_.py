@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from optforge.errors import RecipeError
+from optforge.errors import RecipeError, format_key, suggest
 
 if TYPE_CHECKING:
     from optforge.artifact import ModelArtifact
@@ -90,8 +90,6 @@ def registry() -> dict[str, type[Pass]]:
 def get_pass(name: str) -> type[Pass]:
     passes = registry()
     if name not in passes:
-        from optforge.recipe import suggest
-
         raise RecipeError(f"unknown pass '{name}'.{suggest(name, passes)} Registered: {', '.join(sorted(passes))}")
     return passes[name]
 
@@ -99,8 +97,6 @@ def get_pass(name: str) -> type[Pass]:
 def make_config(cls: type[Pass], config: dict, *, source: str = "<python>", key: str = "config") -> Any:
     """Build the pass's config dataclass from a recipe dict, with recipe-style errors."""
     from pydantic import TypeAdapter, ValidationError
-
-    from optforge.recipe import format_key, suggest
 
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     for name in config:

@@ -12,7 +12,7 @@ from optforge.artifact import MANIFEST_FILE, ModelArtifact, check_output_path, c
 from optforge.cache import Cache
 from optforge.context import PassContext
 from optforge.errors import GateFailed, PassError
-from optforge.evaluation import run_evals
+from optforge.evaluation import metric_summaries, run_evals
 from optforge.gate import evaluate_gate
 from optforge.pass_ import Pass, plan_passes
 from optforge.recipe import PassSpec, Recipe
@@ -42,7 +42,7 @@ class PassRecord:
             "cache_key": self.cache_key,
             "seconds": round(self.seconds, 3),
             "cached": self.cached,
-            "metrics": _summaries(self.metrics),
+            "metrics": metric_summaries(self.metrics),
             "gate": self.gate,
             "gates": self.gates,
             "weight_bytes": self.weight_bytes,
@@ -123,7 +123,7 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     check_output_path(out_path, force=force, protected=protected)
     with staging_dir(out_path) as tmp:
         copy_model_files(current.path, tmp)
-        write_reports(tmp, recipe.name, _summaries(source_metrics), [r.to_dict() for r in records])
+        write_reports(tmp, recipe.name, metric_summaries(source_metrics), [r.to_dict() for r in records])
         make_manifest(tmp, recipe=recipe, recipe_text=recipe_text, source=source_info, source_metrics=source_metrics, records=records, device=device)
     manifest = __import__("json").loads((out_path / MANIFEST_FILE).read_text())
     return BuildResult(output=out_path, manifest=manifest, seconds=time.perf_counter() - started)
@@ -163,8 +163,3 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
     for gate in results:
         log.info("gate after %s %s: %s", p.name, "passed" if gate.verdict == "pass" else "passed (undecided, on_undecided: pass)", gate.describe())
     return result, metrics, record
-
-
-def _summaries(metrics: dict) -> dict:
-    """Metric results without their per-example arrays (those stay in the eval cache)."""
-    return {name: {k: v for k, v in result.items() if k != "per_example"} for name, result in metrics.items()}

@@ -7,7 +7,6 @@ of passes (each with its config and an optional quality gate), the targets to em
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import reprlib
 import typing
@@ -16,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from optforge.errors import RecipeError
+from optforge.errors import RecipeError, format_key, suggest
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -335,21 +334,6 @@ def _short_repr(value: Any, limit: int = 200) -> str:
     short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = limit, limit, 8, 8, 3
     text = short.repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def format_key(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def suggest(word: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 _MISSING = object()

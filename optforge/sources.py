@@ -141,7 +141,7 @@ def _hub(hub_id: str, spec: ModelSpec, cache: Cache):
 
 def _packaged(name: str, spec: ModelSpec, cache: Cache):
     if name not in PACKAGED:
-        from optforge.recipe import suggest
+        from optforge.errors import suggest
 
         raise ModelSourceError(f"model.source 'pypi:{name}': unknown packaged model.{suggest(name, PACKAGED)} Known: {', '.join('pypi:' + k for k in PACKAGED)}")
     pkg = PACKAGED[name]

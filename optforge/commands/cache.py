@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from optforge.commands.console import stderr_console
+
 cache_app = typer.Typer(
     name="cache",
     help="Check, trim or empty the cache of converted sources, pass outputs and eval results [default: ~/.cache/optforge].",
@@ -25,9 +27,8 @@ def verify(
 ):
     """Re-hash every entry against what was recorded when it was written. Exit 1 if any entry is corrupt."""
     from optforge.cache import Cache
-    from optforge.cli import _console
 
-    console = _console()
+    console = stderr_console()
     with console.status("hashing cache entries") as status:
         checks = Cache(cache_dir).verify(discard=discard, progress=lambda name: status.update(f"hashing {name}"))
     bad = [c for c in checks if not c.ok]
@@ -45,12 +46,11 @@ def prune(
 ):
     """Remove entries not used recently, and staging folders left by interrupted builds."""
     from optforge.cache import Cache
-    from optforge.cli import _console
 
     cache = Cache(cache_dir)
     before = cache.size_bytes()
     removed = cache.prune(older_than_s=older_than * 86400.0)
-    _console().print(f"removed {len(removed)} entries, freed {(before - cache.size_bytes()) / 1e6:.1f} MB", highlight=False)
+    stderr_console().print(f"removed {len(removed)} entries, freed {(before - cache.size_bytes()) / 1e6:.1f} MB", highlight=False)
 
 
 @cache_app.command()
@@ -60,13 +60,12 @@ def clear(
 ):
     """Remove every entry of the cache."""
     from optforge.cache import Cache
-    from optforge.cli import _console
 
     cache = Cache(cache_dir)
     if not yes and not typer.confirm(f"remove everything under {cache.root} ({cache.size_bytes() / 1e6:.1f} MB)?"):
         raise typer.Exit(1)
     cache.clear()
-    _console().print(f"cleared {cache.root}", highlight=False)
+    stderr_console().print(f"cleared {cache.root}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

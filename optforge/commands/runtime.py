@@ -64,7 +64,7 @@ def generate(
     no_verify: bool = NO_VERIFY,
 ):
     """Generate completions for PROMPTS with the runtime (continuous batching, paged KV cache)."""
-    from optforge.cli import _fail, _setup_logging
+    from optforge.commands.console import fail as _fail, setup_logging as _setup_logging
     from optforge.errors import OptforgeError
     from optforge.runtime.sequence import SamplingParams
 
@@ -119,7 +119,7 @@ def serve(
     no_verify: bool = NO_VERIFY,
 ):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
-    from optforge.cli import _console, _fail, _setup_logging
+    from optforge.commands.console import fail as _fail, setup_logging as _setup_logging, stderr_console as _console
     from optforge.errors import OptforgeError, require
 
     _setup_logging(False)
@@ -159,7 +159,7 @@ def bench(
     no_verify: bool = NO_VERIFY,
 ):
     """Throughput, TTFT and inter-token latency of ARTIFACT on random prompts, beside HF generate."""
-    from optforge.cli import _console, _fail, _setup_logging
+    from optforge.commands.console import fail as _fail, setup_logging as _setup_logging, stderr_console as _console
     from optforge.errors import OptforgeError
     from optforge.runtime.bench import Workload, bench_hf, bench_runtime
 
