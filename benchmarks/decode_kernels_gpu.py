@@ -26,7 +26,9 @@ from runtime_gpu import SHAPES, build  # noqa: E402
 
 from optforge.runtime.kernels import fused_decode as fd  # noqa: E402
 from optforge.runtime.bench import bench_decode  # noqa: E402
+from optforge.runtime.kernels.decode_options import DecodeKernelOptions  # noqa: E402
 from optforge.runtime.llm import Engine, EngineConfig  # noqa: E402
+from optforge.runtime.model_runner import ModelRunner  # noqa: E402
 
 REPS = 10
 
@@ -87,7 +89,8 @@ def projections() -> None:
             def run(w, bn=bn, bk=bk, nw=nw, st=st, red=red):
                 fd._gemv_kernel.fn[(triton.cdiv(n, bn),)](
                     x, w, y, norm, y, y, n, k, w.stride(0), 1e-5, PROLOGUE=pro, RESIDUAL=False, HAS_SCALE=False,
-                    USE_PDL=pdl, BLOCK_N=bn, BLOCK_K=bk, REDUCE_EACH=red, num_warps=nw, num_stages=st, launch_pdl=pdl)
+                    USE_PDL=pdl, EARLY_LAUNCH=DecodeKernelOptions().launch_dependents_early, BLOCK_N=bn, BLOCK_K=bk,
+                    REDUCE_EACH=red, num_warps=nw, num_stages=st, launch_pdl=pdl)
             timings.append((per_call(run), f"{bn}x{bk} w{nw} s{st}{' reduce-each' if red else ''}"))
         best, label = min(timings)
         tuned = per_call(lambda w: fd.gemv(x, w, prologue=pro, norm_weight=norm))
@@ -97,14 +100,13 @@ def projections() -> None:
 
 
 def decode_step(model) -> None:
-    fd.USE_PDL = False  # the same graph without programmatic dependent launch, for the comparison below
-    engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
-    no_pdl_ms = replay_us(engine.runner.graphs.by_size[1][0]) / 1e3
-    del engine
-    fd.USE_PDL = None
+    # the same graph without programmatic dependent launch, for the comparison below
+    no_pdl = ModelRunner(model, max_model_len=512, max_num_seqs=1, kernel_options=DecodeKernelOptions(use_pdl=False))
+    no_pdl_ms = replay_us(no_pdl.graphs.by_size[1][0]) / 1e3
+    del no_pdl
     engine = Engine(model, None, EngineConfig(dtype="bfloat16", device="cuda", max_num_seqs=1, max_model_len=512))
     runner = engine.runner
-    print("fused decode path active:", runner.decoder.decode_weights is not None, "| PDL:", fd.pdl_enabled(runner.device))
+    print("fused decode path active:", runner.decoder.decode_weights is not None, "| PDL:", fd.pdl_enabled(runner.device, runner.kernel_options))
     graph = runner.graphs.by_size[1][0]
     fused_ms = replay_us(graph) / 1e3
     s = runner.graphs.static
@@ -135,8 +137,8 @@ def ablate(model) -> None:
     runner = engine.runner
     heads = runner.decoder.num_heads * runner.decoder.head_dim
 
-    def step_ms() -> float:
-        body = runner.graphs.body(1, runner.decode_logits)
+    def step_ms(options: DecodeKernelOptions) -> float:
+        body = runner.graphs.body(1, lambda *inputs: runner.decoder.forward_decode(runner.kv_cache, *inputs, options))
         body()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -145,23 +147,24 @@ def ablate(model) -> None:
         return replay_us(graph, 500) / 1e3
 
     attention, splits = fd.rope_paged_attention, fd.attention_splits
-    variants = {
-        "as shipped": lambda: None,
-        "KV read after the wait": lambda: setattr(fd, "KV_BEFORE_WAIT", False),
-        "dependents launched after the wait": lambda: setattr(fd, "LAUNCH_DEPENDENTS_EARLY", False),
-        "attention in one launch (1 split, no combine)": lambda: setattr(fd, "attention_splits", lambda *a: 1),
-        "attention and combine left out": lambda: setattr(fd, "rope_paged_attention", lambda qkv, *a, **k: qkv[:, :heads]),
-        "no programmatic dependent launch": lambda: setattr(fd, "USE_PDL", False),
+    shipped = DecodeKernelOptions()
+    variants = {  # name: (kernel options, a kernel function of fused_decode replaced for the run, or None)
+        "as shipped": (shipped, None),
+        "KV read after the wait": (DecodeKernelOptions(kv_before_wait=False), None),
+        "dependents launched after the wait": (DecodeKernelOptions(launch_dependents_early=False), None),
+        "attention in one launch (1 split, no combine)": (shipped, ("attention_splits", lambda *a: 1)),
+        "attention and combine left out": (shipped, ("rope_paged_attention", lambda qkv, *a, **k: qkv[:, :heads])),
+        "no programmatic dependent launch": (DecodeKernelOptions(use_pdl=False), None),
     }
     print(f"context {int(runner.graphs.static['lens'][0])}")
     print("| variant | graph GPU ms | tok/s at that time |")
     print("| --- | --- | --- |")
-    for name, change in variants.items():
-        change()
+    for name, (options, replaced) in variants.items():
+        if replaced is not None:
+            setattr(fd, *replaced)
         try:
-            ms = step_ms()
+            ms = step_ms(options)
         finally:
-            fd.KV_BEFORE_WAIT, fd.LAUNCH_DEPENDENTS_EARLY, fd.USE_PDL = True, True, None
             fd.rope_paged_attention, fd.attention_splits = attention, splits
         print(f"| {name} | {ms:.3f} | {1e3 / ms:.0f} |")
 

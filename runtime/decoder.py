@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from optforge.errors import UserInputError
+from optforge.runtime.kernels.decode_options import DecodeKernelOptions
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -153,20 +154,21 @@ class Decoder:
             x = add_rms_norm(m, next_norm.weight, eps, residual)
         return x
 
-    def forward_decode(self, kv_cache, ids, positions, slots, block_tables, context_lens) -> torch.Tensor:
+    def forward_decode(self, kv_cache, ids, positions, slots, block_tables, context_lens, options: DecodeKernelOptions) -> torch.Tensor:
         """Logits (1, vocab) of one decode token: embedding, then per layer RMSNorm+q|k|v, rotary+KV write+attention,
         o_proj+residual, RMSNorm+gate|up, SiLU*up+down+residual, then final norm+LM head: 6 launches per layer
-        (attention splits its context over programs and a second launch combines them). Needs `decode_weights`."""
+        (attention splits its context over programs and a second launch combines them). Needs `decode_weights`;
+        `options` go to every kernel."""
         from optforge.runtime.kernels.fused_decode import PRO_RMSNORM, PRO_SILU_MUL, gemv, rope_paged_attention
 
         dw = self.decode_weights
         eps = self.layers[0].input_layernorm.variance_epsilon
         residual = self.base.embed_tokens(ids)  # (1, H), a fresh tensor: updated in place below
         for i, (layer, ws) in enumerate(zip(self.layers, dw["layers"])):
-            qkv = gemv(residual, *ws["qkv"], prologue=PRO_RMSNORM, norm_weight=layer.input_layernorm.weight, eps=eps)
+            qkv = gemv(residual, *ws["qkv"], prologue=PRO_RMSNORM, norm_weight=layer.input_layernorm.weight, eps=eps, options=options)
             attn = rope_paged_attention(qkv, dw["cos"], dw["sin"], positions, slots, kv_cache[i, 0], kv_cache[i, 1],
-                                        block_tables, context_lens, self.num_heads, self.scale)
-            gemv(attn, *ws["o"], residual=residual)
-            gate_up = gemv(residual, *ws["gate_up"], prologue=PRO_RMSNORM, norm_weight=layer.post_attention_layernorm.weight, eps=eps)
-            gemv(gate_up, *ws["down"], prologue=PRO_SILU_MUL, residual=residual)
-        return gemv(residual, *dw["head"], prologue=PRO_RMSNORM, norm_weight=self.base.norm.weight, eps=eps)
+                                        block_tables, context_lens, self.num_heads, self.scale, options=options)
+            gemv(attn, *ws["o"], residual=residual, options=options)
+            gate_up = gemv(residual, *ws["gate_up"], prologue=PRO_RMSNORM, norm_weight=layer.post_attention_layernorm.weight, eps=eps, options=options)
+            gemv(gate_up, *ws["down"], prologue=PRO_SILU_MUL, residual=residual, options=options)
+        return gemv(residual, *dw["head"], prologue=PRO_RMSNORM, norm_weight=self.base.norm.weight, eps=eps, options=options)

@@ -18,6 +18,7 @@ from torch import nn
 from optforge.runtime.attention import PagedAttention, slot
 from optforge.runtime.cuda_graphs import DecodeGraphs
 from optforge.runtime.decoder import Decoder
+from optforge.runtime.kernels.decode_options import DecodeKernelOptions
 from optforge.runtime.sampler import Sampler
 from optforge.runtime.scheduler import ScheduledBatch
 
@@ -53,12 +54,15 @@ class ModelRunner:
         max_model_len: int = 4096,
         max_num_seqs: int = 256,
         use_cuda_graphs: bool = True,
+        kernel_options: DecodeKernelOptions = DecodeKernelOptions(),
     ):
+        """`kernel_options`: how the batch-1 decode kernels launch (CUDA; kernels/decode_options.py)."""
         self.decoder = decoder = Decoder(model)
         self.model, self.config, self.device, self.dtype = model, decoder.config, decoder.device, decoder.dtype
         self.block_size, self.max_model_len = block_size, max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.is_cuda = self.device.type == "cuda"
+        self.kernel_options = kernel_options
         self.use_triton = self.is_cuda and _triton_available()
         self.num_blocks = num_blocks or self._blocks_for_budget(kv_cache_bytes)
         # (layers, k|v, blocks + 1 scratch, block_size, kv heads, head dim)
@@ -173,6 +177,6 @@ class ModelRunner:
         """Logits (B, vocab) of a decode step from device tensors, as a CUDA graph captures it: the batch-1 path
         in six launches per layer where it applies, else the layer path with paged attention."""
         if ids.shape[0] == 1 and self.decoder.decode_weights is not None:
-            return self.decoder.forward_decode(self.kv_cache, ids, positions, slots, block_tables, context_lens)
+            return self.decoder.forward_decode(self.kv_cache, ids, positions, slots, block_tables, context_lens, self.kernel_options)
         attend = self.attention.paged(block_tables, context_lens)
         return self.decoder.logits(self.decoder.forward(self.kv_cache, ids, positions, slots, attend))

@@ -29,20 +29,10 @@ import triton
 import triton.testing
 import triton.language as tl
 
+from optforge.runtime.kernels.decode_options import DecodeKernelOptions
+
 PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
-# Programmatic dependent launch (Hopper and newer): each kernel of the step may start while the one before it
-# drains, reads what does not depend on it (weights), and waits (griddepcontrol.wait) before touching its
-# outputs. None: on where the GPU supports it; the benchmarks set False to measure without.
-USE_PDL: bool | None = None
-# Each kernel lets the next one launch as soon as all its own programs have started (griddepcontrol.
-# launch_dependents at the top), not after its wait: the next kernel's programs then take free SM slots early
-# and read what they can (weights, cached keys) while this one and the one before it finish. Each still waits
-# for the kernel before it to complete before it reads that kernel's outputs or writes its own. The benchmarks
-# set False to launch dependents after the wait instead.
-LAUNCH_DEPENDENTS_EARLY = True
-# The attention kernel reads its first page of cached keys and values before it waits for q, k, v (see the
-# kernel); the benchmarks set False to measure the difference.
-KV_BEFORE_WAIT = True
+_DEFAULT_OPTIONS = DecodeKernelOptions()  # programmatic dependent launch where the GPU has it, early reads on
 _PRO_RMSNORM, _PRO_SILU_MUL = tl.constexpr(1), tl.constexpr(2)
 
 # The configs that won somewhere in a cold-weight sweep of the Llama-3.2-1B projections on an H100
@@ -153,20 +143,21 @@ def _gemv_kernel(
         tl.store(y_ptr + rn, y, mask=n_mask)
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether the kernels here launch with programmatic dependent launch on `device` (see USE_PDL)."""
-    if USE_PDL is not None:
-        return USE_PDL
+def pdl_enabled(device: torch.device, options: DecodeKernelOptions = _DEFAULT_OPTIONS) -> bool:
+    """Whether the kernels here launch with programmatic dependent launch on `device` (see `options.use_pdl`)."""
+    if options.use_pdl is not None:
+        return options.use_pdl
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None, *, prologue: int = PRO_NONE,
     norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
+    options: DecodeKernelOptions = _DEFAULT_OPTIONS,
 ) -> torch.Tensor | None:
     """One row x (1, K), or (1, 2K) [gate | up] for PRO_SILU_MUL; weight (N, K), rows contiguous, in x's dtype
     or int8 with `weight_scale` (N,) float32. Returns y (1, N) in x's dtype, or None after adding y into
-    `residual` (1, N) in place."""
+    `residual` (1, N) in place. `options`: how the kernel launches (kernels/decode_options.py)."""
     n, k = weight.shape
     if weight.stride(1) != 1 or x.shape[0] != 1 or not x.is_contiguous():
         raise ValueError("gemv: one contiguous row of x and a weight with contiguous rows")
@@ -176,10 +167,11 @@ def gemv(
         raise ValueError("gemv: PRO_RMSNORM needs norm_weight")
     y = residual if residual is not None else torch.empty(1, n, dtype=x.dtype, device=x.device)
     dummy = weight_scale if weight_scale is not None else y
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_enabled(x.device, options)
     _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, weight, dummy, norm_weight if norm_weight is not None else y, y, y, n, k, weight.stride(0), eps,
-        PROLOGUE=prologue, RESIDUAL=residual is not None, HAS_SCALE=weight_scale is not None, USE_PDL=pdl, EARLY_LAUNCH=LAUNCH_DEPENDENTS_EARLY, launch_pdl=pdl,
+        PROLOGUE=prologue, RESIDUAL=residual is not None, HAS_SCALE=weight_scale is not None, USE_PDL=pdl, EARLY_LAUNCH=options.launch_dependents_early,
+        launch_pdl=pdl,
     )
     return None if residual is not None else y
 
@@ -336,13 +328,14 @@ def attention_splits(batch: int, num_kv_heads: int, max_pages: int, device: torc
 def rope_paged_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-    num_heads: int, scale: float, splits: int | None = None,
+    num_heads: int, scale: float, splits: int | None = None, options: DecodeKernelOptions = _DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """qkv (B, (Hq + 2 Hkv) D) one new token per sequence, unrotated; cos/sin (max_positions, D / 2) (the first
     half of HF's rotary output); positions, slots (B,) int64; caches (num_blocks, block_size, Hkv, D);
     block_tables (B, max_blocks) int32; context_lens (B,) int32 including the new token. Writes the new
     k, v into the caches and returns the attention output (B, Hq * D). Each sequence's context is divided
-    among `splits` programs per KV head (default: `attention_splits`), combined by a second launch."""
+    among `splits` programs per KV head (default: `attention_splits`), combined by a second launch. `options`:
+    how the kernels launch and when the first page is read (kernels/decode_options.py)."""
     batch = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     splits = splits or attention_splits(batch, num_kv_heads, block_tables.shape[1], qkv.device)
@@ -350,17 +343,19 @@ def rope_paged_attention(
     m = torch.empty(batch, splits, num_heads, dtype=torch.float32, device=qkv.device) if splits > 1 else out
     l = torch.empty_like(m) if splits > 1 else out
     acc = torch.empty(batch, splits, num_heads, head_dim, dtype=torch.float32, device=qkv.device) if splits > 1 else out
-    pdl = pdl_enabled(qkv.device)
+    pdl = pdl_enabled(qkv.device, options)
     _rope_paged_attention_kernel[(batch, num_kv_heads, splits)](
         qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HALF=head_dim // 2, BLOCK_SIZE=block_size,
-        SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, EARLY_KV=KV_BEFORE_WAIT, EARLY_LAUNCH=LAUNCH_DEPENDENTS_EARLY, num_warps=4,
+        SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, EARLY_KV=options.kv_before_wait,
+        EARLY_LAUNCH=options.launch_dependents_early, num_warps=4,
         launch_pdl=pdl,
     )
     if splits > 1:
         _combine_kernel[(batch, num_heads)](m, l, acc, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                                             SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), USE_PDL=pdl, EARLY_LAUNCH=LAUNCH_DEPENDENTS_EARLY, num_warps=1,
+                                             SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), USE_PDL=pdl,
+                                             EARLY_LAUNCH=options.launch_dependents_early, num_warps=1,
                                              launch_pdl=pdl)
     return out

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from optforge.formats import quantize_in_memory
+from optforge.runtime.kernels.decode_options import DecodeKernelOptions
 from optforge.runtime.llm import EngineConfig, LLM
 from optforge.runtime.sequence import SamplingParams
 
@@ -73,6 +74,31 @@ def test_rope_paged_attention_matches_rope_and_cache_then_paged_attention(width,
     got = rope_paged_attention(qkv, cos, sin, pos, slots, kc, vc, tables, lens, hq, d**-0.5, splits=splits)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
     assert (got.float() - expected.float()).abs().max() <= 1e-2
+
+
+@pytest.mark.parametrize("options", [DecodeKernelOptions(use_pdl=False), DecodeKernelOptions(kv_before_wait=False),
+                                     DecodeKernelOptions(launch_dependents_early=False)])
+def test_kernel_options_change_when_kernels_start_not_what_they_compute(options):
+    from optforge.runtime.kernels.fused_decode import gemv, rope_paged_attention
+
+    torch.manual_seed(2)
+    hq, hkv, d, bs, blocks, dtype = 32, 8, 64, 16, 64, torch.bfloat16
+    tables = torch.randperm(blocks, device="cuda")[:16].view(2, 8).to(torch.int32)
+    lens = torch.tensor([37, 100], dtype=torch.int32, device="cuda")
+    pos = lens.long() - 1
+    slots = tables.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+    kc = torch.randn(blocks, bs, hkv, d, device="cuda").to(dtype)
+    vc = torch.randn_like(kc)
+    qkv = torch.randn(2, (hq + 2 * hkv) * d, device="cuda").to(dtype)
+    cos, sin = torch.rand(256, d // 2, device="cuda").to(dtype), torch.rand(256, d // 2, device="cuda").to(dtype)
+    runs = []
+    for opts in (DecodeKernelOptions(), options):
+        k, v = kc.clone(), vc.clone()
+        runs.append((rope_paged_attention(qkv, cos, sin, pos, slots, k, v, tables, lens, hq, d**-0.5, options=opts), k, v))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    x, w = torch.randn(1, 2048, device="cuda").to(dtype), (torch.randn(1000, 2048, device="cuda") * 0.02).to(dtype)
+    shipped, other = gemv(x, w), gemv(x, w, options=options)  # PDL on or off may autotune to another tile: same sums, other order
+    assert (shipped.float() - other.float()).abs().max() <= 2e-2 * shipped.float().abs().max()
 
 
 @pytest.mark.parametrize("scheme", [None, "int8"])
