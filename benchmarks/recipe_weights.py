@@ -39,7 +39,6 @@ def build_without_gates(recipe_path: Path, cache_dir: Path, work: Path) -> dict:
     data["data"]["eval"] = {"perplexity": None, "tasks": []}
     for spec in data["passes"]:
         spec.pop("gate", None)
-    data.pop("targets", None)
     source = data["model"]["source"]
     if not source.startswith("pypi:") and not Path(source).is_absolute():
         data["model"]["source"] = str((recipe_path.parent / source).resolve())

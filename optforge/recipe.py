@@ -1,13 +1,12 @@
 """Recipe: YAML -> typed objects, with errors that name the file, the key path and the nearest valid key.
 
 A recipe names a model source, the data used for calibration and evaluation (kept disjoint), an ordered list
-of passes (each with its config and an optional quality gate), the targets to emit and the output directory.
+of passes (each with its config and an optional quality gate) and the output directory.
 `Recipe` objects are also built directly from Python; `optforge.build(recipe)` takes either form.
 """
 
 from __future__ import annotations
 
-import hashlib
 import reprlib
 import typing
 from pathlib import Path
@@ -152,17 +151,12 @@ class PassSpec(_Strict):
         return list(self.gate) if isinstance(self.gate, list) else [self.gate]
 
 
-Target = Literal["hf"]
-
-
 class Recipe(_Strict):
     # Short name used in reports and the manifest.
     name: str = "optforge-build"
     model: ModelSpec
     data: DataSpec = DataSpec()
     passes: list[PassSpec] = Field(default_factory=list)
-    # What to emit: `hf` is a safetensors checkpoint with config, tokenizer and manifest.
-    targets: list[Target] = Field(default_factory=lambda: ["hf"])
     # Artifact directory; relative paths are relative to the recipe file (or the cwd for Python recipes).
     output: str = "build/artifact"
 
@@ -292,10 +286,6 @@ def parse_recipe(data: dict, *, source: str = "<python>", check_passes: bool = T
 
         plan_passes(recipe, source=source)
     return recipe
-
-
-def recipe_digest(recipe: Recipe) -> str:
-    return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()
 
 
 def _clean_errors(errors: list[dict]) -> list[dict]:
