@@ -156,13 +156,6 @@ class BlockManager:
             self.cached_blocks.setdefault(block.hash, block.block_id)
             prev = block.hash
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Let `child` share all of `parent`'s blocks (parallel sampling); writes copy on demand."""
-        child.block_table = list(parent.block_table)
-        child.num_computed_tokens = parent.num_computed_tokens
-        for block_id in child.block_table:
-            self._take(block_id)
-
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; its blocks return to the free list (tail blocks are evicted first)."""
         for block_id in reversed(seq.block_table):

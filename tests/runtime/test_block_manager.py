@@ -85,20 +85,6 @@ def test_full_prefix_hit_copies_the_last_block_before_writing():
     check_invariants(bm, [a, b])
 
 
-def test_fork_shares_then_copies_on_write():
-    bm = BlockManager(8, 4)
-    parent = Sequence(list(range(6)))
-    run_prefill(bm, parent)
-    child = Sequence(list(range(6)))
-    bm.fork(parent, child)
-    assert bm.blocks[parent.block_table[1]].ref_count == 2
-    child.token_ids.append(7)
-    copies = bm.allocate(child, 1)
-    assert copies == [(parent.block_table[1], child.block_table[1])]
-    assert bm.blocks[parent.block_table[1]].ref_count == 1
-    check_invariants(bm, [parent, child])
-
-
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(
