@@ -62,13 +62,11 @@ def build(
 
 def _gate_line(gate: dict) -> str:
     line = f"{gate['metric']} baseline {gate['baseline']:.4f}, measured {gate['measured']:.4f} ({gate['change_pct']:+.2f}%)"
-    if "verdict" not in gate:
-        return f"{line}, threshold {gate['threshold']:.4f} [{gate['rule']}]"
-    if gate.get("method") == "not finite":
+    if gate["method"] == "not finite":
         return f"{line}: {gate['rule']}"
     unit = "%" if gate["metric"] == "perplexity" else " pts"
     line += f"; drop {gate['drop']:+.2f}{unit} [{gate['ci_low']:+.2f}, {gate['ci_high']:+.2f}] vs allowed {gate['max_drop']:.2f}{unit}, n={gate['n']}: {gate['verdict']}"
-    if gate["verdict"] == "undecided" and gate.get("needed_n"):
+    if gate["verdict"] == "undecided" and gate["needed_n"]:
         line += f" (about {gate['needed_n']} items would decide)"
     return line
 
@@ -80,8 +78,7 @@ def _print_summary(manifest: dict) -> None:
     for col in ("pass", "seconds", "cached", "weight MB", "gate"):
         table.add_column(col)
     for rec in manifest["passes"]:
-        gates = rec.get("gates") or ([rec["gate"]] if rec.get("gate") else [])
-        verdict = "\n".join(("[green]pass[/] " if g["passed"] else "[red]fail[/] ") + _gate_line(g) for g in gates) or "-"
+        verdict = "\n".join(("[green]pass[/] " if g["passed"] else "[red]fail[/] ") + _gate_line(g) for g in rec["gates"]) or "-"
         table.add_row(rec["name"], f"{rec['seconds']:.1f}", "yes" if rec["cached"] else "no", f"{rec['weight_bytes'] / 1e6:.1f}", verdict)
     stderr_console().print(table)
 
@@ -192,7 +189,7 @@ def passes():
 
 
 # Modules that add commands to `app`, each defining `register(app)`. They must not import torch at top level.
-COMMAND_MODULES: tuple[str, ...] = ("optforge.commands.runtime", "optforge.commands.cpp", "optforge.commands.cache")
+COMMAND_MODULES: tuple[str, ...] = ("optforge.commands.runtime", "optforge.commands.cache")
 
 
 def _register_commands() -> None:

@@ -20,23 +20,21 @@ def _unit(gate: dict) -> str:
 
 
 def _delta(gate: dict) -> str:
-    if "drop" not in gate:  # a gate dict from before paired gates
-        return f"{gate.get('change_pct', 0.0):+.2f}%"
     u = _unit(gate)
     return f"{gate['drop']:+.2f}{u} [{gate['ci_low']:+.2f}, {gate['ci_high']:+.2f}] (allowed {gate['max_drop']:.2f}{u})"
 
 
 def _verdict(gate: dict) -> str:
-    verdict = gate.get("verdict", "pass" if gate["passed"] else "fail")
+    verdict = gate["verdict"]
     if verdict == "undecided":
-        need = f", ~{gate['needed_n']} items would decide" if gate.get("needed_n") else ""
+        need = f", ~{gate['needed_n']} items would decide" if gate["needed_n"] else ""
         return f"undecided ({'passes' if gate['passed'] else 'fails'} by on_undecided{need})"
     return verdict
 
 
 def gate_rows(records: list[dict]) -> list[dict]:
     """One row per gated pass: pass name and its gate dict."""
-    return [{"pass": r["name"], "index": i, "gate": g} for i, r in enumerate(records) for g in (r.get("gates") or ([r["gate"]] if r.get("gate") else []))]
+    return [{"pass": r["name"], "index": i, "gate": g} for i, r in enumerate(records) for g in r["gates"]]
 
 
 def markdown(name: str, source_metrics: dict, records: list[dict]) -> str:
@@ -52,13 +50,13 @@ def markdown(name: str, source_metrics: dict, records: list[dict]) -> str:
         if gate:
             lines += ["", "| gate metric | baseline | measured | drop [CI] | verdict |", "| --- | --- | --- | --- | --- |"]
             lines.append(f"| {gate['metric']} | {gate['baseline']:.4f} | {gate['measured']:.4f} | {_delta(gate)} | {_verdict(gate)} |")
-            lines.append(f"\nRule: {gate['rule']}" + (f"; method {gate['method']}" if gate.get("method") else "") + (f"; McNemar p = {gate['p_value']:.3g}" if gate.get("p_value") is not None else ""))
+            lines.append(f"\nRule: {gate['rule']}" + f"; method {gate['method']}" + (f"; McNemar p = {gate['p_value']:.3g}" if gate["p_value"] is not None else ""))
     return "\n".join(lines) + "\n"
 
 
 def delta_plot_svg(records: list[dict], *, width: int = 640, row_height: int = 28) -> str:
     """Each gate's drop as a dot with its interval, scaled to its own allowed drop (the dashed line at 1)."""
-    rows = [r for r in gate_rows(records) if "drop" in r["gate"]]
+    rows = gate_rows(records)
     if not rows:
         return ""
     left, right, top = 220, 20, 24
@@ -74,7 +72,7 @@ def delta_plot_svg(records: list[dict], *, width: int = 640, row_height: int = 2
     colors = {"pass": "#080", "fail": "#c00", "undecided": "#c80"}
     for k, (row, (low, mid, high)) in enumerate(scaled):
         y = top + row_height * k + row_height / 2
-        color = colors.get(row["gate"].get("verdict"), "#000")
+        color = colors[row["gate"]["verdict"]]
         label = html.escape(f"{row['index']}: {row['pass']} ({row['gate']['metric']})")
         parts.append(f'<text x="4" y="{y + 4:.1f}">{label}</text>')
         parts.append(f'<line x1="{x(low):.1f}" y1="{y:.1f}" x2="{x(high):.1f}" y2="{y:.1f}" stroke="{color}" stroke-width="2"/>')

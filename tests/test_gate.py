@@ -1,4 +1,4 @@
-"""Gates on synthetic per-example results: all three verdicts, on_undecided, legacy perplexity specs."""
+"""Gates on synthetic per-example results: all three verdicts, on_undecided, the perplexity gate's result keys."""
 
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ def _ppl(nll, tokens) -> dict:
     return {"perplexity": {"value": float(np.exp(np.sum(nll) / np.sum(tokens))), "per_example": {"nll": list(nll), "tokens": list(tokens)}}}
 
 
-def test_legacy_perplexity_gate_keeps_its_keys_and_passes_a_tiny_change():
+def test_perplexity_gate_result_has_the_manifest_keys_and_passes_a_tiny_change():
     rng = np.random.default_rng(0)
     tokens = [200] * 40
     nll = rng.uniform(500, 700, size=40)
     spec = GateSpec(metric="perplexity", max_increase_pct=1.0)
     result = evaluate_gate(spec, _ppl(nll, tokens), _ppl(nll * 1.0005 + rng.normal(0, 0.05, 40), tokens)).to_dict()
-    assert {"metric", "baseline", "measured", "threshold", "passed", "ci_low", "ci_high", "verdict", "n", "needed_n"} <= set(result)
+    # What every manifest's `gates` entries hold (cli.py and report.py read these keys directly).
+    assert set(result) == {"metric", "baseline", "measured", "threshold", "passed", "rule", "change_pct", "verdict", "drop", "ci_low",
+                           "ci_high", "max_drop", "confidence", "n", "needed_n", "method", "p_value"}
     assert result["verdict"] == "pass" and result["passed"]
     assert result["threshold"] == pytest.approx(result["baseline"] * 1.01)
     assert result["ci_low"] <= result["drop"] <= result["ci_high"] < 1.0
