@@ -15,12 +15,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from optforge.runtime.cpp import load
-from optforge.runtime.cpp.parity import PROMPTS, greedy_hf, tokenizer_lines
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpp_parity_data import PROMPTS, greedy_hf, tokenizer_lines  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,9 @@ text here, the real SmolLM2 tokenizer on >= 1,000 lines in the slow test."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 VARIED = [
@@ -25,6 +28,16 @@ def test_tiny_tokenizer_matches_hf(rt, tiny_model_dir):
         assert ours.decode(ours.encode(line)) == hf.decode(hf.encode(line).ids, skip_special_tokens=False), line
 
 
+def parity_data():
+    """benchmarks/cpp_parity_data.py (prompts, varied lines, the HF greedy reference), loaded by path: it is
+    benchmark data, not part of the package."""
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "cpp_parity_data.py"
+    spec = importlib.util.spec_from_file_location("cpp_parity_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def smollm2_dir(smollm2_cache):
     from optforge.cache import Cache
@@ -38,11 +51,9 @@ def smollm2_dir(smollm2_cache):
 def test_smollm2_tokenizer_matches_hf_on_1000_lines(rt, smollm2_dir):
     from tokenizers import Tokenizer
 
-    from optforge.runtime.cpp.parity import tokenizer_lines
-
     hf = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     ours = rt.Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
-    lines = tokenizer_lines(1000) + VARIED
+    lines = parity_data().tokenizer_lines(1000) + VARIED
     assert len(lines) >= 1000
     mismatched = [line for line in lines if ours.encode(line) != hf.encode(line).ids]
     assert not mismatched, mismatched[:3]
@@ -54,17 +65,16 @@ def test_smollm2_greedy_matches_hf(rt, smollm2_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from optforge.runtime.cpp.parity import PROMPTS, greedy_hf
-
     tok = rt.Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     engine = rt.Engine(str(smollm2_dir), num_threads=2, verify=False)  # the source cache: optforge.json, no manifest
-    prompts = [tok.encode(p) for p in PROMPTS[:5]]
+    data = parity_data()
+    prompts = [tok.encode(p) for p in data.PROMPTS[:5]]
     ours, _ = engine.generate(prompts, max_new_tokens=64, ignore_eos=True)
     num_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: far faster than two when other jobs share the two cores
     try:
-        refs = [greedy_hf(model, ids, 64) for ids in prompts]
+        refs = [data.greedy_hf(model, ids, 64) for ids in prompts]
     finally:
         torch.set_num_threads(num_threads)
     for ids, out, (ref, ref_logits) in zip(prompts, ours, refs):

@@ -1,5 +1,6 @@
 """Shared material for checking the C++ runtime against Hugging Face: prompts, varied tokenizer lines, and
-an HF greedy reference (used by benchmarks/cpp_parity.py and the slow tests)."""
+an HF greedy reference. Data for benchmarks/cpp_parity.py and the slow tests in tests/runtime/cpp/test_tokenizer.py
+(which load this file by path); not part of the installed package."""
 
 from __future__ import annotations
 
