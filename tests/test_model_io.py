@@ -46,10 +46,16 @@ def test_save_then_load_is_exact_and_stores_tied_weights_once(tiny_model_dir, tm
     assert torch.equal(_logits(again), _logits(model))
 
 
+def _resaved(artifact, dst):
+    """Load `artifact`, save it to `dst` with save_model and copy its layout; returns the loaded model."""
+    model, tokenizer = load_model(artifact)
+    save_model(model, tokenizer, dst)
+    (dst / LAYOUT_FILE).write_text((artifact / LAYOUT_FILE).read_text())
+    return model
+
+
 def test_quantized_save_load_round_trip_is_exact(int8_artifact, tmp_path):
-    model, tokenizer = load_model(int8_artifact)
-    save_model(model, tokenizer, tmp_path / "copy")
-    (tmp_path / "copy" / LAYOUT_FILE).write_text((int8_artifact / LAYOUT_FILE).read_text())
+    model = _resaved(int8_artifact, tmp_path / "copy")
     again, _ = load_model(tmp_path / "copy")
     assert isinstance(again.model.layers[1].mlp.down_proj, Int8WeightOnlyLinear)
     assert torch.equal(_logits(again), _logits(model))
@@ -58,9 +64,7 @@ def test_quantized_save_load_round_trip_is_exact(int8_artifact, tmp_path):
 def test_weights_that_do_not_match_the_layout_are_an_artifact_error(int8_artifact, tmp_path):
     from safetensors.torch import save_file
 
-    model, tokenizer = load_model(int8_artifact)
-    save_model(model, tokenizer, tmp_path / "copy")
-    (tmp_path / "copy" / LAYOUT_FILE).write_text((int8_artifact / LAYOUT_FILE).read_text())
+    _resaved(int8_artifact, tmp_path / "copy")
     state = load_file(tmp_path / "copy" / WEIGHTS_FILE)
     del state["model.layers.0.mlp.gate_proj.weight_scale"]
     save_file(state, tmp_path / "copy" / WEIGHTS_FILE)
