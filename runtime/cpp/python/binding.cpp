@@ -16,8 +16,8 @@ namespace {
 // The model and its KV cache without the C++ scheduler: the Python engine (runtime/cpp_runner.py) schedules,
 // keeps the block tables and samples, and calls forward() once per step.
 struct StepRunner {
-  StepRunner(const std::string& path, int num_threads, int num_kv_blocks, int block_size, bool verify)
-      : pool(num_threads), model(open_artifact(path, verify), num_kv_blocks, block_size) {}
+  StepRunner(const std::string& path, int num_threads, int num_kv_blocks, int block_size, bool verify, bool copy_weights)
+      : pool(num_threads), model(open_artifact(path, verify), num_kv_blocks, block_size, ModelOptions{copy_weights}) {}
   ThreadPool pool;
   Model model;
 };
@@ -56,8 +56,8 @@ PYBIND11_MODULE(_optforge_rt, m) {
       .def_readonly("num_preemptions", &GenerationStats::num_preemptions);
 
   py::class_<StepRunner>(m, "StepRunner")
-      .def(py::init<const std::string&, int, int, int, bool>(), py::arg("path"), py::arg("num_threads") = 0, py::arg("num_kv_blocks") = 1024,
-           py::arg("block_size") = 16, py::arg("verify") = true)
+      .def(py::init<const std::string&, int, int, int, bool, bool>(), py::arg("path"), py::arg("num_threads") = 0, py::arg("num_kv_blocks") = 1024,
+           py::arg("block_size") = 16, py::arg("verify") = true, py::arg("copy_weights") = true)
       .def("forward",
            [](StepRunner& r, std::vector<int> tokens, std::vector<int> positions, std::vector<int> seq_of, std::vector<std::vector<int>> block_tables,
               std::vector<int> logits_for) {
@@ -89,8 +89,13 @@ PYBIND11_MODULE(_optforge_rt, m) {
       .def_property_readonly("num_threads", [](StepRunner& r) { return r.pool.num_threads(); });
 
   py::class_<Engine>(m, "Engine")
-      .def(py::init<const std::string&, int, int, int, bool, bool>(), py::arg("path"), py::arg("num_threads") = 0, py::arg("num_kv_blocks") = 1024,
-           py::arg("block_size") = 16, py::arg("verify") = true, py::arg("enable_prefix_caching") = true)
+      .def(py::init([](const std::string& path, int num_threads, int num_kv_blocks, int block_size, bool verify, bool enable_prefix_caching,
+                       bool copy_weights) {
+             return std::make_unique<Engine>(path, num_threads, num_kv_blocks, block_size, verify, enable_prefix_caching, ModelOptions{copy_weights});
+           }),
+           py::arg("path"), py::arg("num_threads") = 0, py::arg("num_kv_blocks") = 1024, py::arg("block_size") = 16, py::arg("verify") = true,
+           py::arg("enable_prefix_caching") = true, py::arg("copy_weights") = true,
+           "copy_weights: copy the matmul weights into one huge-page buffer at load (False: read the file mapping).")
       .def("generate",
            [](Engine& e, const std::vector<std::vector<int>>& prompts, int max_new_tokens, bool ignore_eos, int max_num_seqs, int max_num_batched_tokens) {
              GenerationConfig cfg;
@@ -120,6 +125,7 @@ PYBIND11_MODULE(_optforge_rt, m) {
            py::arg("tokens"))
       .def_property_readonly("weight_format", [](Engine& e) { return e.model().weight_format(); })
       .def_property_readonly("weight_bytes", [](Engine& e) { return e.model().weight_bytes(); })
+      .def_property_readonly("weight_placement", [](Engine& e) { return std::string(e.model().weight_placement()); })
       .def_property_readonly("num_threads", &Engine::num_threads)
       .def_property_readonly("verified", &Engine::verified, "Whether every file matched manifest.json at load.")
       .def_property_readonly("num_free_blocks", [](Engine& e) { return e.block_manager().num_free_blocks(); })

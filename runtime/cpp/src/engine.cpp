@@ -20,11 +20,12 @@ double now_seconds() {
 }
 }  // namespace
 
-Engine::Engine(const std::string& artifact_dir, int num_threads, int num_kv_blocks, int block_size, bool verify, bool enable_prefix_caching)
+Engine::Engine(const std::string& artifact_dir, int num_threads, int num_kv_blocks, int block_size, bool verify, bool enable_prefix_caching,
+               const ModelOptions& model_options)
     : pool_(num_threads) {
   Artifact artifact = open_artifact(artifact_dir, verify);
   verified_ = artifact.verified;
-  model_ = std::make_unique<Model>(artifact, num_kv_blocks, block_size);
+  model_ = std::make_unique<Model>(artifact, num_kv_blocks, block_size, model_options);
   blocks_ = std::make_unique<BlockManager>(num_kv_blocks, block_size, enable_prefix_caching);
 }
 

@@ -21,6 +21,12 @@ void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
   for (int i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
 }
 
+// The row of a layer's KV cache that holds position `pos` of a sequence: the position's block, from its block
+// table, then its offset in that block (the formula of `slot` in runtime/attention.py).
+inline size_t kv_slot(const std::vector<int>& block_table, int pos, int block_size) {
+  return static_cast<size_t>(block_table[pos / block_size]) * block_size + pos % block_size;
+}
+
 // HF's rotate_half convention: pairs (i, i + d/2).
 void apply_rope(float* x, int num_heads, int head_dim, int pos, const std::vector<float>& inv_freq) {
   int half = head_dim / 2;
@@ -92,7 +98,7 @@ size_t kv_cache_floats(const ModelConfig& c, int num_kv_blocks, int block_size) 
 
 }  // namespace
 
-Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size)
+Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size, const ModelOptions& options)
     : config_(artifact.config), block_size_(block_size), num_kv_blocks_(num_kv_blocks) {
   if (block_size < 1 || num_kv_blocks < 1) throw std::invalid_argument("need block_size >= 1 and num_kv_blocks >= 1");
   weights_ = SafeTensors::open(artifact.dir + "/model.safetensors");
@@ -143,8 +149,7 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size)
   } else {
     throw ArtifactError(artifact.dir + ": no lm_head weights and tie_word_embeddings is false");
   }
-  const char* placement = std::getenv("OPTFORGE_RT_WEIGHTS");
-  if (placement == nullptr || std::string(placement) != "mmap") copy_weights_to_arena();
+  if (options.copy_weights) copy_weights_to_arena();
   const size_t cache_floats = kv_cache_floats(c, num_kv_blocks, block_size);
   k_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
   v_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
@@ -281,7 +286,7 @@ void Model::attention(const ForwardBatch& batch, int layer, const float* q, floa
       k_rows.resize(len);
       v_rows.resize(len);
       for (int p = 0; p < len; ++p) {
-        size_t slot = static_cast<size_t>(table[p / block_size_]) * block_size_ + p % block_size_;
+        size_t slot = kv_slot(table, p, block_size_);
         k_rows[p] = kc + (slot * c.num_kv_heads + kvh) * D;
         v_rows[p] = vc + (slot * c.num_kv_heads + kvh) * D;
       }
@@ -316,7 +321,7 @@ std::vector<float> Model::forward(const ForwardBatch& batch, ThreadPool& pool) {
       apply_rope(&q[size_t(t) * q_dim], c.num_heads, D, batch.positions[t], inv_freq_);
       apply_rope(&k[size_t(t) * kv_dim], c.num_kv_heads, D, batch.positions[t], inv_freq_);
       int pos = batch.positions[t];
-      size_t slot = static_cast<size_t>(batch.block_tables[batch.seq_of[t]][pos / block_size_]) * block_size_ + pos % block_size_;
+      size_t slot = kv_slot(batch.block_tables[batch.seq_of[t]], pos, block_size_);
       std::memcpy(&k_cache_[l][slot * kv_dim], &k[size_t(t) * kv_dim], kv_dim * sizeof(float));
       std::memcpy(&v_cache_[l][slot * kv_dim], &v[size_t(t) * kv_dim], kv_dim * sizeof(float));
     }

@@ -159,6 +159,11 @@ void check_model_folder(const std::string& root) {
   std::vector<std::vector<int>> out = engine.generate({{3, 4, 5}}, cfg);
   CHECK(out.size() == 1 && out[0].size() == 3);
   for (int t : out[0]) CHECK(t >= 0 && t < 16);
+  ModelOptions mapped;
+  mapped.copy_weights = false;  // weights read from the file mapping: the same tokens
+  Engine from_mapping(dir, 1, 8, 4, true, false, mapped);
+  CHECK(std::string(from_mapping.model().weight_placement()) == "mmap");
+  CHECK(from_mapping.generate({{3, 4, 5}}, cfg) == out);
   Artifact artifact = open_artifact(dir, false);
   CHECK_THROWS_WITH(std::invalid_argument, Model(artifact, INT_MAX, INT_MAX), "KV cache of 2147483647 blocks", "use fewer KV blocks");
   write_file(dir + "/config.json", config_json({{"num_attention_heads", "4"}, {"num_key_value_heads", "4"}, {"head_dim", "1073741840"}}));

@@ -5,7 +5,6 @@
 //   optforge-rt tokenize ARTIFACT "text"        optforge-rt verify ARTIFACT
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <string>
@@ -69,9 +68,10 @@ int run(int argc, char** argv) {
   int threads = args.get_int("--threads", 0);
   int block_size = 16;
   int num_blocks = args.get_int("--kv-blocks", 1024);
-  if (args.flag("--no-copy")) setenv("OPTFORGE_RT_WEIGHTS", "mmap", 1);  // read by Model at load
+  ModelOptions model_options;
+  model_options.copy_weights = !args.flag("--no-copy");
   const bool verify = !args.flag("--no-verify");
-  Engine engine(dir, threads, num_blocks, block_size, verify, true);
+  Engine engine(dir, threads, num_blocks, block_size, verify, true, model_options);
   if (!engine.verified()) {
     std::cerr << dir << (verify ? ": a plain model folder (no manifest.json): loading it unverified\n"
                                 : ": loading without verifying its files (--no-verify)\n");

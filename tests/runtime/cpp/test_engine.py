@@ -4,11 +4,14 @@ prefix caching and preemption invariance, and clear errors on tampered or trunca
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+OPTFORGE_RT = Path(__file__).resolve().parents[3] / "runtime" / "cpp" / "build" / "optforge-rt"  # `make cpp` builds it
 PROMPTS = [[5, 17, 42, 99, 7], [3, 3, 3], [120, 4, 56, 78, 90, 11, 23, 250, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18]]
 
 
@@ -133,3 +136,20 @@ def test_failed_generate_returns_its_blocks(rt, tiny_artifact):
     assert engine.num_free_blocks == 1024
     with pytest.raises(RuntimeError, match="does not fit"):
         rt.Engine(str(tiny_artifact), num_kv_blocks=2).generate([list(range(40))], max_new_tokens=2)
+
+
+def test_weights_read_from_the_file_mapping_give_the_same_tokens(rt, tiny_artifact):
+    mapped = rt.Engine(str(tiny_artifact), num_threads=1, copy_weights=False)
+    assert mapped.weight_placement == "mmap"
+    copied, _ = rt.Engine(str(tiny_artifact), num_threads=1).generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+    assert mapped.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)[0] == copied
+
+
+@pytest.mark.skipif(not OPTFORGE_RT.exists(), reason="needs the optforge-rt binary: make cpp")
+def test_optforge_rt_no_copy_reads_the_weights_from_the_file_mapping(tiny_artifact):
+    def bench(*flags: str) -> dict:
+        cmd = [str(OPTFORGE_RT), "bench", str(tiny_artifact), "--threads", "1", "--prompt-tokens", "8", "--new-tokens", "4", *flags]
+        return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+    assert bench("--no-copy")["weights"] == "mmap"
+    assert bench()["weights"] in ("copy", "mmap")  # the copy is skipped where memory is short

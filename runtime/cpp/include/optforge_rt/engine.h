@@ -87,7 +87,8 @@ struct GenerationStats {
 
 class Engine {
  public:
-  Engine(const std::string& artifact_dir, int num_threads, int num_kv_blocks, int block_size, bool verify, bool enable_prefix_caching);
+  Engine(const std::string& artifact_dir, int num_threads, int num_kv_blocks, int block_size, bool verify, bool enable_prefix_caching,
+         const ModelOptions& model_options = {});
 
   Model& model() { return *model_; }
   BlockManager& block_manager() { return *blocks_; }

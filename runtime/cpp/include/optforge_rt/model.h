@@ -23,6 +23,14 @@ struct LayerWeights {
   Linear q, k, v, o, gate, up, down;
 };
 
+// How a Model is built; the defaults are what every caller wants unless it says otherwise.
+struct ModelOptions {
+  // Copy the matmul weights at load into one huge-page buffer (decode streams them once per token, and from the
+  // file mapping's 4 KiB pages that is a TLB miss every 4 KiB); false: read them from the file mapping. The copy
+  // is skipped anyway where it would take more than half of the available memory. Results are the same.
+  bool copy_weights = true;
+};
+
 struct ForwardBatch {
   std::vector<int> tokens;                    // (T,)
   std::vector<int> positions;                 // (T,)
@@ -34,14 +42,14 @@ struct ForwardBatch {
 class Model {
  public:
   // Loads weights (fp32, packed int8/int4, or quant.int8_weight_only tensors) from the artifact.
-  Model(const Artifact& artifact, int num_kv_blocks, int block_size);
+  Model(const Artifact& artifact, int num_kv_blocks, int block_size, const ModelOptions& options = {});
 
   const ModelConfig& config() const { return config_; }
   int block_size() const { return block_size_; }
   int num_kv_blocks() const { return num_kv_blocks_; }
   std::string weight_format() const;  // "fp32", "int8", "int4" (of the decoder Linears)
   // "copy": the matmul weights were copied at load into one huge-page buffer (the default); "mmap": they are
-  // read from the file mapping (OPTFORGE_RT_WEIGHTS=mmap, or too little free memory for the copy).
+  // read from the file mapping (ModelOptions::copy_weights false, or too little free memory for the copy).
   const char* weight_placement() const { return arena_.size() > 0 ? "copy" : "mmap"; }
   size_t weight_bytes() const;
 
