@@ -87,7 +87,7 @@ def count_windows(artifact, args) -> int:
     from transformers import AutoTokenizer
 
     from optforge.evals.datasets import load_texts
-    from optforge.passes.prune.calibration import token_windows
+    from optforge.passes.calibration import token_windows
 
     tokenizer = AutoTokenizer.from_pretrained(artifact.path)
     return token_windows(tokenizer, load_texts(calibration(tuple(args.rows))), num_samples=args.max_windows, seq_len=args.seq_len, pass_name="distill_gpu").shape[0]

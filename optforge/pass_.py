@@ -124,11 +124,11 @@ def plan_passes(recipe: "Recipe", *, source: str = "<python>", device: str | Non
             cls = get_pass(spec.name)
         except RecipeError as exc:
             raise RecipeError(str(exc), path=source, key=f"passes[{i}].name") from None
+        p = cls(make_config(cls, spec.config, source=source, key=f"passes[{i}].config"))
+        p.preflight()
         problem = unsupported(cls, recipe.model.dtype, device)
         if problem:
             raise RecipeError(problem, path=source, key=f"passes[{i}].name")
-        p = cls(make_config(cls, spec.config, source=source, key=f"passes[{i}].config"))
-        p.preflight()
         passes.append(p)
     return passes
 

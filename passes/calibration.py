@@ -127,17 +127,22 @@ class LayerAlgorithm:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlgorithm, *, pass_name: str, targets: dict[str, nn.Module] | None = None, progress=None) -> None:
-    """Run `algorithm` over the decoder layers of `model`, one layer at a time, on token-id `batches` (B, T)."""
+def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlgorithm, *, pass_name: str, targets: dict[str, nn.Module] | None = None, progress=None) -> set[str]:
+    """Run `algorithm` over the decoder layers of `model`, one layer at a time, on token-id `batches` (B, T).
+
+    Returns the names of the `targets` inside decoder layers; the others (an included output head) are the
+    caller's to handle (see `observe_forward`)."""
     layers = decoder_layers(model, pass_name)
     names = {id(m): n for n, m in model.named_modules()}
     targets = targets or {}
+    covered: set[str] = set()
     with algorithm.session(model):
         held, kwargs = _capture(model, layers, batches)
         advance = progress(pass_name, len(layers)) if progress else (lambda n=1: None)
         for index, layer in enumerate(layers):
             prefix = names[id(layer)]
             local = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
+            covered.update(local)
             step = LayerStep(index, prefix, layer, local, held)
             watched = algorithm.watch(step)
             if watched or algorithm.propagate == "before":
@@ -147,6 +152,7 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
             held = step.outputs if algorithm.propagate == "before" else _run_layer(layer, held, kwargs[index])
             kwargs[index] = []
             advance(1)
+    return covered
 
 
 @torch.no_grad()

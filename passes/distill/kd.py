@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from optforge.artifact import ModelArtifact, write_layout
+from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.hashing import sha256_json
@@ -85,17 +85,17 @@ class KnowledgeDistillation(Pass):
     produces = frozenset({"hf_causal_lm", "float_weights", "distilled"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        from optforge.model_io import load_model, save_model
+        from optforge.passes.calibration import token_windows
         from optforge.passes.distill.teacher import cache_root, cached_teacher_targets, resolve_teacher
-        from optforge.passes.prune.calibration import token_windows
+        from optforge.passes.output import load_input, save_output
 
         cfg = self.config
         self._validate()
         root = cache_root(ctx)
-        student, tokenizer = load_model(artifact.path, dtype=ctx.model.dtype, device=ctx.device)
+        student, tokenizer = load_input(artifact, ctx)
         windows = token_windows(tokenizer, ctx.calibration_texts(), num_samples=cfg.max_windows, seq_len=cfg.seq_len, pass_name=self.name)
         teacher = resolve_teacher(cfg.teacher, ctx, root)
-        targets, hit = cached_teacher_targets(teacher, windows, top_k=cfg.top_k, with_hidden=cfg.hidden_weight > 0, root=root, dtype=ctx.model.dtype, device=ctx.device)
+        targets, hit = cached_teacher_targets(teacher, windows, top_k=cfg.top_k, with_hidden=cfg.hidden_weight > 0, root=root, dtype=ctx.dtype, device=ctx.device)
         if int(targets.indices.max()) >= student.config.vocab_size:
             raise PassError(self.name, f"teacher {teacher.path} predicts token ids beyond the student's vocabulary ({student.config.vocab_size}); teacher and student must share a tokenizer")
         run_key = sha256_json({"input": artifact.digest, "teacher": teacher.digest, "config": dataclasses.asdict(cfg), "windows": list(windows.shape), "v": self.version})
@@ -103,12 +103,10 @@ class KnowledgeDistillation(Pass):
         keep_zeros = "sparse_weights" in artifact.properties  # a pruned sparsity pattern survives training
         summary = self._train(student, windows, targets, ctx, ckpt_dir, keep_zeros)
         summary.update({"teacher": str(teacher.path), "teacher_digest": teacher.digest, "teacher_cache_hit": hit, "windows": windows.shape[0], "device": ctx.device})
-        save_model(student.cpu(), tokenizer, ctx.output_dir)
-        props = artifact.properties | self.produces
-        write_layout(ctx.output_dir, properties=props, modules=artifact.quantized_modules, extra={**_carried(artifact.layout), "distillation": summary})
+        output = save_output(student, tokenizer, artifact, self, ctx, records={"distillation": summary})
         if ckpt_dir is not None:
             _remove_checkpoint(ckpt_dir)
-        return ModelArtifact.open(ctx.output_dir)
+        return output
 
     def _validate(self) -> None:
         cfg = self.config
@@ -169,11 +167,6 @@ class KnowledgeDistillation(Pass):
         if cfg.hidden_weight > 0:
             loss = loss + cfg.hidden_weight * F.mse_loss(h.float(), targets.hidden[idx].to(device).float())
         return loss
-
-
-def _carried(layout: dict) -> dict:
-    """Layout records of earlier passes that stay true after training (architecture, pruning summaries)."""
-    return {k: v for k, v in layout.items() if k not in ("format", "properties", "modules", "distillation")}
 
 
 def _save_checkpoint(ckpt_dir, model, optimizer, step: int) -> None:

@@ -10,7 +10,8 @@ INT8 weight-only layers are written as standard QDQ: DequantizeLinear(int8 (K, N
 (`passes/export/qdq.py`); `fuse.onnx_graph` lowers them to onnxruntime's MatMulNBits. The output directory keeps
 the model's safetensors (the pipeline's evals and PyTorch parity read them) and adds `model.onnx`, its weights
 in `model.onnx.data` (external data), and an `onnx` section in optforge.json: opset, inputs, outputs, shapes.
-Limits: no attention-mask input (rows of a batch share one length: no left padding), decoder-only models.
+The model is traced in the recipe's dtype on the build's device; parity runs onnxruntime on the CPU against
+PyTorch on that device. Limits: no attention-mask input (rows of a batch share one length: no left padding), decoder-only models.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from optforge.artifact import ModelArtifact, copy_model_files, write_layout
+from optforge.artifact import ModelArtifact, copy_model_files
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
@@ -33,11 +34,6 @@ ONNX_DATA_FILE = "model.onnx.data"
 class OnnxExportConfig:
     opset: int = option(18, "ONNX opset of the default domain; 18 is what onnxruntime >= 1.16 and TensorRT 10 read")
     parity_tolerance: float = option(1e-3, "largest allowed max |logits(ORT) - logits(PyTorch)| on a random prefill+decode check, in logit units (fp32)")
-
-
-def carried_layout(artifact: ModelArtifact) -> dict:
-    """The input's optforge.json entries that a pass passes on (architecture, onnx, ...), minus the core keys."""
-    return {k: v for k, v in artifact.layout.items() if k not in ("format", "properties", "modules")}
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -76,16 +72,17 @@ def make_cache_wrapper(model):
     return DecoderWithCache().eval()
 
 
-def sample_inputs(config, *, batch: int, seq: int, past: int, dtype, seed: int = 0):
-    """Random (input_ids, position_ids, past) for tracing and parity checks."""
+def sample_inputs(config, *, batch: int, seq: int, past: int, dtype, seed: int = 0, device="cpu"):
+    """Random (input_ids, position_ids, past) for tracing and parity checks, drawn on the CPU (the same values
+    on any device) and placed on `device`."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     layers, kv_heads, head_dim = kv_shape(config)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    cache = [tuple(torch.randn(batch, kv_heads, past, head_dim, generator=gen).to(dtype) for _ in range(2)) for _ in range(layers)]
-    return ids, pos, cache
+    cache = [tuple(torch.randn(batch, kv_heads, past, head_dim, generator=gen).to(device, dtype) for _ in range(2)) for _ in range(layers)]
+    return ids.to(device), pos.to(device), cache
 
 
 def export_decoder(model, path: Path, *, opset: int) -> int:
@@ -104,7 +101,7 @@ def export_decoder(model, path: Path, *, opset: int) -> int:
     wrapper = make_cache_wrapper(model)
     layers = kv_shape(model.config)[0]
     # Trace at lengths > 1 so torch.export does not specialize the dims to 0 or 1.
-    args = sample_inputs(model.config, batch=2, seq=3, past=4, dtype=model.dtype)
+    args = sample_inputs(model.config, batch=2, seq=3, past=4, dtype=model.dtype, device=model.device)
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past")
     dynamic = {
         "input_ids": {0: batch, 1: seq},
@@ -156,7 +153,8 @@ def check_parity(model, onnx_path: Path, tolerance: float, *, pass_name: str) ->
     for label, (seq, past) in {"prefill": (5, 0), "decode": (1, 7)}.items():
         ids, pos, cache = sample_inputs(model.config, batch=2, seq=seq, past=past, dtype=torch.float32, seed=1)
         with torch.no_grad():
-            ref = wrapper(ids, pos, [(k.to(model.dtype), v.to(model.dtype)) for k, v in cache])[0].float().numpy()
+            on_device = [(k.to(model.device, model.dtype), v.to(model.device, model.dtype)) for k, v in cache]
+            ref = wrapper(ids.to(model.device), pos.to(model.device), on_device)[0].float().cpu().numpy()
         past_np = [t.numpy() for pair in cache for t in pair]
         got = runner.forward(ids.numpy(), pos.numpy(), past_np)[0]
         diffs[label] = float(np.abs(got.astype(np.float32) - ref).max())
@@ -178,11 +176,11 @@ class OnnxExport(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.errors import require
-        from optforge.model_io import load_model
+        from optforge.passes.output import load_input, write_output
 
         require("onnx", "export.onnx", "pip install onnx onnxscript onnxruntime")
         require("onnxscript", "export.onnx", "pip install onnx onnxscript onnxruntime")
-        model, _ = load_model(artifact.path, dtype=ctx.model.dtype)
+        model, _ = load_input(artifact, ctx, fused=True)  # traced on the build's device, as the loader gives it
         model.set_attn_implementation("sdpa")
         copy_model_files(artifact.path, ctx.output_dir)
         for stale in (ONNX_FILE, ONNX_DATA_FILE):  # an input that was already exported
@@ -193,12 +191,8 @@ class OnnxExport(Pass):
         layers, kv_heads, head_dim = kv_shape(model.config)
         summary = graph_summary(onnx_path)
         onnx_info = {
-            "file": ONNX_FILE, "data_file": ONNX_DATA_FILE, "dtype": ctx.model.dtype, "num_layers": layers, "num_kv_heads": kv_heads,
+            "file": ONNX_FILE, "data_file": ONNX_DATA_FILE, "dtype": ctx.dtype, "num_layers": layers, "num_kv_heads": kv_heads,
             "head_dim": head_dim, "num_qdq_matmuls": num_qdq, "fused": False, "parity": parity, **summary,
         }
         log.info("export.onnx: %d nodes, opset %s, parity %s", summary["num_nodes"], summary["opset"], parity["max_abs_logits_diff"])
-        props = (artifact.properties - self.removes) | self.produces
-        extra = carried_layout(artifact)
-        extra["onnx"] = onnx_info
-        write_layout(ctx.output_dir, properties=props, modules=artifact.quantized_modules, extra=extra)
-        return ModelArtifact.open(ctx.output_dir)
+        return write_output(artifact, self, ctx, records={"onnx": onnx_info})

@@ -8,9 +8,11 @@ parses `model.onnx` (external data beside it) and reports every parser error wit
 optimization profile over the recipe's batch/sequence/past ranges; uses a strongly typed network for QDQ
 graphs (types come from the graph) and the fp16/bf16/fp8 builder flags otherwise; limits the workspace;
 reuses a timing cache file across builds; writes `model.plan`, the engine inspector's JSON, and the TensorRT
-version and GPU compute capability in optforge.json; and checks logits against PyTorch through
-`optforge.runtime.tensorrt_runner` (see that file). Input must be the unfused export: onnxruntime's contrib
-operators (`fuse.onnx_graph`) are not ONNX standard ops and TensorRT's parser rejects them.
+version and GPU compute capability in optforge.json; and checks logits against PyTorch (the recipe's dtype, on
+the GPU) through `optforge.runtime.tensorrt_runner` (see that file). Input must be the unfused export:
+onnxruntime's contrib operators (`fuse.onnx_graph`) are not ONNX standard ops and TensorRT's parser rejects them.
+It runs with `--device cuda` only: TensorRT has no CPU engines, so the build refuses another device while it
+validates the recipe (RecipeError, exit 2).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from optforge.artifact import ModelArtifact, copy_model_files, write_layout
+from optforge.artifact import ModelArtifact, copy_model_files
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.formats.tensorrt import INSPECTOR_FILE, PLAN_FILE, import_tensorrt
@@ -36,7 +38,7 @@ class TensorRTConfig:
     past: tuple[int, int, int] = option((0, 128, 1024), "profile (min, opt, max) of cached tokens (past length)")
     workspace_mib: int = option(4096, "builder workspace limit (MemoryPoolType.WORKSPACE), MiB")
     timing_cache: str = option("~/.cache/optforge/tensorrt/timing.cache", "timing cache file, read before and written after each build (shared across builds)")
-    parity_tolerance: float = option(5e-2, "largest allowed max |logits(TensorRT) - logits(PyTorch fp32)|; fp16 kernels need more than fp32")
+    parity_tolerance: float = option(5e-2, "largest allowed max |logits(TensorRT) - logits(PyTorch in the recipe's dtype)|; fp16 kernels need more than fp32")
 
     def __post_init__(self):
         for name in ("batch", "sequence", "past"):
@@ -114,6 +116,8 @@ class TensorRTExport(Pass):
     Config = TensorRTConfig
     requires = frozenset({"hf_causal_lm", "onnx_graph"})
     produces = frozenset({"hf_causal_lm", "onnx_graph", "tensorrt_engine"})
+    devices = frozenset({"cuda"})
+    unsupported_why = "TensorRT builds and runs its engines on a CUDA GPU only"
 
     def preflight(self) -> None:
         import_tensorrt()  # without TensorRT the build stops at recipe validation, before it loads anything
@@ -121,7 +125,7 @@ class TensorRTExport(Pass):
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         import torch
 
-        from optforge.passes.export.onnx_export import carried_layout
+        from optforge.passes.output import write_output
 
         trt = import_tensorrt()
         info = artifact.layout.get("onnx") or {}
@@ -134,33 +138,30 @@ class TensorRTExport(Pass):
         (ctx.output_dir / PLAN_FILE).write_bytes(plan)
         (ctx.output_dir / INSPECTOR_FILE).write_text(inspector_json)
         parity = self._parity(ctx.output_dir, artifact, ctx)
-        extra = carried_layout(artifact)
-        extra["tensorrt"] = {
+        record = {
             "plan_file": PLAN_FILE, "inspector_file": INSPECTOR_FILE, "tensorrt_version": trt.__version__,
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())), "gpu": torch.cuda.get_device_name(),
             "precision": self.config.precision, "strongly_typed": info.get("num_qdq_matmuls", 0) > 0,
             "profile": {k: list(v) for k, v in profile_shapes(self.config, info).items() if not k.startswith("past_key_values.") or k.endswith("0.key")},
             "parity": parity,
         }
-        props = (artifact.properties - self.removes) | self.produces
-        write_layout(ctx.output_dir, properties=props, modules=artifact.quantized_modules, extra=extra)
-        log.info("export.tensorrt: %s", json.dumps(extra["tensorrt"]["parity"]))
-        return ModelArtifact.open(ctx.output_dir)
+        log.info("export.tensorrt: %s", json.dumps(parity))
+        return write_output(artifact, self, ctx, records={"tensorrt": record})
 
     def _parity(self, out_dir: Path, artifact: ModelArtifact, ctx: PassContext) -> dict:
         import torch
 
         from optforge.passes.export.onnx_export import make_cache_wrapper, sample_inputs
-        from optforge.model_io import load_model
+        from optforge.passes.output import load_input
         from optforge.runtime.tensorrt_runner import TensorRTCausalLM
 
-        model, _ = load_model(artifact.path, dtype="float32")
+        model, _ = load_input(artifact, ctx, fused=True)  # the recipe's dtype, on the GPU
         runner = TensorRTCausalLM(out_dir / PLAN_FILE)
-        ids, pos, cache = sample_inputs(model.config, batch=1, seq=5, past=0, dtype=torch.float32, seed=1)
+        ids, pos, cache = sample_inputs(model.config, batch=1, seq=5, past=0, dtype=model.dtype, seed=1, device=model.device)
         with torch.no_grad():
             ref = make_cache_wrapper(model)(ids, pos, cache)[0]
-        got, _ = runner.forward(ids.cuda(), pos.cuda(), [t.cuda() for pair in cache for t in pair])
-        diff = float((got.float().cpu() - ref).abs().max())
+        got, _ = runner.forward(ids, pos, [t for pair in cache for t in pair])
+        diff = float((got.float() - ref.float()).abs().max())
         if not diff <= self.config.parity_tolerance:
             raise PassError(self.name, f"TensorRT logits differ from PyTorch by {diff:.3g} (> parity_tolerance {self.config.parity_tolerance:g})")
         return {"max_abs_logits_diff": diff, "tolerance": self.config.parity_tolerance}

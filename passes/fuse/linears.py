@@ -4,16 +4,17 @@ The math lives in `optforge.formats.fused`; this pass only records the fusion in
 (`fusions: [{kind: sibling_linears, groups: ...}]`) and checks it: the output's weights stay in the standard
 unfused Hugging Face layout, so every consumer still loads them, and `optforge.model_io.load_model`
 re-applies the fusion after loading. Checked at build time: the groups exist in the model, and the fused
-forward matches the unfused one to `tolerance` on a random prompt. Limits: dense float Linears only (quantized
-members are left unfused); put it after the passes that rewrite weights, since passes after it load the
-fused modules.
+forward matches the unfused one to `tolerance` on a random prompt, in the recipe's dtype on the build's device.
+Passes after it that rewrite weights load the model unfused and carry the record, so the loader fuses their
+output too. Limits: members fuse only where `formats.fused.can_stack` allows (dense, or quantized with per-row
+scales); others are left unfused.
 """
 
 from __future__ import annotations
 
 import logging
 
-from optforge.artifact import ModelArtifact, copy_model_files, write_layout
+from optforge.artifact import ModelArtifact, copy_model_files
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
@@ -44,13 +45,12 @@ class FuseLinears(Pass):
         import torch
 
         from optforge.formats.fused import fuse_sibling_linears
-        from optforge.model_io import load_model
-        from optforge.passes.export.onnx_export import carried_layout
+        from optforge.passes.output import load_input, write_output
 
         if "fused_linears" in artifact.properties:
             raise PassError(self.name, "its input is already fused; run `fuse.linears` once")
-        model, _ = load_model(artifact.path, dtype=ctx.model.dtype)
-        prompt = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        model, _ = load_input(artifact, ctx)
+        prompt = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)).to(ctx.device)
         with torch.no_grad():
             ref = model(prompt).logits.float()
             counts = fuse_sibling_linears(model, self.config.groups)
@@ -62,8 +62,5 @@ class FuseLinears(Pass):
             raise PassError(self.name, f"fused logits differ from unfused by {diff:.3g} (> tolerance {self.config.tolerance:g})")
         log.info("fuse.linears: %s, max |logits diff| %.3g", counts, diff)
         copy_model_files(artifact.path, ctx.output_dir)
-        extra = carried_layout(artifact)
-        extra["fusions"] = [*extra.get("fusions", []), {"kind": "sibling_linears", "groups": [list(g) for g in self.config.groups], "counts": counts, "max_abs_logits_diff": diff}]
-        props = (artifact.properties - self.removes) | self.produces
-        write_layout(ctx.output_dir, properties=props, modules=artifact.quantized_modules, extra=extra)
-        return ModelArtifact.open(ctx.output_dir)
+        fusion = {"kind": "sibling_linears", "groups": [list(g) for g in self.config.groups], "counts": counts, "max_abs_logits_diff": diff}
+        return write_output(artifact, self, ctx, records={"fusions": [*artifact.layout.get("fusions", []), fusion]})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from optforge.artifact import ModelArtifact, copy_model_files, write_layout
+from optforge.artifact import ModelArtifact, copy_model_files
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
@@ -90,8 +90,8 @@ class OnnxGraphFusion(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.errors import require
-        from optforge.model_io import load_model
-        from optforge.passes.export.onnx_export import ONNX_DATA_FILE, ONNX_FILE, carried_layout, check_parity, graph_summary
+        from optforge.passes.export.onnx_export import ONNX_DATA_FILE, ONNX_FILE, check_parity, graph_summary
+        from optforge.passes.output import load_input, write_output
 
         require("onnxscript", "fuse.onnx_graph", "pip install onnxscript onnxruntime")
         info = artifact.layout.get("onnx")
@@ -103,14 +103,10 @@ class OnnxGraphFusion(Pass):
         for stale in (ONNX_FILE, ONNX_DATA_FILE):
             (ctx.output_dir / stale).unlink()
         onnx_path = ctx.output_dir / ONNX_FILE
-        model, _ = load_model(artifact.path, dtype=ctx.model.dtype)
+        model, _ = load_input(artifact, ctx, fused=True)  # the PyTorch side of the parity check, as served
         max_positions = getattr(model.config, "max_position_embeddings", None) if self.config.attention == "group_query" else None
         counts = fuse_graph(artifact.path / info["file"], onnx_path, int8_accuracy_level=self.config.int8_accuracy_level, max_positions=max_positions)
         parity = check_parity(model, onnx_path, self.config.parity_tolerance, pass_name=self.name)
         log.info("fuse.onnx_graph: %d -> %d nodes, fusions %s, parity %s", counts["num_nodes_before"], counts["num_nodes_after"], counts["fusions"], parity["max_abs_logits_diff"])
         onnx_info = {**info, **graph_summary(onnx_path), **counts, "fused": True, "parity": parity, "int8_accuracy_level": self.config.int8_accuracy_level}
-        extra = carried_layout(artifact)
-        extra["onnx"] = onnx_info
-        props = (artifact.properties - self.removes) | self.produces
-        write_layout(ctx.output_dir, properties=props, modules=artifact.quantized_modules, extra=extra)
-        return ModelArtifact.open(ctx.output_dir)
+        return write_output(artifact, self, ctx, records={"onnx": onnx_info})

@@ -13,8 +13,10 @@ in fp16's normal range; a scale that would underflow to 0 or overflow falls back
 
 Format "optforge-cpu/2" (safetensors metadata `format`, and `cpu_pack.format` in optforge.json). Version 1 had
 float32 scales (36 bytes per 32 int8 weights instead of 34, 20 instead of 18 for int4); the C++ runtime still
-loads it, rounding those scales to fp16 at load. Limits: asymmetric int4 inputs are dequantized and
-re-quantized symmetric (lossy); Llama-family names only.
+loads it, rounding those scales to fp16 at load. The packing math runs on the build's device (the same bits on
+any); `model.dtype` does not apply: no model runs here, and the engine's floats are fp32, what the C++ runtime
+computes in. Limits: asymmetric int4 inputs are dequantized and re-quantized symmetric (lossy); Llama-family
+names only.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from optforge.artifact import LAYOUT_FILE, WEIGHTS_FILE, ModelArtifact, write_layout
+from optforge.artifact import LAYOUT_FILE, WEIGHTS_FILE, ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
@@ -136,8 +138,10 @@ class CpuPack(Pass):
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from safetensors.torch import load_file, save_file
 
+        from optforge.passes.output import write_output
+
         modules = artifact.quantized_modules
-        state = load_file(artifact.path / WEIGHTS_FILE)
+        state = load_file(artifact.path / WEIGHTS_FILE, device=ctx.device)
         names = sorted({k.rsplit(".", 1)[0] for k in state if _LINEAR.match(k.rsplit(".", 1)[0])} | {"lm_head"})
         out: dict[str, torch.Tensor] = {}
         advance = ctx.progress("pack for the C++ runtime", len(names))
@@ -161,10 +165,8 @@ class CpuPack(Pass):
         for item in artifact.path.iterdir():
             if item.is_file() and item.name not in (WEIGHTS_FILE, LAYOUT_FILE, "manifest.json"):
                 shutil.copy2(item, ctx.output_dir / item.name)
-        save_file(out, ctx.output_dir / WEIGHTS_FILE, metadata={"format": PACK_FORMAT})
-        props = (artifact.properties - self.removes) | self.produces
-        if self.config.weights == "fp32" and self.config.lm_head == "fp32" and "float_weights" in artifact.properties:
-            props |= {"float_weights"}
+        save_file({key: value.cpu() for key, value in out.items()}, ctx.output_dir / WEIGHTS_FILE, metadata={"format": PACK_FORMAT})
+        keeps_float = self.config.weights == "fp32" and self.config.lm_head == "fp32" and "float_weights" in artifact.properties
         pack = {"format": PACK_FORMAT, "block": BLOCK, "weights": self.config.weights, "lm_head": self.config.lm_head}
-        write_layout(ctx.output_dir, properties=props, modules={}, extra={"architecture": artifact.layout.get("architecture"), "cpu_pack": pack})
-        return ModelArtifact.open(ctx.output_dir)
+        # The engine's Linears replace the input's quantized modules and the precision table that described them.
+        return write_output(artifact, self, ctx, records={"cpu_pack": pack}, modules={}, properties={"float_weights"} if keeps_float else (), drop=("precision",))

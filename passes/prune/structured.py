@@ -1,6 +1,6 @@
 """Structured pruning that really shrinks the model: MLP width, attention heads (GQA-aware), whole layers.
 
-Importance is measured on calibration text, one decoder block at a time (`calibration.layerwise`):
+Importance is measured on calibration text, one decoder block at a time (`passes/calibration.py`):
 - `prune.mlp_width`: channel j of the MLP scores ||X_j||_2 * ||W_down[:, j]||_2, X the input of `down_proj`
   (the Wanda score summed over the channel's column, as in LLM-Pruner/Minitron width pruning).
 - `prune.heads`: query head h scores ||X_h||_2 * ||W_o[:, h]||_F on the input of `o_proj`. GQA is respected:
@@ -22,10 +22,11 @@ import logging
 import torch
 from torch import nn
 
-from optforge.artifact import ModelArtifact, write_layout
+from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
+from optforge.passes.calibration import LayerAlgorithm
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,30 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     return out
 
 
+class ImportanceLayers(LayerAlgorithm):
+    """Per decoder layer, changing nothing until every layer is scored: the pass's importance from ||X_j||_2 of
+    one module's inputs (`scored_input`), or from the layer's inputs and outputs."""
+
+    propagate = "before"
+
+    def __init__(self, prune: "_StructuredPrune"):
+        self.prune = prune
+        self.scores: list[torch.Tensor] = []
+        self.squares: torch.Tensor | None = None
+
+    def watch(self, step):
+        self.squares = None
+        module = self.prune.scored_input(step.layer)
+        return {} if module is None else {"input": module}
+
+    def record(self, key, x):  # x: (tokens, in)
+        self.squares = (0 if self.squares is None else self.squares) + (x * x).sum(dim=0)
+
+    def apply(self, step):
+        norms = None if self.squares is None else self.squares.sqrt()
+        self.scores.append(self.prune.importance(step, norms))
+
+
 class _StructuredPrune(Pass):
     version = 1
     uses_calibration = True
@@ -70,47 +95,33 @@ class _StructuredPrune(Pass):
     produces = frozenset({"hf_causal_lm", "float_weights", "structurally_pruned"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        from optforge.model_io import load_model, save_model
-        from optforge.passes.prune.calibration import decoder_layers, layerwise, token_windows
+        from optforge.passes.calibration import calibrate, decoder_layers, token_windows
+        from optforge.passes.output import load_input, save_output
 
         if artifact.quantized_modules:
             raise PassError(self.name, "its input has quantized modules; prune before quantizing")
-        model, tokenizer = load_model(artifact.path, dtype=ctx.model.dtype, device=ctx.device)
+        model, tokenizer = load_input(artifact, ctx)
         layers = decoder_layers(model, self.name)
         params_before = sum(p.numel() for p in model.parameters())
         ids = token_windows(tokenizer, ctx.calibration_texts(), num_samples=self.config.num_samples, seq_len=self.config.seq_len, pass_name=self.name)
-        advance = ctx.progress(f"{self.name}: importance", len(layers))
-        scores = []
-        for step in layerwise(model, ids, pass_name=self.name):
-            scores.append(self._importance(step))  # weights are unchanged until every block is scored
-            advance(1)
-        summary = self._shrink(model, layers, scores)
+        importance = ImportanceLayers(self)
+        calibrate(model, list(ids.split(8)), importance, pass_name=self.name, progress=ctx.progress)
+        summary = self._shrink(model, layers, importance.scores)
         params_after = sum(p.numel() for p in model.parameters())
         log.info("%s: %s; parameters %d -> %d", self.name, summary, params_before, params_after)
-        save_model(model.cpu(), tokenizer, ctx.output_dir)
-        extra = {"architecture": artifact.layout.get("architecture"), "structured_pruning": {"method": self.name, "parameters_before": params_before, "parameters_after": params_after, **summary}}
-        write_layout(ctx.output_dir, properties=artifact.properties | self.produces, extra=extra)
-        return ModelArtifact.open(ctx.output_dir)
+        record = {"method": self.name, "parameters_before": params_before, "parameters_after": params_after, **summary}
+        return save_output(model, tokenizer, artifact, self, ctx, records={"structured_pruning": record})
 
-    def _importance(self, step) -> torch.Tensor:
+    def scored_input(self, layer: nn.Module) -> nn.Module | None:
+        """The module of `layer` whose input norms `importance` reads (None: none)."""
+        return None
+
+    def importance(self, step, input_norms: torch.Tensor | None) -> torch.Tensor:
+        """The layer's score(s), from `input_norms` (||X_j||_2 per input feature of `scored_input`) or the step."""
         raise NotImplementedError
 
     def _shrink(self, model: nn.Module, layers: nn.ModuleList, scores: list[torch.Tensor]) -> dict:
         raise NotImplementedError
-
-
-def _input_norms(step, module: nn.Module) -> torch.Tensor:
-    """||X_j||_2 over all calibration tokens for each input feature j of `module`."""
-    from optforge.passes.prune.calibration import observe_inputs
-
-    acc: dict[str, torch.Tensor] = {}
-
-    def add(name, x):  # x: (tokens, in)
-        acc[name] = acc.get(name, 0) + (x * x).sum(dim=0)
-
-    with observe_inputs({"m": module}, add):
-        step.outputs()
-    return acc["m"].sqrt()
 
 
 @register
@@ -118,9 +129,11 @@ class MLPWidthPrune(_StructuredPrune):
     name = "prune.mlp_width"
     Config = MLPWidthConfig
 
-    def _importance(self, step):
-        down = step.layer.mlp.down_proj
-        return _input_norms(step, down) * down.weight.detach().float().norm(dim=0)  # (intermediate,)
+    def scored_input(self, layer):
+        return layer.mlp.down_proj
+
+    def importance(self, step, input_norms):
+        return input_norms * step.layer.mlp.down_proj.weight.detach().float().norm(dim=0)  # (intermediate,)
 
     def _shrink(self, model, layers, scores):
         cfg = self.config
@@ -143,10 +156,13 @@ class HeadsPrune(_StructuredPrune):
     name = "prune.heads"
     Config = HeadsConfig
 
-    def _importance(self, step):
+    def scored_input(self, layer):
+        return layer.self_attn.o_proj
+
+    def importance(self, step, input_norms):
         attn = step.layer.self_attn
         heads, dim = step.layer.self_attn.config.num_attention_heads, attn.head_dim
-        x = _input_norms(step, attn.o_proj).view(heads, dim).norm(dim=1)
+        x = input_norms.view(heads, dim).norm(dim=1)
         w = attn.o_proj.weight.detach().float().view(-1, heads, dim).norm(dim=(0, 2))
         return x * w  # (heads,)
 
@@ -196,8 +212,8 @@ class DepthPrune(_StructuredPrune):
     name = "prune.depth"
     Config = DepthConfig
 
-    def _importance(self, step):
-        cos = [nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean() for a, b in zip(step.inputs, step.outputs())]
+    def importance(self, step, input_norms):
+        cos = [nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean() for a, b in zip(step.inputs, step.outputs)]
         return 1.0 - torch.stack(cos).mean()  # block importance: how much the block changes its input
 
     def _shrink(self, model, layers, scores):

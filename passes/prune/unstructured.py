@@ -8,22 +8,23 @@
 The output is a dense checkpoint with zeros (plain `transformers` loads it). With `pattern: "2:4"` every group
 of 4 consecutive input weights keeps 2, the layout PyTorch's semi-structured sparse CUDA kernels run
 (`optforge.passes.prune.semi_structured`); on CPU there is no such kernel and the zeros are computed densely.
-Calibration runs the decoder one block at a time; pruned blocks feed the next (sequential, as in both papers).
+Calibration runs the decoder one block at a time (`passes/calibration.py`); pruned blocks feed the next
+(sequential, as in both papers).
 Limits: Llama-style decoders (`model.layers`); `lm_head` and embeddings are never pruned.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from torch import nn
 
-from optforge.artifact import ModelArtifact, write_layout
+from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
+from optforge.passes.calibration import LayerAlgorithm
 from optforge.passes.prune import masks
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class _UnstructuredPrune(Pass):
     produces = frozenset({"hf_causal_lm", "float_weights", "sparse_weights"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        from optforge.model_io import load_model, save_model
+        from optforge.passes.output import load_input, save_output
+        from optforge.passes.targets import pass_targets
 
         cfg = self.config
         if not 0.0 <= cfg.sparsity < 1.0:
@@ -65,27 +67,18 @@ class _UnstructuredPrune(Pass):
             nm = masks.parse_pattern(cfg.pattern)
         except ValueError as exc:
             raise PassError(self.name, str(exc)) from None
-        model, tokenizer = load_model(artifact.path, dtype=ctx.model.dtype, device=ctx.device)
-        chosen = self._prune(model, tokenizer, ctx, nm)
+        model, tokenizer = load_input(artifact, ctx)
+        chosen = self._prune(model, tokenizer, ctx, nm, pass_targets(self.name, model, cfg.include, cfg.exclude))
         if not chosen:
             raise PassError(self.name, f"no Linear layer matches include={cfg.include} exclude={cfg.exclude}")
         stats = sparsity_report(model, chosen)
         log.info("%s: %.1f%% of %d weights in %d matrices are zero", self.name, 100 * stats["sparsity"], stats["weights"], len(chosen))
-        save_model(model.cpu(), tokenizer, ctx.output_dir)
-        props = set(artifact.properties | self.produces)
-        if nm == (2, 4):
-            props.add("sparse_2_4")
-        extra = {"architecture": artifact.layout.get("architecture"), "sparsity": {"method": self.name, "pattern": cfg.pattern, **stats}}
-        write_layout(ctx.output_dir, properties=props, modules=artifact.quantized_modules, extra=extra)
-        return ModelArtifact.open(ctx.output_dir)
+        sparsity = {"method": self.name, "pattern": cfg.pattern, **stats}
+        return save_output(model, tokenizer, artifact, self, ctx, records={"sparsity": sparsity}, properties={"sparse_2_4"} if nm == (2, 4) else ())
 
-    def _prune(self, model, tokenizer, ctx, nm) -> list[str]:
+    def _prune(self, model, tokenizer, ctx, nm, targets: dict[str, nn.Linear]) -> list[str]:
+        """Prune `targets` in place; return the names pruned."""
         raise NotImplementedError
-
-
-def select(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> dict[str, nn.Linear]:
-    inc, exc = [re.compile(p) for p in include], [re.compile(p) for p in exclude]
-    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and any(p.search(n) for p in inc) and not any(p.search(n) for p in exc)}
 
 
 def sparsity_report(model: nn.Module, names: list[str]) -> dict:
@@ -103,9 +96,8 @@ class MagnitudePrune(_UnstructuredPrune):
     Config = MagnitudeConfig
 
     @torch.no_grad()
-    def _prune(self, model, tokenizer, ctx, nm) -> list[str]:
+    def _prune(self, model, tokenizer, ctx, nm, targets) -> list[str]:
         cfg = self.config
-        targets = select(model, cfg.include, cfg.exclude)
         if cfg.scope not in ("layer", "global"):
             raise PassError(self.name, f"scope must be 'layer' or 'global', found {cfg.scope!r}")
         threshold = None
@@ -118,38 +110,43 @@ class MagnitudePrune(_UnstructuredPrune):
         return list(targets)
 
 
+class PruneLayers(LayerAlgorithm):
+    """Per decoder layer: each target's input statistic, then its pruned weight; the next layer sees the pruned
+    one (sequential, as in both papers)."""
+
+    def __init__(self, prune: "_CalibratedPrune", nm: tuple[int, int] | None):
+        self.prune, self.nm = prune, nm
+        self.stats: dict[str, torch.Tensor] = {}
+        self.done: list[str] = []
+
+    def record(self, name, x):
+        self.stats[name] = self.prune.accumulate(self.stats.get(name), x)
+
+    def apply(self, step):
+        for name, linear in step.targets.items():
+            linear.weight.data = self.prune.pruned_weight(linear.weight.data, self.stats.pop(name), self.nm)
+            self.done.append(name)
+
+
 class _CalibratedPrune(_UnstructuredPrune):
-    """Walks the decoder block by block, gathers input statistics of each selected Linear, prunes the block."""
+    """Prunes the decoder layer by layer from input statistics of each target Linear (`PruneLayers`)."""
 
     uses_calibration = True
 
-    def _prune(self, model, tokenizer, ctx, nm) -> list[str]:
-        from optforge.passes.prune.calibration import block_linears, decoder_layers, layerwise, observe_inputs, token_windows
+    def _prune(self, model, tokenizer, ctx, nm, targets) -> list[str]:
+        from optforge.passes.calibration import calibrate, token_windows
 
         cfg = self.config
         ids = token_windows(tokenizer, ctx.calibration_texts(), num_samples=cfg.num_samples, seq_len=cfg.seq_len, pass_name=self.name)
-        selected = select(model, cfg.include, cfg.exclude)
-        done: list[str] = []
-        steps = layerwise(model, ids, pass_name=self.name)
-        advance = ctx.progress(self.name, len(decoder_layers(model, self.name)))
-        for step in steps:
-            prefix = f"model.layers.{step.index}."
-            local = {n: m for n, m in block_linears(step.layer).items() if prefix + n in selected}
-            if local:
-                stats: dict[str, torch.Tensor] = {}
-                with observe_inputs(local, lambda name, x: self._accumulate(stats, name, x)):
-                    step.outputs()
-                for name, linear in local.items():
-                    linear.weight.data = self._pruned_weight(linear.weight.data, stats[name], nm)
-                    done.append(prefix + name)
-                step.invalidate()
-            advance(1)
-        return done
+        layers = PruneLayers(self, nm)
+        calibrate(model, list(ids.split(8)), layers, pass_name=self.name, targets=targets, progress=ctx.progress)
+        return layers.done
 
-    def _accumulate(self, stats: dict, name: str, x: torch.Tensor) -> None:
+    def accumulate(self, stat: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The statistic after one more input x (tokens, in); `stat` is None at the first."""
         raise NotImplementedError
 
-    def _pruned_weight(self, weight: torch.Tensor, stat: torch.Tensor, nm) -> torch.Tensor:
+    def pruned_weight(self, weight: torch.Tensor, stat: torch.Tensor, nm) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -158,10 +155,10 @@ class WandaPrune(_CalibratedPrune):
     name = "prune.wanda"
     Config = UnstructuredConfig
 
-    def _accumulate(self, stats, name, x):  # x: (tokens, in)
-        stats[name] = stats.get(name, 0) + (x * x).sum(dim=0)
+    def accumulate(self, stat, x):  # x: (tokens, in)
+        return (0 if stat is None else stat) + (x * x).sum(dim=0)
 
-    def _pruned_weight(self, weight, stat, nm):
+    def pruned_weight(self, weight, stat, nm):
         score = weight.abs().float() * stat.sqrt().unsqueeze(0)  # |W_ij| * ||X_j||_2
         mask = masks.prune_mask(score, sparsity=self.config.sparsity, nm=nm, per_row=True)
         return weight.masked_fill(mask, 0.0)
@@ -172,9 +169,9 @@ class SparseGPTPrune(_CalibratedPrune):
     name = "prune.sparsegpt"
     Config = SparseGPTConfig
 
-    def _accumulate(self, stats, name, x):  # x: (tokens, in)
-        stats[name] = stats.get(name, 0) + x.T @ x
+    def accumulate(self, stat, x):  # x: (tokens, in)
+        return (0 if stat is None else stat) + x.T @ x
 
-    def _pruned_weight(self, weight, stat, nm):
+    def pruned_weight(self, weight, stat, nm):
         cfg = self.config
         return masks.sparsegpt_prune(weight, stat, sparsity=cfg.sparsity, nm=nm, block_size=cfg.block_size, damp=cfg.damp)

@@ -2,8 +2,8 @@
 
 Weights are scaled per output channel or per tensor so their max maps to 448 (E4M3's largest value) and
 cast. Activations are either dynamic (one scale per token computed at run time, no calibration) or static
-(one per-tensor scale per Linear from the max |x| seen on the recipe's calibration text; cheaper at run
-time, clipped if serving sees larger values). Runs on `formats.fp8.Fp8Linear`: `torch._scaled_mm` on
+(one per-tensor scale per Linear from the max |x| seen on the recipe's calibration text, layer by layer
+through `passes/calibration.py`; cheaper at run time, clipped if serving sees larger values). Runs on `formats.fp8.Fp8Linear`: `torch._scaled_mm` on
 CUDA sm89+, E4M3-rounded float matmul elsewhere. Limits: no SmoothQuant-style smoothing; a Linear that
 sees no calibration signal in static mode is an error (never a zero scale).
 """
@@ -20,6 +20,7 @@ from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
+from optforge.passes.calibration import LayerAlgorithm
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +34,29 @@ class Fp8Config:
     num_samples: int | None = option(None, "calibration passages used for static scales (null: all the recipe's rows)")
 
 
-@torch.no_grad()
-def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samples: list[torch.Tensor]) -> dict[str, float]:
-    """Max |x| each Linear sees over the samples (running max only: memory does not grow with samples)."""
-    from optforge.passes.quant.calibration import calibration_forward, watch_inputs
+class InputAmax(LayerAlgorithm):
+    """Max |x| each target Linear sees (a running max: memory does not grow with the samples); changes nothing."""
 
-    amax = dict.fromkeys(linears, 0.0)
-    head = model.get_output_embeddings()
-    all_logits = any(m is head for m in linears.values())  # a quantized output head must see every position
+    propagate = "before"
 
-    def record(name, x):
-        amax[name] = max(amax[name], float(x.abs().max()))
+    def __init__(self, targets: dict[str, torch.nn.Module]):
+        self.amax = dict.fromkeys(targets, 0.0)
 
-    with watch_inputs(linears, record):
-        for ids in samples:
-            calibration_forward(model, ids, all_logits=all_logits)
-    return amax
+    def record(self, name, x):
+        self.amax[name] = max(self.amax[name], float(x.abs().max()))
+
+
+def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samples: list[torch.Tensor], *, pass_name: str, progress=None) -> dict[str, float]:
+    """Max |x| of each Linear's inputs over the samples: layer by layer inside the decoder, and one whole-model
+    forward for Linears outside it (an included output head, which then sees every position)."""
+    from optforge.passes.calibration import calibrate, observe_forward
+
+    observed = InputAmax(linears)
+    inside = calibrate(model, samples, observed, pass_name=pass_name, targets=linears, progress=progress)
+    outside = {n: m for n, m in linears.items() if n not in inside}
+    if outside:
+        observe_forward(model, samples, outside, observed.record)
+    return observed.amax
 
 
 @register
@@ -66,20 +74,20 @@ class Fp8(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.formats import swap_linear
-        from optforge.model_io import load_model
-        from optforge.passes.quant.calibration import calibration_samples
+        from optforge.passes.calibration import calibration_samples
+        from optforge.passes.output import load_input
         from optforge.passes.quant.output import write_quantized
-        from optforge.passes.quant.targets import pass_targets
+        from optforge.passes.targets import pass_targets
 
         cfg = self.config
-        model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
+        model, tokenizer = load_input(artifact, ctx)
         targets = pass_targets(self.name, model, cfg.include, cfg.exclude)
         started = time.perf_counter()
         report: dict = {"method": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
         amax: dict[str, float] = {}
         if not cfg.dynamic:
             samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
-            amax = input_amax(model, targets, samples)
+            amax = input_amax(model, targets, samples, pass_name=self.name, progress=ctx.progress)
             silent = sorted(n for n, v in amax.items() if v <= 0.0)
             if silent:
                 raise PassError(self.name, f"{len(silent)} Linear(s) saw no calibration signal (e.g. {silent[0]}): a static scale would be zero; use dynamic: true or more calibration rows")

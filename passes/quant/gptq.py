@@ -1,7 +1,7 @@
 """GPTQ: weight-only INT4/INT8 that rounds column by column and corrects the remaining columns for the
 error, using the layer-input Hessian H = 2 X^T X (Frantar et al., 2022, "GPTQ").
 
-Calibration goes layer by layer (`calibration.run_layerwise`): each decoder layer's inputs come from the
+Calibration goes layer by layer (`passes/calibration.py`): each decoder layer's inputs come from the
 already-quantized layers before it. `act_order` quantizes columns in order of decreasing H diagonal, with
 group scales fixed up front from the unquantized weights ("static" groups, so the checkpoint needs no
 g_idx and stays a plain compressed-tensors group checkpoint). Limits: the Linears of one layer are solved
@@ -18,6 +18,7 @@ import torch
 
 from optforge.formats.grid import Grid, dequantize, qparams, quantize
 from optforge.pass_ import config, option, register
+from optforge.passes.calibration import LayerAlgorithm
 from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,37 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, ac
     return Q[:, torch.argsort(perm)].contiguous(), scale, zero
 
 
+class GPTQLayers(LayerAlgorithm):
+    """Per decoder layer: each target's H from its inputs, then `gptq_quantize`; the next layer sees the result."""
+
+    def __init__(self, grids: dict[str, Grid], cfg: GPTQConfig):
+        self.grids, self.cfg = grids, cfg
+        self.results: dict = {}  # name -> (q, scale, zero)
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def watch(self, step):
+        self.hessians = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in step.targets.items()}
+        self.counts = dict.fromkeys(step.targets, 0)
+        return step.targets
+
+    def record(self, name, x):  # running mean of 2 x^T x over tokens
+        t = x.shape[0]
+        self.hessians[name] *= self.counts[name] / (self.counts[name] + t)
+        self.counts[name] += t
+        self.hessians[name] += (2 / self.counts[name]) * (x.T @ x)
+
+    def apply(self, step):
+        cfg = self.cfg
+        for name, linear in step.targets.items():
+            hessian = self.hessians.pop(name)
+            if self.counts[name] == 0:
+                continue  # left for the RTN fallback, reported as uncalibrated
+            q, s, z = gptq_quantize(linear.weight, hessian, self.grids[name], act_order=cfg.act_order, damp=cfg.damp, block_size=cfg.block_size)
+            self.results[name] = (q, s, z)
+            linear.weight.data = dequantize(q, s, z).to(linear.weight.dtype)
+
+
 @register
 class GPTQ(WeightOnlyPass):
     name = "quant.gptq"
@@ -80,39 +112,14 @@ class GPTQ(WeightOnlyPass):
     method = "gptq"
 
     def quantize(self, model, tokenizer, targets, grids, ctx):
-        from optforge.passes.quant.calibration import calibration_samples, layer_targets, run_layerwise, watch_inputs
+        from optforge.passes.calibration import calibrate, calibration_samples
 
         cfg = self.config
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
-        names = {id(m): n for n, m in model.named_modules()}
-        results: dict = {}
-        tokens_seen: dict[str, int] = {}
-
-        def visit(index, layer, forward_all):
-            prefix = names[id(layer)]
-            local = layer_targets(layer, prefix, targets)
-            hessians = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in local.items()}
-            counts = dict.fromkeys(local, 0)
-
-            def accumulate(n, x):  # running mean of 2 x^T x over tokens
-                t = x.shape[0]
-                hessians[n] *= counts[n] / (counts[n] + t)
-                counts[n] += t
-                hessians[n] += (2 / counts[n]) * (x.T @ x)
-
-            with watch_inputs(local, accumulate):
-                forward_all()
-            for n, linear in local.items():
-                full = f"{prefix}.{n}"
-                tokens_seen[full] = counts[n]
-                if counts[n] == 0:
-                    continue  # left for the RTN fallback below, reported as uncalibrated
-                q, s, z = gptq_quantize(linear.weight, hessians[n], grids[full], act_order=cfg.act_order, damp=cfg.damp, block_size=cfg.block_size)
-                results[full] = (q, s, z)
-                linear.weight.data = dequantize(q, s, z).to(linear.weight.dtype)
-
-        run_layerwise(model, samples, visit, pass_name=self.name, progress=ctx.progress)
+        layers = GPTQLayers(grids, cfg)
+        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress)
+        results = layers.results
         uncalibrated = sorted(set(targets) - set(results))
         for name in uncalibrated:
             s, z = qparams(targets[name].weight, grids[name])

@@ -31,11 +31,11 @@ class Int8WeightOnly(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.formats import swap_linear
-        from optforge.model_io import load_model
+        from optforge.passes.output import load_input
         from optforge.passes.quant.output import write_quantized
-        from optforge.passes.quant.targets import pass_targets
+        from optforge.passes.targets import pass_targets
 
-        model, tokenizer = load_model(artifact.path, dtype=ctx.model.dtype)
+        model, tokenizer = load_input(artifact, ctx)
         targets = pass_targets(self.name, model, self.config.include, self.config.exclude)
         spec = {"scheme": "int8_weight_only", "bits": 8, "symmetric": True, "granularity": "channel"}
         advance = ctx.progress("int8 weight-only", len(targets))

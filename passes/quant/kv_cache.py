@@ -1,7 +1,8 @@
 """KV-cache quantization: per-layer FP8 (E4M3) or INT8 scales for keys and values, recorded for the runtime.
 
 The cache stores K (after RoPE) and V per layer; one symmetric per-tensor scale each, max |K| / qmax, from
-the recipe's calibration text (as vLLM's and TensorRT-LLM's FP8 KV caches use). The weights are not
+the recipe's calibration text run layer by layer (`passes/calibration.py`), as vLLM's and TensorRT-LLM's FP8
+KV caches use. The weights are not
 touched: the pass copies the model and adds `kv_cache` to optforge.json:
 `{"dtype": "fp8" | "int8", "scales": {layer index: {"k": float, "v": float}}, "margin": float}`.
 `formats.kv_cache.apply_kv_cache_layout(model, layout["kv_cache"])` makes an HF model read K/V rounded
@@ -12,15 +13,17 @@ attention modules must carry `layer_idx`, and a layer never reached by calibrati
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Literal
 
 import torch
 
-from optforge.artifact import ModelArtifact, copy_model_files, write_layout
+from optforge.artifact import ModelArtifact, copy_model_files
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
+from optforge.passes.calibration import LayerAlgorithm
 
 
 @config
@@ -30,24 +33,38 @@ class KvCacheConfig:
     num_samples: int | None = option(None, "calibration passages used (null: all the recipe's rows)")
 
 
-@torch.no_grad()
-def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor]) -> dict[int, tuple[float, float]]:
-    """{layer index: (max |K|, max |V|)} over the samples, K after RoPE as the cache stores it."""
-    from optforge.formats.kv_cache import attention_layers, use_kv_attention
-    from optforge.passes.quant.calibration import calibration_forward
+class KvRange(LayerAlgorithm):
+    """Max |K| and |V| of each attention layer, seen inside attention (K after RoPE, as the cache stores it)
+    by the observing attention implementation of `formats.kv_cache`; changes nothing."""
 
-    layers = attention_layers(model)
-    state = {idx: {"observed": (0.0, 0.0)} for idx in layers}
-    previous = model.config._attn_implementation
-    use_kv_attention(model, state)
-    try:
-        for ids in samples:
-            calibration_forward(model, ids)
-    finally:
-        for module in layers.values():
-            module.kv_quant = None
-        model.config._attn_implementation = previous
-    return {idx: s["observed"] for idx, s in state.items()}
+    propagate = "before"
+
+    def __init__(self, attention: dict[int, torch.nn.Module]):
+        self.attention = attention
+        self.state = {idx: {"observed": (0.0, 0.0)} for idx in attention}
+
+    @contextlib.contextmanager
+    def session(self, model):
+        from optforge.formats.kv_cache import use_kv_attention
+
+        previous = model.config._attn_implementation
+        use_kv_attention(model, self.state)  # before the capture: the masks are built for this implementation
+        try:
+            yield
+        finally:
+            for module in self.attention.values():
+                module.kv_quant = None
+            model.config._attn_implementation = previous
+
+
+def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor], *, pass_name: str = "quant.kv_cache", progress=None) -> dict[int, tuple[float, float]]:
+    """{layer index: (max |K|, max |V|)} over the samples, K after RoPE as the cache stores it."""
+    from optforge.formats.kv_cache import attention_layers
+    from optforge.passes.calibration import calibrate
+
+    kv = KvRange(attention_layers(model))
+    calibrate(model, samples, kv, pass_name=pass_name, progress=progress)
+    return {idx: s["observed"] for idx, s in kv.state.items()}
 
 
 @register
@@ -61,17 +78,17 @@ class KvCacheQuant(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.formats.kv_cache import KV_QMAX, attention_layers
-        from optforge.model_io import load_model
-        from optforge.passes.quant.calibration import calibration_samples
+        from optforge.passes.calibration import calibration_samples
+        from optforge.passes.output import load_input, write_output
 
         cfg = self.config
         if cfg.margin < 1.0:
             raise PassError(self.name, f"margin must be >= 1 (it widens the calibrated range), found {cfg.margin}")
         started = time.perf_counter()
-        model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
+        model, tokenizer = load_input(artifact, ctx, fused=True)  # calibrated as it will be served
         if not attention_layers(model):
             raise PassError(self.name, f"{type(model).__name__} has no attention modules with `layer_idx` and `k_proj`; KV-cache quantization supports HF decoder-only attention")
-        observed = calibrate_kv(model, calibration_samples(self.name, tokenizer, ctx, cfg.num_samples))
+        observed = calibrate_kv(model, calibration_samples(self.name, tokenizer, ctx, cfg.num_samples), pass_name=self.name, progress=ctx.progress)
         silent = sorted(idx for idx, (k, v) in observed.items() if k <= 0.0 or v <= 0.0)
         if silent:
             raise PassError(self.name, f"attention layers {silent} saw no calibration signal; a zero KV scale would be wrong. Add calibration rows")
@@ -79,7 +96,4 @@ class KvCacheQuant(Pass):
         scales = {str(idx): {"k": k * cfg.margin / qmax, "v": v * cfg.margin / qmax} for idx, (k, v) in sorted(observed.items())}
         copy_model_files(artifact.path, ctx.output_dir)
         kv = {"dtype": cfg.dtype, "margin": cfg.margin, "scales": scales, "calibration_seconds": round(time.perf_counter() - started, 2)}
-        extra = {k: v for k, v in artifact.layout.items() if k not in ("format", "properties", "modules")}
-        extra["kv_cache"] = kv
-        write_layout(ctx.output_dir, properties=(artifact.properties - self.removes) | self.produces, modules=artifact.quantized_modules, extra=extra)
-        return ModelArtifact.open(ctx.output_dir)
+        return write_output(artifact, self, ctx, records={"kv_cache": kv})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from optforge.artifact import ModelArtifact, write_layout
+from optforge.artifact import ModelArtifact
 
 
 def describe(spec: dict | None) -> str:
@@ -27,14 +27,12 @@ def describe(spec: dict | None) -> str:
 def write_quantized(model: nn.Module, tokenizer, artifact: ModelArtifact, pass_, ctx, modules: dict[str, dict], report: dict) -> ModelArtifact:
     """Save `model` (its Linears in `modules` already swapped) into ctx.output_dir as a new artifact."""
     from optforge.model_io import save_model
+    from optforge.passes.output import write_output
     from optforge.passes.quant.compressed_tensors import write_quantization_config
 
     save_model(model, tokenizer, ctx.output_dir)
     precision = {name: describe(modules.get(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear) or name in modules}
     dense = sorted(n for n, p in precision.items() if p == "float")
     write_quantization_config(ctx.output_dir, modules, dense)
-    props = (artifact.properties - pass_.removes) | pass_.produces
-    extra = {key: artifact.layout[key] for key in ("architecture", "kv_cache") if key in artifact.layout}
-    extra.update(precision=precision, quantization=report)
-    write_layout(ctx.output_dir, properties=props, modules={**artifact.quantized_modules, **modules}, extra=extra)
-    return ModelArtifact.open(ctx.output_dir)
+    records = {"precision": precision, "quantization": report}
+    return write_output(artifact, pass_, ctx, records=records, modules={**artifact.quantized_modules, **modules})

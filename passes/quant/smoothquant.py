@@ -6,7 +6,7 @@ alpha), W' = W * s and the op producing X (an RMSNorm, or `up_proj`'s rows for `
 which leaves the float model unchanged. Then W' is rounded per output channel and the runtime
 (`formats.int8.W8A8Linear`) quantizes each token's activations at run time and multiplies int8 x int8.
 alpha is fixed or searched per Linear group on calibration rows (output error of the W8A8 product).
-Layer by layer (`calibration.run_layerwise`): each decoder layer is smoothed and quantized before the next
+Layer by layer (`passes/calibration.py`): each decoder layer is smoothed and quantized before the next
 sees its outputs. Limits: `o_proj` is not smoothed (no foldable op before it under GQA); architectures need
 a folding map (shared with AWQ) and others fail naming the decoder layer; no static activation scales.
 """
@@ -23,8 +23,11 @@ from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
 from optforge.pass_ import Pass, config, option, register
+from optforge.passes.quant.folding import FoldingLayers, model_folds
 
 log = logging.getLogger(__name__)
+
+SPEC = {"scheme": "w8a8_int8", "method": "smoothquant"}
 
 
 @config
@@ -73,6 +76,39 @@ def swap_w8a8(model: nn.Module, name: str, spec: dict) -> None:
     swap_linear(model, name, spec).set_float(weight)
 
 
+class SmoothQuantLayers(FoldingLayers):
+    """Per decoder layer: max |x| per input channel of each group, alpha, the fold; then every target of the
+    layer becomes W8A8, so the next layer sees the quantized one."""
+
+    def __init__(self, model, folds, targets, cfg: SmoothQuantConfig, rows_per_batch: int, pass_name: str, report: dict):
+        super().__init__(folds, targets, rows_per_batch, pass_name)
+        self.model, self.report, self.done = model, report, []
+        self.alphas = (cfg.alpha,) if cfg.alpha is not None else cfg.alpha_grid
+
+    def accumulate(self, stat, x):
+        return torch.maximum(stat, x.abs().amax(0))
+
+    def apply(self, step):
+        report = self.report
+        for op, fed in self.folds:
+            if op not in self.kept:
+                continue
+            if not self.kept[op]:
+                report["uncalibrated"].append(f"{step.name}.{op}")
+                continue
+            weights = [step.layer.get_submodule(n).weight.detach().float() for n in fed]  # float32 for the search
+            alpha, err = choose_alpha(torch.cat(self.kept.pop(op)), self.stats[op], weights, self.alphas)
+            self.fold(step.layer, op, fed, smoothing_scale(self.stats[op], weights, alpha))
+            report["alphas"][f"{step.name}.{op}"] = alpha
+            report["errors"][f"{step.name}.{op}"] = round(err, 6)
+        smoothed = {f"{step.name}.{n}" for op, fed in self.folds if f"{step.name}.{op}" in report["alphas"] for n in fed}
+        for name in step.targets:
+            if name not in smoothed:
+                report["unsmoothed"].append(name)
+            swap_w8a8(self.model, name, SPEC)
+            self.done.append(name)
+
+
 @register
 class SmoothQuant(Pass):
     name = "quant.smoothquant"
@@ -84,75 +120,24 @@ class SmoothQuant(Pass):
     uses_calibration = True
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        from optforge.model_io import load_model
-        from optforge.passes.quant.awq import FOLDS
-        from optforge.passes.quant.calibration import calibration_samples, decoder_layers, run_layerwise
+        from optforge.passes.calibration import calibrate, calibration_samples
+        from optforge.passes.output import load_input
         from optforge.passes.quant.output import write_quantized
-        from optforge.passes.quant.targets import pass_targets
+        from optforge.passes.targets import pass_targets
 
         cfg = self.config
         if cfg.alpha is not None and not 0.0 <= cfg.alpha <= 1.0:
             raise PassError(self.name, f"alpha must be in [0, 1] or null (searched), found {cfg.alpha}")
-        model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
-        folds = FOLDS.get(model.config.model_type)
-        if folds is None:
-            layer = type(decoder_layers(model, self.name)[0]).__name__
-            raise PassError(self.name, f"no scale-folding map for architecture '{model.config.model_type}' (decoder layer {layer}); supported: {', '.join(sorted(FOLDS))}")
+        model, tokenizer = load_input(artifact, ctx)
+        folds = model_folds(model, self.name)
         targets = pass_targets(self.name, model, cfg.include, cfg.exclude)
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
-        spec = {"scheme": "w8a8_int8", "method": "smoothquant"}
         report = {"method": "smoothquant", "samples": len(samples), "alphas": {}, "errors": {}, "unsmoothed": [], "uncalibrated": []}
-        visit = self._visitor(model, targets, folds, spec, report, max(1, cfg.max_rows // len(samples)))
-        run_layerwise(model, samples, visit, pass_name=self.name, progress=ctx.progress)
-        for name in sorted(set(targets) - set(report["done"])):
-            swap_w8a8(model, name, spec)  # outside the decoder layers (e.g. an included lm_head)
+        layers = SmoothQuantLayers(model, folds, targets, cfg, max(1, cfg.max_rows // len(samples)), self.name, report)
+        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress)
+        for name in sorted(set(targets) - set(layers.done)):
+            swap_w8a8(model, name, SPEC)  # outside the decoder layers (e.g. an included lm_head)
             report["unsmoothed"].append(name)
-        report.pop("done")
         report["calibration_seconds"] = round(time.perf_counter() - started, 2)
-        return write_quantized(model, tokenizer, artifact, self, ctx, dict.fromkeys(targets, spec), report)
-
-    def _visitor(self, model, targets, folds, spec, report, rows_per_sample):
-        from optforge.passes.quant.awq import divide_output
-        from optforge.passes.quant.calibration import watch_inputs
-
-        cfg = self.config
-        names = {id(m): n for n, m in model.named_modules()}
-        report["done"] = []
-
-        def visit(index, layer, forward_all):
-            prefix = names[id(layer)]
-            heads = {op: layer.get_submodule(fed[0]) for op, fed in folds if all(f"{prefix}.{n}" in targets for n in fed)}
-            act_max = {op: torch.zeros(m.in_features, device=m.weight.device) for op, m in heads.items()}
-            kept: dict[str, list] = {op: [] for op in heads}
-
-            def record(op, x):  # x (tokens, in)
-                act_max[op] = torch.maximum(act_max[op], x.abs().amax(0))
-                kept[op].append(x[torch.randperm(x.shape[0])[:rows_per_sample]])
-
-            with watch_inputs(heads, record):
-                forward_all()
-            for op, fed in folds:
-                if op not in heads:
-                    continue
-                if not kept[op]:
-                    report["uncalibrated"].append(f"{prefix}.{op}")
-                    continue
-                linears = [layer.get_submodule(n) for n in fed]
-                weights = [lin.weight.detach() for lin in linears]
-                grid = (cfg.alpha,) if cfg.alpha is not None else cfg.alpha_grid
-                alpha, err = choose_alpha(torch.cat(kept.pop(op)), act_max[op], weights, grid)
-                s = smoothing_scale(act_max[op], weights, alpha)
-                divide_output(layer.get_submodule(op), s)
-                for lin in linears:
-                    lin.weight.data *= s
-                report["alphas"][f"{prefix}.{op}"] = alpha
-                report["errors"][f"{prefix}.{op}"] = round(err, 6)
-            for name in [n for n in targets if n.startswith(prefix + ".")]:
-                smoothed = any(name == f"{prefix}.{n}" for op, fed in folds if f"{prefix}.{op}" in report["alphas"] for n in fed)
-                if not smoothed:
-                    report["unsmoothed"].append(name)
-                swap_w8a8(model, name, spec)
-                report["done"].append(name)
-
-        return visit
+        return write_quantized(model, tokenizer, artifact, self, ctx, dict.fromkeys(targets, SPEC), report)

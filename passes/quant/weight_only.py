@@ -67,12 +67,12 @@ class WeightOnlyPass(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from optforge.formats import swap_linear
-        from optforge.model_io import load_model
+        from optforge.passes.output import load_input
         from optforge.passes.quant.output import write_quantized
-        from optforge.passes.quant.targets import pass_targets
+        from optforge.passes.targets import pass_targets
 
         check_grid(self.name, self.config)
-        model, tokenizer = load_model(artifact.path, dtype="float32", device=ctx.device)
+        model, tokenizer = load_input(artifact, ctx)
         targets = pass_targets(self.name, model, self.config.include, self.config.exclude)
         grids = plan_grids(targets, self.config)
         results, report = self.quantize(model, tokenizer, targets, grids, ctx)

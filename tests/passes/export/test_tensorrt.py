@@ -93,3 +93,18 @@ def test_engine_builds_and_matches_pytorch(tmp_path, tiny_model_dir):
     info = __import__("json").loads((result.output / "optforge.json").read_text())["tensorrt"]
     assert (result.output / "model.plan").stat().st_size > 0 and (tmp_path / "timing.cache").is_file()
     assert info["parity"]["max_abs_logits_diff"] <= info["parity"]["tolerance"]
+
+
+def test_a_cpu_build_is_refused_naming_the_pass(tmp_path, tiny_model_dir, monkeypatch):
+    """TensorRT has no CPU engines: `--device cpu` is refused while the recipe is validated, before any work."""
+    from optforge.errors import RecipeError
+    from optforge.pass_ import describe_support, registry
+    from optforge.pipeline import build
+
+    cls = registry()["export.tensorrt"]
+    monkeypatch.setattr(cls, "preflight", lambda self: None)  # as if TensorRT were installed
+    with pytest.raises(RecipeError, match=r"passes\[1\]\.name: pass 'export.tensorrt' cannot run with --device cpu: .*CUDA") as info:
+        build(_recipe(tmp_path, tiny_model_dir), cache_dir=tmp_path / "cache", device="cpu")
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "engine").exists() and not (tmp_path / "cache").exists()
+    assert "--device cuda" in describe_support(cls)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from optforge.model_io import load_model
-from optforge.passes.quant.calibration import leading_bos
+from optforge.passes.calibration import leading_bos
 
 INT4 = {"bits": 4, "group_size": 16}
 # (passes, max |logits - float logits| / max |float logits|). This random model amplifies weight error into
@@ -176,7 +176,7 @@ def _args(name: str) -> tuple[list, str]:
 def test_gemma_norm_fold_keeps_the_float_function(tiny_gemma_dir):
     """Dividing a Gemma RMSNorm's output by s (it scales by 1 + w) and multiplying the Linears it feeds by s
     is an identity on the float model, for both norms AWQ and SmoothQuant fold into."""
-    from optforge.passes.quant.awq import FOLDS, divide_output
+    from optforge.passes.quant.folding import FOLDS, divide_output
 
     model, _ = load_model(tiny_gemma_dir)
     ref = _logits(model)
@@ -204,7 +204,7 @@ def test_tied_lm_head_is_refused_with_its_name(build_gemma, name):
 def test_calibration_puts_bos_first_only_when_the_tokenizer_does(tiny_gemma_dir, tiny_model_dir):
     from types import SimpleNamespace
 
-    from optforge.passes.quant.calibration import calibration_samples
+    from optforge.passes.calibration import calibration_samples
 
     ctx = SimpleNamespace(calibration_texts=lambda: ["The quick brown fox jumps over the lazy dog."], calibration=SimpleNamespace(max_length=6), device="cpu")
     _, gemma_tok = load_model(tiny_gemma_dir)

@@ -1,0 +1,83 @@
+"""Scale folding, shared by AWQ and SmoothQuant: per input channel, the Linears that read one op's output are
+multiplied by s and the op is divided by s, which leaves the float model's function unchanged.
+
+`FOLDS` maps an architecture to its foldable (op, Linears fed) pairs inside one decoder layer; `FoldingLayers`
+is the calibration half both passes share (which inputs to watch, a bounded random sample of their rows and a
+per-channel statistic); each pass chooses s from them in its own `apply`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from optforge.errors import PassError
+from optforge.passes.calibration import LayerAlgorithm, decoder_layers
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+# model_type -> (op whose output feeds the Linears, Linears fed) inside one decoder layer.
+FOLDS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "llama": [("input_layernorm", _QKV), ("post_attention_layernorm", _GATE_UP), ("mlp.up_proj", ("mlp.down_proj",))],
+    "gemma3_text": [("input_layernorm", _QKV), ("pre_feedforward_layernorm", _GATE_UP), ("mlp.up_proj", ("mlp.down_proj",))],
+}
+FOLDS["mistral"] = FOLDS["qwen2"] = FOLDS["llama"]
+
+
+def model_folds(model: nn.Module, pass_name: str, alternative: str = "") -> list[tuple[str, tuple[str, ...]]]:
+    """The folding map of `model`'s architecture, or a PassError naming its decoder layer."""
+    folds = FOLDS.get(model.config.model_type)
+    if folds is None:
+        layer = type(decoder_layers(model, pass_name)[0]).__name__
+        raise PassError(pass_name, f"no scale-folding map for architecture '{model.config.model_type}' (decoder layer {layer}); supported: {', '.join(sorted(FOLDS))}{alternative}")
+    return folds
+
+
+def divide_output(op: nn.Module, s: torch.Tensor, pass_name: str = "quant.awq") -> None:
+    """Make `op`'s output channels 1/s of what they were (an RMSNorm or a Linear's rows)."""
+    if isinstance(op, nn.Linear):
+        op.weight.data /= s.unsqueeze(1)
+        if op.bias is not None:
+            op.bias.data /= s
+    elif "Gemma" in type(op).__name__:  # Gemma RMSNorm multiplies by (1 + weight)
+        op.weight.data = (1 + op.weight.data) / s - 1
+    elif hasattr(op, "weight") and op.weight is not None and op.weight.shape == s.shape:
+        op.weight.data /= s
+    else:
+        raise PassError(pass_name, f"cannot fold scales into {type(op).__name__}: no per-channel weight")
+
+
+class FoldingLayers(LayerAlgorithm):
+    """Per decoder layer, for each foldable group: a sample of at most `rows_per_batch` input rows per batch
+    (the scale search's data) and `accumulate`'s per-channel statistic of every input row."""
+
+    def __init__(self, folds: list[tuple[str, tuple[str, ...]]], targets: dict[str, nn.Module], rows_per_batch: int, pass_name: str):
+        self.folds, self.targets, self.rows, self.pass_name = folds, targets, rows_per_batch, pass_name
+        self.kept: dict[str, list[torch.Tensor]] = {}
+        self.stats: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def watches(self, prefix: str, fed: tuple[str, ...]) -> bool:
+        """Whether the group's inputs are recorded in layer `prefix`."""
+        return all(f"{prefix}.{n}" in self.targets for n in fed)
+
+    def accumulate(self, stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The group's per-channel statistic (in,) after rows x (tokens, in)."""
+        raise NotImplementedError
+
+    def watch(self, step):
+        heads = {op: step.layer.get_submodule(fed[0]) for op, fed in self.folds if self.watches(step.name, fed)}
+        self.kept = {op: [] for op in heads}
+        self.stats = {op: torch.zeros(m.in_features, device=m.weight.device) for op, m in heads.items()}
+        self.counts = dict.fromkeys(heads, 0)
+        return heads
+
+    def record(self, op, x):  # x (tokens, in)
+        self.stats[op] = self.accumulate(self.stats[op], x)
+        self.counts[op] += x.shape[0]
+        self.kept[op].append(x[torch.randperm(x.shape[0])[: self.rows]])
+
+    def fold(self, layer: nn.Module, op: str, fed: tuple[str, ...], s: torch.Tensor) -> None:
+        divide_output(layer.get_submodule(op), s, self.pass_name)
+        for name in fed:
+            layer.get_submodule(name).weight.data *= s
