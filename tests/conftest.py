@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optforge.artifact import ModelArtifact, write_layout
+from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.pass_ import Pass, config, option, register
 
@@ -110,15 +110,13 @@ class Scramble(Pass):
     produces = frozenset({"hf_causal_lm", "float_weights"})
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        from optforge.model_io import load_model, save_model
+        from optforge.passes.output import load_input, save_output
 
-        model, tokenizer = load_model(artifact.path)
+        model, tokenizer = load_input(artifact, ctx)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, torch.nn.Linear):
                     w = module.weight
-                    w.add_(torch.randn(w.shape, generator=gen) * w.std() * self.config.noise)
-        save_model(model, tokenizer, ctx.output_dir)
-        write_layout(ctx.output_dir, properties=artifact.properties, modules=artifact.quantized_modules)
-        return ModelArtifact.open(ctx.output_dir)
+                    w.add_(torch.randn(w.shape, generator=gen).to(w.device) * w.std() * self.config.noise)
+        return save_output(model, tokenizer, artifact, self, ctx)
