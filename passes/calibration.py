@@ -100,7 +100,8 @@ class LayerStep:
     targets: dict[str, nn.Module]
     # Hidden states entering the layer, one (B, T, D) per batch.
     inputs: list[torch.Tensor]
-    # The layer's outputs in the observing run, before `apply` (None when no observing run was needed).
+    # The layer's outputs in the observing run, before `apply`: kept for `propagate = "before"` only (else None,
+    # so memory holds no third set of activations while the changed layer's outputs are computed).
     outputs: list[torch.Tensor] | None = None
 
 
@@ -145,11 +146,12 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
             covered.update(local)
             step = LayerStep(index, prefix, layer, local, held)
             watched = algorithm.watch(step)
-            if watched or algorithm.propagate == "before":
+            before = algorithm.propagate == "before"
+            if watched or before:
                 with watch_inputs(watched, algorithm.record):
-                    step.outputs = _run_layer(layer, held, kwargs[index])
+                    step.outputs = _run_layer(layer, held, kwargs[index], keep=before)
             algorithm.apply(step)
-            held = step.outputs if algorithm.propagate == "before" else _run_layer(layer, held, kwargs[index])
+            held = step.outputs if before else _run_layer(layer, held, kwargs[index])
             kwargs[index] = []
             advance(1)
     return covered
@@ -183,12 +185,14 @@ def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor
     return first, kwargs
 
 
-def _run_layer(layer: nn.Module, held: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, held: list[torch.Tensor], kwargs: list[dict], keep: bool = True) -> list[torch.Tensor] | None:
+    """The layer's outputs (B, T, D) per batch; with `keep=False` each is dropped as soon as it is computed."""
     outputs = []
     for hidden, kw in zip(held, kwargs):
         out = layer(hidden, **kw)
-        outputs.append(out[0] if isinstance(out, tuple) else out)  # (B, T, D)
-    return outputs
+        if keep:
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs if keep else None
 
 
 def decoder_layers(model: nn.Module, pass_name: str) -> nn.ModuleList:
