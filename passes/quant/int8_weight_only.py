@@ -2,9 +2,10 @@
 
 For each selected Linear with weight W (out, in): s = max|W[o, :]| / 127, q = clamp(round(W / s), -127, 127)
 (`optforge.formats.int8.quantize_rows_int8`; an all-zero row gets s = 1). The artifact stores q as int8 and s
-as float32 (out, 1), the same tensors a compressed-tensors "int-quantized" channel-wise checkpoint holds. The runtime runs them with an int8 weight-only matmul
-(`optforge.formats.int8.Int8WeightOnlyLinear`). Limits: no calibration, so outlier channels are not
-protected; `lm_head` stays in full precision by default (it is tied to the embeddings in many models).
+as float32 (out, 1), the same tensors a compressed-tensors "int-quantized" channel-wise checkpoint holds. The
+runtime runs them with an int8 weight-only matmul (`optforge.formats.int8.Int8WeightOnlyLinear`). Limits: no
+calibration, so outlier channels are not protected; `lm_head` stays in full precision by default (it is tied
+to the embeddings in many models).
 """
 
 from __future__ import annotations
