@@ -46,7 +46,10 @@ class CpuPackConfig:
 def _block_scales_f16(blocks: torch.Tensor, qmax: float) -> torch.Tensor:
     """fp16 scales amax / qmax of (out, nb, 32) float blocks, rounded before use; 1 where that is 0 (an
     all-zero block, or one whose scale underflows fp16: its weights then quantize to 0)."""
-    scale = (blocks.abs().amax(dim=-1) / qmax).half()
+    amax = blocks.abs().amax(dim=-1)
+    # A divisor on the blocks' device: CUDA turns division by a Python number into a multiplication by its
+    # reciprocal (1 ulp off), and the engine must hold the same bits wherever it was packed.
+    scale = (amax / amax.new_tensor(qmax)).half()
     if not bool(torch.isfinite(scale).all()):
         raise ValueError(f"a block's scale overflows fp16 (|w| > {65504 * qmax:.3g}); pack this layer as fp32")
     return torch.where(scale > 0, scale, torch.ones_like(scale)).contiguous()
