@@ -60,13 +60,16 @@ class Pass:
         """The config as JSON values (tuples become lists): what the manifest records and the cache key hashes."""
         return json.loads(json.dumps(dataclasses.asdict(self.config), default=str))
 
-    def cache_key(self, input_digest: str, calibration: dict | None) -> str:
+    def cache_key(self, input_digest: str, calibration: dict | None, dtype: str = "float32") -> str:
+        """Hash of what decides the output: the pass, its version and config, the input, the calibration text
+        (where read) and the recipe dtype the pass computes in. The device stays out, as for the eval cache."""
         payload = {
             "pass": self.name,
             "version": self.version,
             "config": self.config_dict(),
             "input": input_digest,
             "calibration": calibration if self.uses_calibration else None,
+            "dtype": dtype,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

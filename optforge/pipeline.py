@@ -134,7 +134,7 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
     missing = p.requires - current.properties
     if missing:
         raise PassError(p.name, f"its input lacks {sorted(missing)} (input has {sorted(current.properties)}); reorder the recipe's passes so an earlier pass does not remove them")
-    key = p.cache_key(current.digest, shared.calibration)
+    key = p.cache_key(current.digest, shared.calibration, recipe.model.dtype)
     record = PassRecord(name=p.name, config=p.config_dict(), cache_key=key)
     started = time.perf_counter()
 

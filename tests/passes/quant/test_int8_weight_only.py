@@ -65,3 +65,4 @@ def test_cache_key_depends_on_version_config_input_not_calibration():
         version = Int8WeightOnly.version + 1
 
     assert key != Bumped(p.config).cache_key("digest-a", None)
+    assert key != p.cache_key("digest-a", None, "bfloat16")  # passes compute in the recipe's dtype
