@@ -21,7 +21,8 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     x = x.float()
     amax = x.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    # a tensor divisor: CUDA turns division by a Python scalar into a multiply by its reciprocal (1 ulp off the CPU)
+    scale = torch.where(amax > 0, amax / amax.new_tensor(127.0), torch.ones_like(amax))
     return torch.clamp(torch.round(x / scale), -127, 127).to(torch.int8), scale
 
 
