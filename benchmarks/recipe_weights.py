@@ -70,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", type=Path)
     parser.add_argument("--cache-dir", type=Path, default=None, help="[default: a fresh temporary cache]")
+    parser.add_argument("--seed", type=int, default=None, help="seed torch's global RNG before each build (for passes that draw from it)")
     parser.add_argument("--out", type=Path, help="write {recipe: {seconds, tensors, files}} here")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
     args = parser.parse_args()
@@ -79,6 +80,10 @@ def main() -> None:
     cache = args.cache_dir or work / "cache"
     results = {}
     for recipe in args.recipes:
+        if args.seed is not None:
+            import torch
+
+            torch.manual_seed(args.seed)
         results[recipe.name] = build_without_gates(recipe.resolve(), cache, work)
         print(f"{recipe.name}: {len(results[recipe.name]['tensors'])} tensors, {results[recipe.name]['seconds']}s", flush=True)
         if args.out:

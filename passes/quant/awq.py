@@ -83,7 +83,7 @@ class AWQLayers(FoldingLayers):
 @register
 class AWQ(WeightOnlyPass):
     name = "quant.awq"
-    version = 1
+    version = 2  # 2: the scale search's row sample comes from a seeded generator (builds are reproducible)
     Config = AWQConfig
     uses_calibration = True
     method = "awq"

@@ -53,6 +53,9 @@ class FoldingLayers(LayerAlgorithm):
 
     def __init__(self, folds: list[tuple[str, tuple[str, ...]]], targets: dict[str, nn.Module], rows_per_batch: int, pass_name: str):
         self.folds, self.targets, self.rows, self.pass_name = folds, targets, rows_per_batch, pass_name
+        # The row sample is drawn from a seeded generator of its own, so a build gives the same bytes every time
+        # (the cache and the artifact's hashes depend on it) whatever else drew from torch's global RNG.
+        self.generator = torch.Generator().manual_seed(0)
         self.kept: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -75,7 +78,7 @@ class FoldingLayers(LayerAlgorithm):
     def record(self, op, x):  # x (tokens, in)
         self.stats[op] = self.accumulate(self.stats[op], x)
         self.counts[op] += x.shape[0]
-        self.kept[op].append(x[torch.randperm(x.shape[0])[: self.rows]])
+        self.kept[op].append(x[torch.randperm(x.shape[0], generator=self.generator)[: self.rows].to(x.device)])
 
     def fold(self, layer: nn.Module, op: str, fed: tuple[str, ...], s: torch.Tensor) -> None:
         divide_output(layer.get_submodule(op), s, self.pass_name)

@@ -112,7 +112,7 @@ class SmoothQuantLayers(FoldingLayers):
 @register
 class SmoothQuant(Pass):
     name = "quant.smoothquant"
-    version = 2  # 2: an all-zero weight row stores scale 1 (was 1e-12 / 127); q and every output unchanged
+    version = 3  # 3: the alpha search's row sample comes from a seeded generator; 2: an all-zero weight row stores scale 1
     Config = SmoothQuantConfig
     requires = frozenset({"hf_causal_lm", "float_weights"})
     produces = frozenset({"hf_causal_lm", "quantized_weights", "quantized_activations"})

@@ -45,3 +45,21 @@ def tiny_llama_factory():
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     return ByteTokenizer()
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(runner, token): any forward of `runner` that feeds `token` raises, as a kernel fault tied to one
+    request's input would."""
+
+    def apply(runner, token: int) -> None:
+        forward = runner._forward_eager
+
+        def faulty(batch, ids, *args):
+            if token in ids:
+                raise RuntimeError("injected fault")
+            return forward(batch, ids, *args)
+
+        monkeypatch.setattr(runner, "_forward_eager", faulty)
+
+    return apply

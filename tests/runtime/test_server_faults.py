@@ -50,24 +50,12 @@ async def stream(client, body) -> tuple[int, str, list[dict]]:
     return r.status, "".join(text), errors
 
 
-def poison_runner(runner, monkeypatch):
-    """Any forward that feeds POISON raises, as a kernel fault tied to one request's input would."""
-    forward = runner._forward_eager
-
-    def faulty(batch, ids, *args):
-        if POISON in ids:
-            raise RuntimeError("injected fault")
-        return forward(batch, ids, *args)
-
-    monkeypatch.setattr(runner, "_forward_eager", faulty)
-
-
 GOOD = [{"prompt": p, "max_tokens": 20, "ignore_eos": True} for p in ("one", "two three", "four five six")]
 
 
-def test_a_failing_request_fails_alone(tiny_llama, byte_tokenizer, monkeypatch):
+def test_a_failing_request_fails_alone(tiny_llama, byte_tokenizer, poison):
     engine = make_engine(tiny_llama, byte_tokenizer)
-    poison_runner(engine.engine.runner, monkeypatch)
+    poison(engine.engine.runner, POISON)
     bad = {"prompt": [10, 11, POISON, 12], "max_tokens": 20, "ignore_eos": True}
 
     async def scenario(client):

@@ -88,3 +88,17 @@ def test_awq_names_the_unsupported_architecture(tmp_path):
 def test_bad_grid_is_refused(build_tiny):
     with pytest.raises(PassError, match="bits must be 4 or 8"):
         build_tiny([{"name": "quant.rtn", "config": {"bits": 3}}], "bad")
+
+
+@pytest.mark.parametrize("name,config", [("quant.awq", {**INT4, "max_rows": 8}), ("quant.smoothquant", {"max_rows": 8})])
+def test_row_sampling_passes_build_the_same_bytes_every_time(tiny_model_dir, tmp_path, make_recipe, name, config):
+    """AWQ and SmoothQuant search their scales on a random sample of input rows (max_rows is far below the
+    calibration rows here): the sample must not depend on torch's global RNG, or two builds of one recipe differ."""
+    import optforge
+
+    outputs = []
+    for run in range(2):
+        torch.manual_seed(run)  # whatever ran before the pass moved the global RNG
+        recipe = make_recipe(tiny_model_dir, tmp_path / f"out{run}", gate_pct=None, passes=[{"name": name, "config": config}])
+        outputs.append(optforge.build(recipe, cache_dir=tmp_path / f"cache{run}").output)
+    assert (outputs[0] / "model.safetensors").read_bytes() == (outputs[1] / "model.safetensors").read_bytes()
