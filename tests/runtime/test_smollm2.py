@@ -89,7 +89,7 @@ def test_64_concurrent_streaming_clients(smollm2):
     from optforge.runtime.async_engine import AsyncEngine
     from optforge.runtime.server import create_app
 
-    llm = LLM(smollm2, EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048))
+    llm = LLM(smollm2, EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048, verify=False))  # a cache entry: no manifest
     engine = AsyncEngine(llm.engine)
 
     async def client(session, url, i):

@@ -25,12 +25,15 @@ def run_pack(src, out, **cfg) -> ModelArtifact:
 
 
 @pytest.fixture(scope="module")
-def tiny_src(tiny_model_dir):
+def tiny_src(tiny_model_dir, tmp_path_factory):
+    """A copy of the tiny model with an optforge layout (the shared folder stays a plain HF folder)."""
+    import shutil
+
     from optforge.artifact import write_layout
 
-    if not (tiny_model_dir / "optforge.json").exists():
-        write_layout(tiny_model_dir, properties={"hf_causal_lm", "float_weights"}, extra={"architecture": "LlamaForCausalLM"})
-    return tiny_model_dir
+    src = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("pack") / "tiny-llama")
+    write_layout(src, properties={"hf_causal_lm", "float_weights"}, extra={"architecture": "LlamaForCausalLM"})
+    return src
 
 
 def test_block_formats_round_trip():
