@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SmolLM2-135M-Instruct quality runs on the GPU machine (issues 4 and 7), after the GGUF has been reassembled.
+# SmolLM2-135M-Instruct quality runs on the GPU machine, after the GGUF has been reassembled.
 #
 #   benchmarks/gpu_smollm2.sh [STEP ...]     STEP: quant | quant-fast | quant-slow | prune | distill | all (default)
 #
