@@ -41,6 +41,10 @@ DATASETS: dict[str, tuple[str, str | None]] = {
     "social_iqa": ("social_i_qa/none", None),
     # One folder per subject below this one; `load_split` concatenates them in subject order.
     "mmlu": ("hails/mmlu_no_train", None),
+    # Generation (exact-match) tasks, see evals/generation_tasks.py.
+    "triviaqa": ("trivia_qa/rc.wikipedia.nocontext", None),
+    "nq_open": ("nq_open/none", None),
+    "basic_arithmetic": ("allenai/basic_arithmetic/none", None),
 }
 
 # Data sets stored as one sub-folder per subject.

@@ -208,18 +208,45 @@ class HFLM:
     # ----------------------------------------------------------------------------------- generation
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[str]:
-        """Greedy continuation of each prompt, one request at a time (eval-sized loads, not serving)."""
+        """Greedy continuation of each prompt, one request at a time (eval-sized loads, not serving), cut at
+        the first stop string; decoding ends once one appears (lm-eval's `until`)."""
+        self.last_tokens = 0
+        outputs = []
+        for req in requests:
+            prompt = self._bos + self._encode(req.prompt)
+            new = self.greedy_tokens(prompt, req.max_new_tokens, stop=req.stop)
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            cuts = [text.index(s) for s in req.stop if s in text]
+            outputs.append(text[: min(cuts)] if cuts else text)
+        return outputs
+
+    def greedy_tokens(self, prompt: list[int], max_new_tokens: int, *, stop: Sequence[str] = ()) -> list[int]:
+        """The greedy continuation's token ids (EOS included when the model emits it), at most
+        `max_new_tokens`, ending early once the decoded continuation contains a stop string."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        prompt = prompt or [self.tokenizer.eos_token_id]
+        ids = torch.tensor([prompt], device=self.device)
+        criteria = StoppingCriteriaList([_StopStrings(self.tokenizer, len(prompt), tuple(stop))]) if stop else None
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.eos_token_id, stopping_criteria=criteria)
+        self.last_tokens += int(out.shape[1])
+        return out[0, len(prompt) :].tolist()
+
+
+class _StopStrings:
+    """A transformers stopping criterion: true once the decoded new tokens contain any stop string (decoded
+    text, not token ids, so a stop that a merge hides inside a longer token still stops)."""
+
+    def __init__(self, tokenizer, prompt_len: int, stop: tuple[str, ...]):
+        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, stop
+
+    def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        outputs = []
-        with torch.inference_mode():
-            for req in requests:
-                ids = torch.tensor([self._encode(req.prompt) or [self.tokenizer.eos_token_id]], device=self.device)
-                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
-                text = self.tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
-                cuts = [text.index(s) for s in req.stop if s in text]
-                outputs.append(text[: min(cuts)] if cuts else text)
-        return outputs
+        done = [any(s in self.tokenizer.decode(row[self.prompt_len :].tolist(), skip_special_tokens=True) for s in self.stop) for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _score(logits, cont: list[int]) -> LoglikelihoodResult:

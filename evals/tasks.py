@@ -19,7 +19,8 @@ sqrt(sample variance / n) over the per-document 0/1 scores.
 | mmlu | hails/mmlu_no_train test, 57 subjects | subject header, question, `A. ..` to `D. ..`, `Answer:` | A, B, C, D | acc |
 
 Winogrande is lm-eval's "partial evaluation": the choices differ in the context and share the continuation,
-so it scores the continuation under each context. BoolQ's passages are also the default perplexity and
+so it scores the continuation under each context. Generation tasks scored by exact match (triviaqa, nq_open,
+basic_arithmetic) live in evals/generation_tasks.py; `get_task` and `evaluate_task` serve both kinds. BoolQ's passages are also the default perplexity and
 calibration text: the recipe validator keeps a boolq task's rows disjoint from calibration rows.
 """
 
@@ -29,10 +30,13 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from optforge.errors import DataError
 from optforge.evals.lm import LM, LoglikelihoodRequest
+
+if TYPE_CHECKING:
+    from optforge.evals.generation_tasks import GenerationTask
 
 TASKS_VERSION = 2  # 2: BOS first for tokenizers that add it (evals/lm.py)
 
@@ -136,15 +140,27 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
-    if name not in TASKS:
+def get_task(name: str) -> "Task | GenerationTask":
+    """A multiple-choice task of TASKS or a generation task of `generation_tasks.GENERATION_TASKS`."""
+    from optforge.evals.generation_tasks import GENERATION_TASKS
+
+    known = {**TASKS, **GENERATION_TASKS}
+    if name not in known:
         from optforge.errors import suggest
 
-        raise DataError(f"unknown task '{name}'.{suggest(name, TASKS)} Known tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+        raise DataError(f"unknown task '{name}'.{suggest(name, known)} Known tasks: {', '.join(sorted(known))}")
+    return known[name]
 
 
-def task_docs(task: Task, rows: tuple[int, int] | None = None, limit: int | None = None) -> tuple[list[dict], int]:
+def task_version(task: "Task | GenerationTask") -> int | str:
+    """What keys a task's cached results besides the model and rows: TASKS_VERSION for multiple choice (so
+    their cache entries stay valid), `gen<GENERATION_VERSION>` for generation tasks."""
+    from optforge.evals.generation_tasks import GENERATION_VERSION, GenerationTask
+
+    return f"gen{GENERATION_VERSION}" if isinstance(task, GenerationTask) else TASKS_VERSION
+
+
+def task_docs(task: "Task | GenerationTask", rows: tuple[int, int] | None = None, limit: int | None = None) -> tuple[list[dict], int]:
     """The task's documents (rows [start, stop), then the first `limit` of those) and the first row's index."""
     from optforge.evals.datasets import load_split
 
@@ -162,7 +178,11 @@ def task_docs(task: Task, rows: tuple[int, int] | None = None, limit: int | None
 
 def evaluate_task(lm: LM, name: str, *, limit: int | None = None, rows: tuple[int, int] | None = None) -> TaskResult:
     """Score every document of task `name` (or rows [start, stop), or the first `limit`) with `lm`."""
+    from optforge.evals.generation_tasks import GenerationTask, evaluate_generation_task
+
     task = get_task(name)
+    if isinstance(task, GenerationTask):
+        return evaluate_generation_task(lm, name, limit=limit, rows=rows)
     docs, first_row = task_docs(task, rows, limit)
     if not docs:
         raise DataError(f"task '{name}': no documents selected (rows={rows}, limit={limit})")
@@ -189,7 +209,7 @@ def evaluate_task(lm: LM, name: str, *, limit: int | None = None, rows: tuple[in
     metrics: dict[str, float] = {}
     for metric in task.metrics:
         scores = [ex["correct" if metric == "acc" else "acc_norm"] for ex in per_example]
-        metrics[metric], metrics[f"{metric}_stderr"] = _mean_stderr(scores)
+        metrics[metric], metrics[f"{metric}_stderr"] = mean_stderr(scores)
     tokens = getattr(lm, "last_tokens", 0)
     config = {"task": name, "dataset": task.dataset, "split": task.split, "rows": [first_row, first_row + len(docs)], "version": TASKS_VERSION}
     return TaskResult(task=name, metrics=metrics, per_example=per_example, n=len(docs), seconds=seconds, tokens=tokens, config=config)
@@ -199,7 +219,7 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: values[i])
 
 
-def _mean_stderr(scores: list[int]) -> tuple[float, float]:
+def mean_stderr(scores: list[int]) -> tuple[float, float]:
     n = len(scores)
     mean = sum(scores) / n
     if n < 2:

@@ -2,7 +2,8 @@
 
 Results are a dict {metric name: result dict}. Every result has `value`, `n`, `seconds` and `per_example`
 (what paired gates compare; stripped from the manifest, kept in the cache). Metric names: `perplexity`, and
-per task `<task>.acc` and `<task>.acc_norm` (where the task defines it).
+per task `<task>.acc` and `<task>.acc_norm` (where the task defines it), or `<task>.exact_match` for generation
+tasks (triviaqa, nq_open, basic_arithmetic); every per-task metric carries 0/1 `per_example["correct"]`.
 """
 
 from __future__ import annotations
@@ -62,12 +63,12 @@ def run_evals(artifact: ModelArtifact, spec: EvalSpec, *, dtype: str, cache: Cac
 
 
 def task_cache_key(artifact: ModelArtifact, task: TaskSpec, dtype: str) -> str:
-    from optforge.evals.tasks import TASKS_VERSION, get_task, task_docs
+    from optforge.evals.tasks import get_task, task_docs, task_version
 
     definition = get_task(task.name)
     docs, first = task_docs(definition, task.rows, task.limit)
     # batch_size changes only speed, so it stays out of the key; the rows actually scored go in.
-    return sha256_json({"model": artifact.digest, "task": task.name, "rows": [first, first + len(docs)], "dtype": dtype, "v": TASKS_VERSION})
+    return sha256_json({"model": artifact.digest, "task": task.name, "rows": [first, first + len(docs)], "dtype": dtype, "v": task_version(definition)})
 
 
 def run_task(artifact: ModelArtifact, task: TaskSpec, *, dtype: str, cache: Cache, model: _LazyModel | None = None, device: str = "cpu", progress: Callable | None = None) -> tuple[dict, bool]:
@@ -92,7 +93,7 @@ def run_task(artifact: ModelArtifact, task: TaskSpec, *, dtype: str, cache: Cach
 
 def task_metrics(result: dict) -> dict[str, dict]:
     """Flatten a TaskResult dict into gate-readable metrics `<task>.<metric>`."""
-    field = {"acc": "correct", "acc_norm": "acc_norm"}
+    field = {"acc": "correct", "acc_norm": "acc_norm", "exact_match": "correct"}
     out = {}
     for metric, value in result["metrics"].items():
         if metric.endswith("_stderr"):

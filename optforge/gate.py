@@ -3,7 +3,7 @@
 Evaluated by the core, never by a pass. A gate names a metric and the largest allowed drop; the drop's
 interval (at the gate's confidence) comes from `optforge.evals.stats`:
 - perplexity: paired bootstrap over passages of log(ppl_new / ppl_base), reported as percent increase;
-- accuracy (`<task>.acc`, `<task>.acc_norm`): Agresti-Min interval on the paired difference in points, with
+- accuracy (`<task>.acc`, `<task>.acc_norm`, `<task>.exact_match`, `prompts.exact_match`): Agresti-Min interval on the paired difference in points, with
   McNemar's exact p-value alongside.
 Verdict: pass when the whole interval is within the threshold, fail when all of it is beyond, else undecided
 with the number of items that would likely decide; the recipe's `on_undecided` says what undecided does.
@@ -62,10 +62,11 @@ class GateResult:
 
 
 def resolve_metric(name: str, available: dict) -> str:
-    """`arc_easy` means `arc_easy.acc_norm` where the task has it, else `arc_easy.acc`."""
+    """`arc_easy` means `arc_easy.acc_norm` where the task has it, else `arc_easy.acc`; `triviaqa` means
+    `triviaqa.exact_match`."""
     if name in available:
         return name
-    for suffix in (".acc_norm", ".acc"):
+    for suffix in (".acc_norm", ".acc", ".exact_match"):
         if name + suffix in available:
             return name + suffix
     raise RecipeError(f"gate metric '{name}' is not computed by this recipe's evals (computed: {', '.join(sorted(available)) or 'none'}); enable it under data.eval")

@@ -69,7 +69,8 @@ class PerplexitySpec(DataSlice):
 
 
 class TaskSpec(_Strict):
-    # Task name, see `optforge.evals.tasks.TASKS` (arc_easy, hellaswag, piqa, winogrande, boolq, ...).
+    # Task name: a multiple-choice task of `optforge.evals.tasks.TASKS` (arc_easy, hellaswag, piqa, winogrande,
+    # boolq, ...) or a generation task of `optforge.evals.generation_tasks` (triviaqa, nq_open, basic_arithmetic).
     name: str
     # Score only the first `limit` documents (of `rows` when given); None scores them all.
     limit: int | None = Field(default=None, gt=0)
@@ -86,8 +87,8 @@ class TaskSpec(_Strict):
 class EvalSpec(_Strict):
     # Perplexity on held-out passages; None disables it.
     perplexity: PerplexitySpec | None = PerplexitySpec()
-    # Multiple-choice tasks scored like lm-evaluation-harness; each adds metrics `<task>.acc` (and
-    # `<task>.acc_norm` where the task defines it), which gates can name.
+    # Tasks scored like lm-evaluation-harness; each adds metrics `<task>.acc` (and `<task>.acc_norm` where the
+    # task defines it), or `<task>.exact_match` for generation tasks, which gates can name.
     tasks: list[TaskSpec] = Field(default_factory=list)
 
     @field_validator("tasks", mode="before")
@@ -106,8 +107,8 @@ class DataSpec(_Strict):
 
 
 class GateSpec(_Strict):
-    # Metric the gate reads: `perplexity`, `<task>.acc`, `<task>.acc_norm`, or `<task>` (its acc_norm where
-    # defined, else acc). The task must be listed under data.eval.tasks.
+    # Metric the gate reads: `perplexity`, `<task>.acc`, `<task>.acc_norm`, `<task>.exact_match`, or `<task>`
+    # (its acc_norm where defined, else acc, else exact_match). The task must be listed under data.eval.tasks.
     metric: str
     # Largest allowed increase of a lower-is-better metric (perplexity), in percent of the baseline.
     max_increase_pct: float | None = Field(default=None, ge=0)
