@@ -104,6 +104,8 @@ def inspect(
     typer.echo(f"source: {src['id']}")
     for name, metric in src.get("metrics", {}).items():
         typer.echo(f"  {name}: {metric['value']:.4f}")
+    if manifest.get("evaluated") is False:
+        typer.echo("quality: not measured (the recipe gates nothing and asks for no eval in data.eval)")
     _print_summary(manifest)
     total = sum(f["bytes"] for f in manifest["files"])
     typer.echo(f"files: {len(manifest['files'])}, {total / 1e6:.1f} MB" + ("  (hashes verified)" if verify else ""))

