@@ -3,18 +3,21 @@
 Results are a dict {metric name: result dict}. Every result has `value`, `n`, `seconds` and `per_example`
 (what paired gates compare; stripped from the manifest, kept in the cache). Metric names: `perplexity`, and
 per task `<task>.acc` and `<task>.acc_norm` (where the task defines it), or `<task>.exact_match` for generation
-tasks (triviaqa, nq_open, basic_arithmetic); every per-task metric carries 0/1 `per_example["correct"]`.
+tasks (triviaqa, nq_open, basic_arithmetic); every per-task metric carries 0/1 `per_example["correct"]`. With
+`data.eval.prompts`: `prompts.exact_match` (0/1 per prompt, gateable) and `prompts.match_tokens`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from optforge.artifact import ModelArtifact
 from optforge.cache import Cache
+from optforge.errors import DataError
 from optforge.hashing import sha256_json
-from optforge.recipe import EvalSpec, TaskSpec
+from optforge.recipe import EvalSpec, PromptsSpec, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ def run_evals(artifact: ModelArtifact, spec: EvalSpec, *, dtype: str, cache: Cac
         task_result, cached = run_task(artifact, task, dtype=dtype, cache=cache, model=model, progress=progress)
         all_cached = all_cached and cached
         results.update(task_metrics(task_result))
+    if spec.prompts is not None:
+        agreement_metrics, cached = run_prompt_agreement(artifact, spec.prompts, dtype=dtype, cache=cache, model=model, device=device)
+        all_cached = all_cached and cached
+        results.update(agreement_metrics)
     return results, all_cached
 
 
@@ -109,6 +116,50 @@ def task_metrics(result: dict) -> dict[str, dict]:
             "per_example": {"correct": [ex[field[metric]] for ex in result["per_example"]]},
         }
     return out
+
+
+def run_prompt_agreement(artifact: ModelArtifact, prompts: PromptsSpec, *, dtype: str, cache: Cache, model: _LazyModel | None = None, device: str = "cpu") -> tuple[dict[str, dict], bool]:
+    """`prompts.exact_match` and `prompts.match_tokens` of `artifact` against the reference model's greedy
+    outputs on the prompts file (see evals/agreement.py); both models' outputs are cached."""
+    from optforge.evals.agreement import agreement, file_sha256
+    from optforge.evals.tasks import mean_stderr
+    from optforge.sources import resolve_source
+
+    if prompts.reference is None:
+        raise DataError("data.eval.prompts has no reference model; a recipe fills in its model.source, a Python caller sets PromptsSpec.reference")
+    reference, _ = resolve_source(prompts.reference, cache)
+    sha = file_sha256(prompts.path)
+    same = reference.digest == artifact.digest
+    ref, ref_cached = _greedy_outputs(reference, prompts, sha, dtype=dtype, cache=cache, model=model if same else None, device=device)
+    out, cached = (ref, ref_cached) if same else _greedy_outputs(artifact, prompts, sha, dtype=dtype, cache=cache, model=model, device=device)
+    exact, matched = agreement(ref["tokens"], out["tokens"])
+    common = {"n": len(exact), "seconds": out["seconds"], "tokens_per_s": None, "reference": reference.digest, "prompts_sha256": sha, "max_tokens": prompts.max_tokens}
+    value, stderr = mean_stderr(exact)
+    mean_match, match_stderr = mean_stderr(matched)
+    log.info("prompts: %d of %d greedy outputs equal the reference's (%.1f tokens agree on average)", sum(exact), len(exact), mean_match)
+    return {
+        "prompts.exact_match": {"metric": "prompts.exact_match", "value": value, "stderr": stderr, **common, "per_example": {"correct": exact}},
+        "prompts.match_tokens": {"metric": "prompts.match_tokens", "value": mean_match, "stderr": match_stderr, **common, "per_example": {"match_tokens": matched}},
+    }, ref_cached and cached
+
+
+def _greedy_outputs(artifact: ModelArtifact, prompts: PromptsSpec, sha: str, *, dtype: str, cache: Cache, model: _LazyModel | None, device: str) -> tuple[dict, bool]:
+    """{"tokens": [[int]], "seconds": float}: the model's greedy outputs on the prompts, from the cache when
+    this model, prompts file and budget were run before."""
+    from optforge.evals.agreement import AGREEMENT_VERSION, greedy_outputs, read_prompts
+
+    key = sha256_json({"greedy": artifact.digest, "prompts": sha, "max_tokens": prompts.max_tokens, "dtype": dtype, "v": AGREEMENT_VERSION})
+    hit = cache.get_json("evals", key)
+    if hit is not None:
+        return hit, True
+    from optforge.evals.lm import HFLM
+
+    loaded, tokenizer = (model or _LazyModel(artifact, dtype, device)).get()
+    started = time.perf_counter()
+    tokens = greedy_outputs(HFLM(loaded, tokenizer), read_prompts(prompts.path), prompts.max_tokens)
+    out = {"tokens": tokens, "seconds": time.perf_counter() - started}
+    cache.put_json("evals", key, out)
+    return out, False
 
 
 def _perplexity(model: _LazyModel, spec: EvalSpec, progress) -> dict:

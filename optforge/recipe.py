@@ -7,7 +7,6 @@ of passes (each with its config and an optional quality gate) and the output dir
 
 from __future__ import annotations
 
-import reprlib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optforge.errors import RecipeError, format_key, suggest
+from optforge.recipe_yaml import read_recipe_yaml, short_repr
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -84,12 +84,27 @@ class TaskSpec(_Strict):
         return start, min(stop, start + self.limit) if self.limit else stop
 
 
+class PromptsSpec(_Strict):
+    # JSONL file of the user's own prompts, one a line: {"prompt": "..."} or {"messages": [...]} (chat
+    # template). Relative to the recipe file (the working directory for Python recipes). Each candidate model
+    # is scored on agreement with the reference's greedy outputs: `prompts.exact_match` (per prompt 1 when
+    # its tokens equal the reference's, gateable like an accuracy: the reference scores 1.0 against itself)
+    # and `prompts.match_tokens` (mean tokens before the first divergence).
+    path: str
+    # New tokens generated greedily per prompt (fewer where the model emits EOS).
+    max_tokens: int = Field(default=64, gt=0)
+    # The model whose greedy outputs are the reference; a recipe fills in its own model (the source).
+    reference: ModelSpec | None = None
+
+
 class EvalSpec(_Strict):
     # Perplexity on held-out passages; None disables it.
     perplexity: PerplexitySpec | None = PerplexitySpec()
     # Tasks scored like lm-evaluation-harness; each adds metrics `<task>.acc` (and `<task>.acc_norm` where the
     # task defines it), or `<task>.exact_match` for generation tasks, which gates can name.
     tasks: list[TaskSpec] = Field(default_factory=list)
+    # Label-free agreement with the source model on the user's prompts; None disables it.
+    prompts: PromptsSpec | None = None
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -109,6 +124,8 @@ class DataSpec(_Strict):
 class GateSpec(_Strict):
     # Metric the gate reads: `perplexity`, `<task>.acc`, `<task>.acc_norm`, `<task>.exact_match`, or `<task>`
     # (its acc_norm where defined, else acc, else exact_match). The task must be listed under data.eval.tasks.
+    # `prompts.exact_match` reads the agreement with the source on data.eval.prompts (e.g. max_drop: 10 lets
+    # at most 10 points of the prompts change their greedy output, at the gate's confidence).
     metric: str
     # Largest allowed increase of a lower-is-better metric (perplexity), in percent of the baseline.
     max_increase_pct: float | None = Field(default=None, ge=0)
@@ -188,8 +205,26 @@ class Recipe(_Strict):
                 self._check_gate_metric(i, gate, tasks)
         return self
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _prompts_reference_is_the_source(cls, data: Any, handler) -> "Recipe":
+        recipe = handler(data)
+        prompts = recipe.data.eval.prompts
+        if prompts is None or prompts.reference is not None:
+            return recipe
+        return recipe.with_prompts(prompts.model_copy(update={"reference": recipe.model}))
+
+    def with_prompts(self, prompts: PromptsSpec) -> "Recipe":
+        evals = self.data.eval.model_copy(update={"prompts": prompts})
+        return self.model_copy(update={"data": self.data.model_copy(update={"eval": evals})})
+
     def _check_gate_metric(self, i: int, gate: GateSpec, tasks: set[str]) -> None:
-        if gate.metric == "perplexity":
+        if gate.metric.split(".")[0] == "prompts":
+            if self.data.eval.prompts is None:
+                raise ValueError(f"passes[{i}].gate reads '{gate.metric}', but data.eval.prompts is not set")
+            if gate.metric not in ("prompts", "prompts.exact_match"):
+                raise ValueError(f"passes[{i}].gate reads '{gate.metric}'; the gateable agreement metric is prompts.exact_match (prompts.match_tokens is reported only)")
+        elif gate.metric == "perplexity":
             if self.data.eval.perplexity is None:
                 raise ValueError(f"passes[{i}].gate reads perplexity, but data.eval.perplexity is disabled")
         elif gate.metric.split(".")[0] not in tasks:
@@ -199,81 +234,13 @@ class Recipe(_Strict):
 # --------------------------------------------------------------------------------------------- loading
 
 
-# A recipe is a few kilobytes; these bounds keep a hostile file from costing memory or a giant error.
-MAX_RECIPE_BYTES = 1 << 20
-MAX_YAML_ALIASES = 64
-MAX_RECIPE_NODES = 100_000
-
-
 def load_recipe(path: str | Path, *, check_passes: bool = True) -> tuple[Recipe, str]:
     """Read and validate a recipe file. Returns the recipe and its exact text (for the manifest).
 
     `check_passes=False` leaves the pass configs to the caller's `pass_.plan_passes` (the build parses
     them once, knowing the device)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found (expected a YAML file, found {'a directory' if path.exists() else 'nothing'})", path=str(path))
-    raw = path.read_bytes()
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"the file has {len(raw)} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes", path=str(path))
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); save the recipe as UTF-8", path=str(path)) from None
-    try:
-        data = yaml.load(text, Loader=_BoundedLoader)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {_short_repr(str(exc), 500)}", path=str(path)) from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"expected a mapping at the top level, found {type(data).__name__}", path=str(path))
-    if _count_nodes(data, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
-        raise RecipeError(f"the recipe expands to more than {MAX_RECIPE_NODES} values (nested aliases?); write it out plainly", path=str(path))
+    data, text = read_recipe_yaml(Path(path))
     return parse_recipe(data, source=str(path), check_passes=check_passes), text
-
-
-def _count_nodes(data: Any, budget: int) -> int:
-    """Values in `data` counted as a walk would see them (shared aliases once per use), stopping past `budget`."""
-    count, stack = 0, [data]
-    while stack and count <= budget:
-        node = stack.pop()
-        count += 1
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-    return count
-
-
-def _bounded_loader():
-    import yaml
-
-    class BoundedLoader(yaml.SafeLoader):
-        """yaml.SafeLoader that refuses more than MAX_YAML_ALIASES aliases (`*name`): a few nested aliases can
-        expand a small file into gigabytes ("billion laughs")."""
-
-        num_aliases = 0
-
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                self.num_aliases += 1
-                if self.num_aliases > MAX_YAML_ALIASES:
-                    raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out instead")
-            return super().compose_node(parent, index)
-
-    return BoundedLoader
-
-
-class _LazyLoader:
-    """Builds the bounded loader class on first use, so importing this module does not import yaml."""
-
-    def __call__(self, stream):
-        return _bounded_loader()(stream)
-
-
-_BoundedLoader = _LazyLoader()
 
 
 def parse_recipe(data: dict, *, source: str = "<python>", check_passes: bool = True) -> Recipe:
@@ -282,11 +249,31 @@ def parse_recipe(data: dict, *, source: str = "<python>", check_passes: bool = T
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise _recipe_error(exc, data, source) from None
+    recipe = _check_prompts_file(recipe, source)
     if check_passes:
         from optforge.pass_ import plan_passes
 
         plan_passes(recipe, source=source)
     return recipe
+
+
+def _check_prompts_file(recipe: Recipe, source: str) -> Recipe:
+    """The recipe with data.eval.prompts.path made absolute (relative to the recipe file), after checking
+    that every line of the file is a prompt."""
+    from optforge.errors import DataError
+    from optforge.evals.agreement import read_prompts
+
+    prompts = recipe.data.eval.prompts
+    if prompts is None:
+        return recipe
+    path = Path(prompts.path).expanduser()
+    if not path.is_absolute():
+        path = (Path(source).parent if Path(source).is_file() else Path.cwd()) / path
+    try:
+        read_prompts(path)
+    except DataError as exc:
+        raise RecipeError(str(exc), path=source, key="data.eval.prompts.path") from None
+    return recipe.with_prompts(prompts.model_copy(update={"path": str(path.resolve())}))
 
 
 def _clean_errors(errors: list[dict]) -> list[dict]:
@@ -314,17 +301,10 @@ def _recipe_error(exc: ValidationError, data: dict, source: str) -> RecipeError:
     elif err["type"] == "missing":
         msg = "required key is missing"
     else:
-        found_text = "" if found is _MISSING else f" (found {_short_repr(found)})"
+        found_text = "" if found is _MISSING else f" (found {short_repr(found)})"
         msg = f"{err['msg']}{found_text}"
     more = f" [{len(errors) - 1} more error(s) after this one]" if len(errors) > 1 else ""
     return RecipeError(msg + more, path=source, key=key or None)
-
-
-def _short_repr(value: Any, limit: int = 200) -> str:
-    short = reprlib.Repr()
-    short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = limit, limit, 8, 8, 3
-    text = short.repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 _MISSING = object()
