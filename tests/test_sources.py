@@ -21,9 +21,9 @@ def test_local_folder_is_normalized_once(tiny_model_dir, cache_dir):
     assert bf16.digest != first.digest and bf16.weight_bytes() < first.weight_bytes()
 
 
-def test_hub_id_resolves_through_the_hf_cache(tiny_model_dir, cache_dir, tmp_path, monkeypatch):
-    # Lay the tiny model out the way huggingface_hub caches a download, then resolve the hub id offline:
-    # this runs the real snapshot_download code path without a network.
+def _offline_hub(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """Lay the tiny model out the way huggingface_hub caches a download of acme/tiny-llama, offline: resolving
+    the hub id then runs the real snapshot_download code path without a network."""
     hub = tmp_path / "hub"
     snapshot = hub / "models--acme--tiny-llama" / "snapshots" / ("0" * 40)
     shutil.copytree(tiny_model_dir, snapshot)
@@ -35,6 +35,10 @@ def test_hub_id_resolves_through_the_hf_cache(tiny_model_dir, cache_dir, tmp_pat
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_id_resolves_through_the_hf_cache(tiny_model_dir, cache_dir, tmp_path, monkeypatch):
+    _offline_hub(tiny_model_dir, tmp_path, monkeypatch)
     artifact, info = resolve_source(ModelSpec(source="hf:acme/tiny-llama"), Cache(cache_dir))
     assert info.kind == "hub" and info.id == "acme/tiny-llama@main"
     local, _ = resolve_source(ModelSpec(source=str(tiny_model_dir)), Cache(cache_dir))
@@ -97,6 +101,14 @@ def test_resolve_model_converts_a_packaged_model_into_the_cache_without_a_manife
     assert path.parent == cache_dir / "sources" and (path / "optforge.json").is_file() and not (path / "manifest.json").exists()
     assert "without verifying" not in caplog.text  # the cache checked the entry; verification was not switched off
     assert resolve_model("pypi:tiny", cache_dir=cache_dir) == path  # converted once
+
+
+def test_resolve_model_converts_a_hub_id_into_the_cache(tiny_model_dir, cache_dir, tmp_path, monkeypatch):
+    from optforge.sources import resolve_model
+
+    _offline_hub(tiny_model_dir, tmp_path, monkeypatch)
+    path = resolve_model("acme/tiny-llama", cache_dir=cache_dir)
+    assert path.parent == cache_dir / "sources" and resolve_model("hf:acme/tiny-llama", cache_dir=cache_dir) == path
 
 
 def test_resolve_model_refuses_what_build_refuses(tmp_path, cache_dir):
