@@ -143,3 +143,15 @@ def test_optforge_eval_runs_triviaqa(tiny_model_dir, cache_dir, tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
     assert set(results) == {"triviaqa.exact_match"} and results["triviaqa.exact_match"]["n"] == 2
+
+
+def test_a_recipe_lists_a_generation_task_and_gates_on_it(tiny_model_dir, tmp_path):
+    from optforge.recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"eval": {"perplexity": None, "tasks": [{"name": "triviaqa", "limit": 100}]}},
+        "passes": [{"name": "quant.int8_weight_only", "gate": {"metric": "triviaqa.exact_match", "max_drop": 5}}],
+        "output": str(tmp_path / "out"),
+    })
+    assert recipe.data.eval.tasks[0].name == "triviaqa" and recipe.passes[0].gates()[0].metric == "triviaqa.exact_match"
