@@ -2,8 +2,8 @@
 
 `LM` is a protocol with two calls, after lm-evaluation-harness's: `loglikelihood` scores a continuation given
 a context; `generate` continues a prompt greedily. `HFLM` implements it for any HF causal LM (and so for any
-optforge artifact through `load_lm`); the serving runtime can implement the same protocol later, so a gate
-can evaluate exactly what will be served.
+optforge artifact through `load_lm`); `RuntimeLM` (evals/runtime_lm.py) implements it over the serving
+runtime, so a gate can evaluate exactly what will be served.
 
 Tokenization follows lm-eval: spaces at the end of a context move to the start of the continuation, and the
 continuation's tokens are those of tokenize(context + continuation) past tokenize(context), so merges across
@@ -57,26 +57,13 @@ class LM(Protocol):
     def generate(self, requests: Sequence[GenerateRequest]) -> list[str]: ...
 
 
-class HFLM:
-    """`LM` over a Hugging Face causal LM and its tokenizer (any object with `encode`/`decode`)."""
+class PairTokenizer:
+    """The tokenization every `LM` here shares (see the module docstring), so two LMs over the same tokenizer
+    score the same token ids. Subclasses set `tokenizer` and `max_length`."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int | None = None, kv_reuse: bool = True, progress: Callable | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        # Longest sequence scored; longer context + continuation pairs lose tokens from the left of the context.
-        self.max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
-        self.kv_reuse = kv_reuse
-        self.progress = progress
-        # Tokens pushed through the model by the last loglikelihood call, and the seconds it took.
-        self.last_tokens = 0
-        self.last_seconds = 0.0
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    # ------------------------------------------------------------------------------------ tokenization
+    tokenizer: object
+    # Longest sequence scored; longer context + continuation pairs lose tokens from the left of the context.
+    max_length: int
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -100,6 +87,32 @@ class HFLM:
         from optforge.evals.perplexity import leading_bos
 
         return leading_bos(self.tokenizer)
+
+    def _truncate(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
+        if not cont:
+            raise ValueError("a loglikelihood request needs a non-empty continuation")
+        cont = cont[-self.max_length :]
+        keep = self.max_length - len(cont) + 1  # the last context token predicts the first continuation token
+        return ctx[-keep:], cont
+
+
+class HFLM(PairTokenizer):
+    """`LM` over a Hugging Face causal LM and its tokenizer (any object with `encode`/`decode`)."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int | None = None, kv_reuse: bool = True, progress: Callable | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+        self.kv_reuse = kv_reuse
+        self.progress = progress
+        # Tokens pushed through the model by the last loglikelihood call, and the seconds it took.
+        self.last_tokens = 0
+        self.last_seconds = 0.0
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
 
     # -------------------------------------------------------------------------------------- scoring
 
@@ -130,13 +143,6 @@ class HFLM:
                 advance(len(idx))
         self.last_seconds = time.perf_counter() - started
         return results  # type: ignore[return-value]
-
-    def _truncate(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
-        if not cont:
-            raise ValueError("a loglikelihood request needs a non-empty continuation")
-        cont = cont[-self.max_length :]
-        keep = self.max_length - len(cont) + 1  # the last context token predicts the first continuation token
-        return ctx[-keep:], cont
 
     def _score_whole(self, pairs: list[tuple[list[int], list[int]]]) -> list[LoglikelihoodResult]:
         """One batch of full sequences, right-padded: (B, T) -> log-probs of each continuation."""

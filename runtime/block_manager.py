@@ -75,7 +75,10 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_table:
             return []
         hits, prev = [], None
-        for start in range(0, len(seq) - self.block_size + 1, self.block_size):
+        scored_from = seq.params.prompt_logprobs_from
+        # A scored prompt runs from the position whose logits predict its first scored token.
+        num_cacheable = len(seq) if scored_from is None else min(len(seq), scored_from - 1)
+        for start in range(0, num_cacheable - self.block_size + 1, self.block_size):
             tokens = tuple(seq.token_ids[start : start + self.block_size])
             prev = block_hash(prev, tokens)
             block_id = self.cached_blocks.get(prev)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from optforge.errors import ArtifactError, UserInputError
+from optforge.runtime.prompt_scoring import prompt_positions_to_score, record_prompt_logprobs
 from optforge.runtime.sampler import Sampler
 from optforge.runtime.scheduler import ScheduledBatch
 
@@ -55,17 +56,21 @@ class CppModelRunner:
         """One scheduled step through the C++ forward; returns {seq_id: token} for sequences that completed a chunk."""
         for src, dst in batch.block_copies:
             self.step_runner.copy_block(src, dst)
-        tokens, positions, seq_of, logits_for, sampled = [], [], [], [], []
+        tokens, positions, seq_of, logits_for, sampled, scored = [], [], [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
+            scored += [(seq, len(tokens) + pos - start, pos + 1) for pos in prompt_positions_to_score(seq, n)]
             tokens.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             seq_of.extend([i] * n)
             if start + n == len(seq):
                 logits_for.append(len(tokens) - 1)
                 sampled.append(seq)
-        logits = self.step_runner.forward(tokens, positions, seq_of, [seq.block_table for seq in batch.seqs], logits_for)
+        logits = self.step_runner.forward(tokens, positions, seq_of, [seq.block_table for seq in batch.seqs], logits_for + [row for _, row, _ in scored])
+        logits = torch.from_numpy(logits)
+        if scored:  # the prompt's scored positions cost only their rows of the vocabulary projection
+            record_prompt_logprobs(logits[len(logits_for) :], scored)
         if not sampled:
             return {}
-        picked = self.sampler(torch.from_numpy(logits), sampled)
+        picked = self.sampler(logits[: len(logits_for)], sampled)
         return {seq.seq_id: token for seq, token in zip(sampled, picked)}

@@ -85,6 +85,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[dict] = field(default_factory=list)
     error: str | None = None  # why the request failed, where finish_reason is "error"
+    prompt_logprobs: dict[int, tuple[float, bool]] = field(default_factory=dict)  # SamplingParams.prompt_logprobs_from
 
 
 class Engine:
@@ -302,7 +303,7 @@ class Engine:
             token_ids = token_ids[:-1]  # the stop token itself is not part of the text
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         return RequestOutput(seq.request_id, seq.token_ids[: seq.num_prompt_tokens], list(seq.output_token_ids), cut_at_stop(text, seq.params.stop),
-                             seq.finish_reason, seq.num_cached_tokens, seq.logprobs, seq.error)
+                             seq.finish_reason, seq.num_cached_tokens, seq.logprobs, seq.error, dict(seq.prompt_logprobs))
 
 
 def _cpp_engine(path: Path, config: EngineConfig) -> tuple[Engine, object]:

@@ -19,8 +19,10 @@ from optforge.runtime.attention import PagedAttention, slot
 from optforge.runtime.cuda_graphs import DecodeGraphs
 from optforge.runtime.decoder import Decoder
 from optforge.runtime.kernels.decode_options import DecodeKernelOptions
+from optforge.runtime.prompt_scoring import prompt_positions_to_score, record_prompt_logprobs
 from optforge.runtime.sampler import Sampler
 from optforge.runtime.scheduler import ScheduledBatch
+from optforge.runtime.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +106,10 @@ class ModelRunner:
         """Run one scheduled step; returns {seq_id: sampled token} for sequences whose chunk ended their tokens."""
         self._copy_blocks(batch)
         ids, positions, slots, sample_rows = [], [], [], []
+        scored: list[tuple[Sequence, int, int]] = []  # (sequence, row, position of the prompt token its logits predict)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
+            scored += [(seq, len(ids) + pos - start, pos + 1) for pos in prompt_positions_to_score(seq, n)]
             ids.extend(seq.token_ids[start : start + n])
             for pos in range(start, start + n):
                 positions.append(pos)
@@ -114,10 +118,13 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
         sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         greedy = None
-        if batch.is_decode_only and self._graph_size(len(batch)):
+        if batch.is_decode_only and self._graph_size(len(batch)) and not scored:
             logits, greedy = self.graphs.replay(batch.seqs, ids)
         else:
-            logits = self._forward_eager(batch, ids, positions, slots, sample_rows)
+            logits = self._forward_eager(batch, ids, positions, slots, sample_rows + [row for _, row, _ in scored])
+            if scored:
+                record_prompt_logprobs(logits[len(sample_rows) :], scored)
+                logits = logits[: len(sample_rows)]
         if not sampled_seqs:
             return {}
         tokens = self.sampler(logits, sampled_seqs, greedy)
@@ -180,3 +187,4 @@ class ModelRunner:
             return self.decoder.forward_decode(self.kv_cache, ids, positions, slots, block_tables, context_lens, self.kernel_options)
         attend = self.attention.paged(block_tables, context_lens)
         return self.decoder.logits(self.decoder.forward(self.kv_cache, ids, positions, slots, attend))
+

@@ -59,8 +59,9 @@ def _logprobs(raw: torch.Tensor, token: int, top_n: int) -> dict:
 
 
 def takes_raw_argmax(params: SamplingParams) -> bool:
-    """Whether a request's next token is the argmax of the raw logits: greedy, no penalty, no logprobs."""
-    return params.is_greedy and params.repetition_penalty == 1.0 and params.logprobs is None
+    """Whether a request's next token is the argmax of the raw logits: greedy, no penalty, no logprobs (of its
+    output or its prompt: a launched step returns only tokens)."""
+    return params.is_greedy and params.repetition_penalty == 1.0 and params.logprobs is None and params.prompt_logprobs_from is None
 
 
 class Sampler:

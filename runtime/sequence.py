@@ -31,6 +31,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the tokenizer's eos
     ignore_eos: bool = False  # keep going past eos (benchmarks need exact output lengths)
     logprobs: int | None = None  # also return the log-probability of the chosen token and the top-n
+    # Also score the prompt: the log-probability of every prompt token from this position on (>= 1), given
+    # the tokens before it (evals' loglikelihood). The prefix cache then serves only whole blocks before
+    # position `prompt_logprobs_from - 1`, whose logits predict the first scored token. None: no scoring.
+    prompt_logprobs_from: int | None = None
 
     def __post_init__(self):
         numbers = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
@@ -43,6 +47,7 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs_from is None or self.prompt_logprobs_from >= 1, "prompt_logprobs_from must be >= 1 or null"),
         ]
         for ok, message in checks:
             if not ok:
@@ -79,6 +84,9 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (its step failed; see `error`)
     error: str | None = None  # why the engine gave up on this request, where finish_reason is "error"
     logprobs: list[dict] = field(default_factory=list)
+    # With params.prompt_logprobs_from: position -> (log-probability of the prompt token there, whether it is
+    # the argmax of its logits), filled by the runner as prefill chunks run (a recompute writes the same keys).
+    prompt_logprobs: dict[int, tuple[float, bool]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.token_ids:
