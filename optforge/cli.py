@@ -61,6 +61,10 @@ def build(
 
 
 def _gate_line(gate: dict) -> str:
+    if gate.get("kind") == "speed":
+        from optforge.speed import describe_speed
+
+        return describe_speed(gate)
     line = f"{gate['metric']} baseline {gate['baseline']:.4f}, measured {gate['measured']:.4f} ({gate['change_pct']:+.2f}%)"
     if gate["method"] == "not finite":
         return f"{line}: {gate['rule']}"
@@ -75,11 +79,12 @@ def _print_summary(manifest: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{manifest['name']}: passes")
-    for col in ("pass", "seconds", "cached", "weight MB", "gate"):
+    for col in ("pass", "seconds", "cached", "weight MB", "quality", "speed"):
         table.add_column(col)
     for rec in manifest["passes"]:
-        verdict = "\n".join(("[green]pass[/] " if g["passed"] else "[red]fail[/] ") + _gate_line(g) for g in rec["gates"]) or "-"
-        table.add_row(rec["name"], f"{rec['seconds']:.1f}", "yes" if rec["cached"] else "no", f"{rec['weight_bytes'] / 1e6:.1f}", verdict)
+        cells = ["\n".join(("[green]pass[/] " if g["passed"] else "[red]fail[/] ") + _gate_line(g) for g in rec["gates"] if (g.get("kind") == "speed") == speed) or "-"
+                 for speed in (False, True)]
+        table.add_row(rec["name"], f"{rec['seconds']:.1f}", "yes" if rec["cached"] else "no", f"{rec['weight_bytes'] / 1e6:.1f}", *cells)
     stderr_console().print(table)
 
 

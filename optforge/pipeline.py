@@ -16,7 +16,9 @@ from optforge.evaluation import metric_summaries, run_evals
 from optforge.gate import evaluate_gate
 from optforge.pass_ import Pass, plan_passes
 from optforge.recipe import EvalSpec, PassSpec, Recipe
+from optforge.recipe_speed import is_speed_metric
 from optforge.report import write_junit, write_reports
+from optforge.speed import speed_gates
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ class PassRecord:
     gate: dict | None = None  # the failing gate, else the first one (what single-gate readers show)
     gates: list[dict] = field(default_factory=list)
     weight_bytes: int = 0
+    # Speed gate results (ratio, interval, the workload and the machine that measured them); timings hold
+    # only for that machine.
+    speed: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -46,6 +51,7 @@ class PassRecord:
             "gate": self.gate,
             "gates": self.gates,
             "weight_bytes": self.weight_bytes,
+            "speed": self.speed,
         }
 
 
@@ -67,6 +73,8 @@ class _Build:
     # The recipe's calibration slice as JSON (enters the cache key of passes that calibrate).
     calibration: dict | None
     source_metrics: dict
+    # The source model (what `baseline: source` gates, speed gates included, compare against).
+    source: ModelArtifact
     # The evals every model of the build gets (see `eval_plan`); None measures nothing.
     evals: EvalSpec | None
     # Who asked for those evals, named when their data cannot be read.
@@ -83,7 +91,7 @@ def eval_plan(recipe: Recipe) -> tuple[EvalSpec | None, str]:
     The recipe's data.eval where it gives one (the report shows it); else the default perplexity where a gate
     reads it (without data.eval, only perplexity can be gated); else none, so a recipe with no gate and no
     data.eval needs no eval data."""
-    gates = [f"passes[{i}].gate ({spec.name}) reads {gate.metric}" for i, spec in enumerate(recipe.passes) for gate in spec.gates()]
+    gates = [f"passes[{i}].gate ({spec.name}) reads {gate.metric}" for i, spec in enumerate(recipe.passes) for gate in spec.gates() if not is_speed_metric(gate.metric)]
     explicit = "data" in recipe.model_fields_set and "eval" in recipe.data.model_fields_set
     if not explicit and not gates:
         return None, "no gate and no data.eval"
@@ -144,7 +152,7 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
         log.warning("no quality was measured (%s)", evals_for)
     source_metrics = _measure(source, evals, evals_for, recipe.model.dtype, cache, device, progress)
     shared = _Build(recipe=recipe, cache=cache, device=device, progress=progress, calibration=calibration, source_metrics=source_metrics,
-                    evals=evals, evals_for=evals_for)
+                    source=source, evals=evals, evals_for=evals_for)
     current, current_metrics = source, source_metrics
     records: list[PassRecord] = []
     try:
@@ -192,7 +200,13 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
     record.weight_bytes = result.weight_bytes()
     metrics = shared.measure(result)
     record.metrics = metrics
-    results = [evaluate_gate(g, shared.source_metrics if g.baseline == "source" else current_metrics, metrics) for g in spec.gates()]
+    quality = [g for g in spec.gates() if not is_speed_metric(g.metric)]
+    results = [evaluate_gate(g, shared.source_metrics if g.baseline == "source" else current_metrics, metrics) for g in quality]
+    if all(r.passed for r in results) and len(quality) < len(spec.gates()):  # time only what passed on quality
+        timed = speed_gates([g for g in spec.gates() if is_speed_metric(g.metric)], lambda g: shared.source if g.baseline == "source" else current,
+                            result, recipe.data.speed, dtype=recipe.model.dtype, cache=cache)
+        record.speed = [r.to_dict() for r in timed]
+        results += timed
     record.gates = [r.to_dict() for r in results]
     failed = [r for r in results if not r.passed]
     if results:

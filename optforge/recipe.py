@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optforge.errors import RecipeError, format_key, suggest
+from optforge.recipe_speed import SpeedSpec, is_speed_metric
 from optforge.recipe_yaml import read_recipe_yaml, short_repr
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -119,6 +120,8 @@ class DataSpec(_Strict):
     # Text for passes that calibrate (AWQ, GPTQ, SmoothQuant, Wanda, ...). Must not overlap eval rows.
     calibration: CalibrationSpec | None = CalibrationSpec(rows=(2000, 2128))
     eval: EvalSpec = EvalSpec()
+    # The workload speed gates measure (optforge.recipe_speed); None when no gate reads a speed metric.
+    speed: SpeedSpec | None = None
 
 
 class GateSpec(_Strict):
@@ -133,6 +136,11 @@ class GateSpec(_Strict):
     max_drop: float | None = Field(default=None, ge=0)
     # Largest allowed drop of a higher-is-better metric, in percent of the baseline.
     max_drop_pct: float | None = Field(default=None, ge=0)
+    # Speed metrics (decode_tok_s, ttft_p90_s, ... see optforge.recipe_speed): the smallest speedup a pass must
+    # show over its baseline (1.2: 20% faster) or the largest slowdown it may show (1.05: at most 5% slower);
+    # a speedup is oriented so > 1 is better, for higher- and lower-is-better metrics alike.
+    min_speedup: float | None = Field(default=None, gt=0)
+    max_slowdown: float | None = Field(default=None, ge=1)
     # Two-sided confidence of the interval on the paired difference; the gate passes only when the whole
     # interval is within the threshold and fails only when the whole interval is beyond it.
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
@@ -143,7 +151,13 @@ class GateSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "GateSpec":
-        given = [k for k in ("max_increase_pct", "max_drop", "max_drop_pct") if getattr(self, k) is not None]
+        given = [k for k in ("max_increase_pct", "max_drop", "max_drop_pct", "min_speedup", "max_slowdown") if getattr(self, k) is not None]
+        if is_speed_metric(self.metric):
+            if given not in (["min_speedup"], ["max_slowdown"]):
+                raise ValueError(f"speed metric '{self.metric}' needs exactly one threshold: min_speedup (e.g. 1.2) or max_slowdown (e.g. 1.05); found {', '.join(given) or 'none'}")
+            return self
+        if set(given) & {"min_speedup", "max_slowdown"}:
+            raise ValueError(f"'{self.metric}' is a quality metric: min_speedup and max_slowdown apply to speed metrics only")
         if len(given) != 1:
             found = f"found {', '.join(given)}" if given else "found none"
             raise ValueError(f"a gate needs exactly one threshold: max_increase_pct (perplexity), max_drop (points) or max_drop_pct ({found})")
@@ -219,7 +233,10 @@ class Recipe(_Strict):
         return self.model_copy(update={"data": self.data.model_copy(update={"eval": evals})})
 
     def _check_gate_metric(self, i: int, gate: GateSpec, tasks: set[str]) -> None:
-        if gate.metric.split(".")[0] == "prompts":
+        if is_speed_metric(gate.metric):
+            if self.data.speed is None:
+                raise ValueError(f"passes[{i}].gate reads speed metric '{gate.metric}', but data.speed declares no workload (e.g. data.speed: {{input_len: 64, output_len: 32, repeats: 5}})")
+        elif gate.metric.split(".")[0] == "prompts":
             if self.data.eval.prompts is None:
                 raise ValueError(f"passes[{i}].gate reads '{gate.metric}', but data.eval.prompts is not set")
             if gate.metric not in ("prompts", "prompts.exact_match"):

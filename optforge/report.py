@@ -20,6 +20,10 @@ def _unit(gate: dict) -> str:
 
 
 def _delta(gate: dict) -> str:
+    if gate.get("kind") == "speed":
+        if gate["method"] == "not finite":
+            return "not measured"
+        return f"speedup {gate['speedup']:.3f}x [{gate['speedup_low']:.3f}, {gate['speedup_high']:.3f}] (required {gate['required']:.3f}x)"
     u = _unit(gate)
     return f"{gate['drop']:+.2f}{u} [{gate['ci_low']:+.2f}, {gate['ci_high']:+.2f}] (allowed {gate['max_drop']:.2f}{u})"
 
@@ -27,7 +31,8 @@ def _delta(gate: dict) -> str:
 def _verdict(gate: dict) -> str:
     verdict = gate["verdict"]
     if verdict == "undecided":
-        need = f", ~{gate['needed_n']} items would decide" if gate["needed_n"] else ""
+        unit = "repeats" if gate.get("kind") == "speed" else "items"
+        need = f", ~{gate['needed_n']} {unit} would decide" if gate["needed_n"] else ""
         return f"undecided ({'passes' if gate['passed'] else 'fails'} by on_undecided{need})"
     return verdict
 
@@ -37,8 +42,34 @@ def gate_rows(records: list[dict]) -> list[dict]:
     return [{"pass": r["name"], "index": i, "gate": g} for i, r in enumerate(records) for g in r["gates"]]
 
 
+def _cell(gates: list[dict]) -> str:
+    return "<br>".join(f"{g['metric']}: {_delta(g)}: {_verdict(g)}" for g in gates) or "-"
+
+
+def summary_rows(records: list[dict]) -> list[tuple[str, str, str]]:
+    """Per pass: (name, its quality gates, its speed gates), side by side."""
+    return [(r["name"], _cell([g for g in r["gates"] if g.get("kind") != "speed"]), _cell([g for g in r["gates"] if g.get("kind") == "speed"])) for r in records]
+
+
+def _speed_lines(rec: dict) -> list[str]:
+    speed = rec.get("speed") or []
+    if not speed:
+        return []
+    lines = ["", "| speed metric | baseline | measured | speedup [CI] | verdict |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {g['metric']} | {g['baseline']:.4g} | {g['measured']:.4g} | {_delta(g)} | {_verdict(g)} |" for g in speed]
+    m, w = speed[0]["machine"], speed[0]["workload"]
+    lines.append(f"\nSpeed measured on {m.get('cpu')} ({m.get('cores')} cores{', ' + m['gpu'] if m.get('gpu') else ''}, torch {m.get('torch')}), "
+                 f"{w['backend']} on {w['device']}: {w['num_requests']} requests of {w['input_len']} in / {w['output_len']} out, concurrency {w['concurrency']}, "
+                 f"threads {w['threads'] or 'default'}, {speed[0]['n']} interleaved rounds{' (cached)' if speed[0].get('cached') else ''}; method {speed[0]['method']}")
+    return lines
+
+
 def markdown(name: str, source_metrics: dict, records: list[dict]) -> str:
-    lines = [f"# {name}: build report", "", "## Source model", "", "| metric | value | stderr | n |", "| --- | --- | --- | --- |"]
+    lines = [f"# {name}: build report"]
+    if records:
+        lines += ["", "## Quality and speed per pass", "", "| pass | quality | speed |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {q} | {s} |" for n, q, s in summary_rows(records)]
+    lines += ["", "## Source model", "", "| metric | value | stderr | n |", "| --- | --- | --- | --- |"]
     for metric, res in sorted(source_metrics.items()):
         stderr = res.get("stderr")
         lines.append(f"| {metric} | {res['value']:.4f} | {'' if stderr is None else f'{stderr:.4f}'} | {res.get('n', '')} |")
@@ -46,17 +77,18 @@ def markdown(name: str, source_metrics: dict, records: list[dict]) -> str:
         lines += ["", f"## Pass {i}: {rec['name']}", "", f"{rec['seconds']:.1f} s{' (cached)' if rec.get('cached') else ''}, weights {rec['weight_bytes'] / 1e6:.1f} MB", ""]
         lines += ["| metric | value | n |", "| --- | --- | --- |"]
         lines += [f"| {m} | {res['value']:.4f} | {res.get('n', '')} |" for m, res in sorted(rec.get("metrics", {}).items())]
-        gate = rec.get("gate")
+        gate = next((g for g in rec.get("gates", []) if g.get("kind") != "speed"), None)
         if gate:
             lines += ["", "| gate metric | baseline | measured | drop [CI] | verdict |", "| --- | --- | --- | --- | --- |"]
             lines.append(f"| {gate['metric']} | {gate['baseline']:.4f} | {gate['measured']:.4f} | {_delta(gate)} | {_verdict(gate)} |")
             lines.append(f"\nRule: {gate['rule']}" + f"; method {gate['method']}" + (f"; McNemar p = {gate['p_value']:.3g}" if gate["p_value"] is not None else ""))
+        lines += _speed_lines(rec)
     return "\n".join(lines) + "\n"
 
 
 def delta_plot_svg(records: list[dict], *, width: int = 640, row_height: int = 28) -> str:
     """Each gate's drop as a dot with its interval, scaled to its own allowed drop (the dashed line at 1)."""
-    rows = gate_rows(records)
+    rows = [r for r in gate_rows(records) if r["gate"].get("kind") != "speed"]  # speed gates are ratios, not drops
     if not rows:
         return ""
     left, right, top = 220, 20, 24
@@ -112,7 +144,7 @@ def write_junit(path: Path, name: str, records: list[dict], failed: tuple[str, d
     suite = ET.Element("testsuite", name=f"optforge gates: {name}", tests=str(len(rows)), failures=str(sum(not g["passed"] for _, g in rows)))
     for pass_name, gate in rows:
         case = ET.SubElement(suite, "testcase", classname=f"optforge.{name}", name=f"{pass_name} [{gate['metric']}]")
-        text = f"{gate['metric']}: baseline {gate['baseline']:.4f}, measured {gate['measured']:.4f}, drop {_delta(gate)}: {_verdict(gate)}; {gate['rule']}"
+        text = f"{gate['metric']}: baseline {gate['baseline']:.4f}, measured {gate['measured']:.4f}, {'' if gate.get('kind') == 'speed' else 'drop '}{_delta(gate)}: {_verdict(gate)}; {gate['rule']}"
         if not gate["passed"]:
             ET.SubElement(case, "failure", message=_verdict(gate)).text = text
         else:

@@ -73,6 +73,9 @@ def bench_runtime(engine, workload: Workload) -> dict:
         "total_tok_s": workload.num_requests * (workload.input_len + workload.output_len) / elapsed,
         "ttft_s": percentiles(list(first.values())),
         "itl_s": percentiles(gaps),
+        # means, for rates: per-stream decode tokens/s is 1 / itl_mean_s (what optforge.speed gates read)
+        "ttft_mean_s": sum(first.values()) / len(first) if first else float("nan"),
+        "itl_mean_s": sum(gaps) / len(gaps) if gaps else float("nan"),
         "steps": engine.num_steps,
         "preemptions": engine.scheduler.num_preemptions,
     }
