@@ -125,6 +125,7 @@ def eval_cmd(
     rows: str = typer.Option("0:40", help="BoolQ validation rows START:STOP for perplexity."),
     max_length: int = typer.Option(256, help="Tokens per passage (perplexity)."),
     batch_size: int = typer.Option(16, help="Sequences per forward pass (tasks)."),
+    backend: str = typer.Option("hf", "--backend", help="What scores the tasks: hf (the HF modules), runtime (the serving runtime, as `optforge serve` runs the model) or cpp (the runtime over the C++ kernels)."),
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results (with per-example values) to this file."),
@@ -141,7 +142,7 @@ def eval_cmd(
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         start, stop = (int(x) for x in rows.split(":"))
         ppl = PerplexitySpec(rows=(start, stop), max_length=max_length) if "perplexity" in names else None
-        spec = EvalSpec(perplexity=ppl, tasks=[TaskSpec(name=n, limit=limit, batch_size=batch_size) for n in names if n != "perplexity"])
+        spec = EvalSpec(perplexity=ppl, tasks=[TaskSpec(name=n, limit=limit, batch_size=batch_size) for n in names if n != "perplexity"], backend=backend)
         for task in spec.tasks:
             from optforge.evals.tasks import get_task
 

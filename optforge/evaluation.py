@@ -4,7 +4,8 @@ Results are a dict {metric name: result dict}. Every result has `value`, `n`, `s
 (what paired gates compare; stripped from the manifest, kept in the cache). Metric names: `perplexity`, and
 per task `<task>.acc` and `<task>.acc_norm` (where the task defines it), or `<task>.exact_match` for generation
 tasks (triviaqa, nq_open, basic_arithmetic); every per-task metric carries 0/1 `per_example["correct"]`. With
-`data.eval.prompts`: `prompts.exact_match` (0/1 per prompt, gateable) and `prompts.match_tokens`.
+`data.eval.prompts`: `prompts.exact_match` (0/1 per prompt, gateable) and `prompts.match_tokens`. Every result
+names the `backend` that produced it (`data.eval.backend`: hf, runtime or cpp; perplexity is always hf).
 """
 
 from __future__ import annotations
@@ -34,6 +35,22 @@ class _LazyModel:
     def __init__(self, artifact: ModelArtifact, dtype: str, device: str):
         self.artifact, self.dtype, self.device = artifact, dtype, device
         self._loaded = None
+        self._runtime = None  # a RuntimeLM, loaded by the serving runtime (backend runtime or cpp)
+
+    def lm(self, backend: str, *, batch_size: int = 16, progress: Callable | None = None):
+        """The eval `LM` of `backend`: an HFLM over the HF modules, or a RuntimeLM as `optforge serve` loads it."""
+        if backend == "hf":
+            from optforge.evals.lm import HFLM
+
+            loaded, tokenizer = self.get()
+            return HFLM(loaded, tokenizer, batch_size=batch_size, progress=progress)
+        if self._runtime is None:
+            from optforge.evals.runtime_lm import RuntimeLM
+
+            runner = {"runtime": "torch", "cpp": "cpp"}[backend]
+            self._runtime = RuntimeLM.from_path(self.artifact.path, dtype=self.dtype, device=self.device, backend=runner)
+        self._runtime.progress = progress
+        return self._runtime
 
     def get(self):
         if self._loaded is None:
@@ -57,41 +74,46 @@ def run_evals(artifact: ModelArtifact, spec: EvalSpec, *, dtype: str, cache: Cac
             all_cached = False
             hit = _perplexity(model, spec, progress)
             cache.put_json("evals", key, hit)
-        results["perplexity"] = hit
+        results["perplexity"] = {**hit, "backend": "hf"}
     for task in spec.tasks:
-        task_result, cached = run_task(artifact, task, dtype=dtype, cache=cache, model=model, progress=progress)
+        task_result, cached = run_task(artifact, task, dtype=dtype, cache=cache, model=model, progress=progress, backend=spec.backend)
         all_cached = all_cached and cached
         results.update(task_metrics(task_result))
     if spec.prompts is not None:
-        agreement_metrics, cached = run_prompt_agreement(artifact, spec.prompts, dtype=dtype, cache=cache, model=model, device=device)
+        agreement_metrics, cached = run_prompt_agreement(artifact, spec.prompts, dtype=dtype, cache=cache, model=model, device=device, backend=spec.backend)
         all_cached = all_cached and cached
         results.update(agreement_metrics)
     return results, all_cached
 
 
-def task_cache_key(artifact: ModelArtifact, task: TaskSpec, dtype: str) -> str:
+def _backend_key(backend: str) -> dict:
+    """The backend's part of an eval cache key: nothing for hf, so results cached before backends existed hold."""
+    return {} if backend == "hf" else {"backend": backend}
+
+
+def task_cache_key(artifact: ModelArtifact, task: TaskSpec, dtype: str, backend: str = "hf") -> str:
     from optforge.evals.tasks import get_task, task_docs, task_version
 
     definition = get_task(task.name)
     docs, first = task_docs(definition, task.rows, task.limit)
     # batch_size changes only speed, so it stays out of the key; the rows actually scored go in.
-    return sha256_json({"model": artifact.digest, "task": task.name, "rows": [first, first + len(docs)], "dtype": dtype, "v": task_version(definition)})
+    return sha256_json({"model": artifact.digest, "task": task.name, "rows": [first, first + len(docs)], "dtype": dtype, "v": task_version(definition), **_backend_key(backend)})
 
 
-def run_task(artifact: ModelArtifact, task: TaskSpec, *, dtype: str, cache: Cache, model: _LazyModel | None = None, device: str = "cpu", progress: Callable | None = None) -> tuple[dict, bool]:
-    """One task's TaskResult as a dict, from the cache when this model and rows were scored before."""
-    key = task_cache_key(artifact, task, dtype)
+def run_task(artifact: ModelArtifact, task: TaskSpec, *, dtype: str, cache: Cache, model: _LazyModel | None = None, device: str = "cpu",
+             progress: Callable | None = None, backend: str = "hf") -> tuple[dict, bool]:
+    """One task's TaskResult as a dict (with the `backend` that scored it), from the cache when this model,
+    rows and backend were scored before."""
+    key = task_cache_key(artifact, task, dtype, backend)
     hit = cache.get_json("evals", key)
     if hit is not None:
         log.info("%s: cached (%s)", task.name, key[:12])
-        return hit, True
-    from optforge.evals.lm import HFLM
+        return {**hit, "backend": backend}, True
     from optforge.evals.tasks import evaluate_task
 
-    loaded, tokenizer = (model or _LazyModel(artifact, dtype, device)).get()
-    lm = HFLM(loaded, tokenizer, batch_size=task.batch_size, progress=progress)
+    lm = (model or _LazyModel(artifact, dtype, device)).lm(backend, batch_size=task.batch_size, progress=progress)
     result = evaluate_task(lm, task.name, limit=task.limit, rows=task.rows)
-    out = result.to_dict()
+    out = {**result.to_dict(), "backend": backend}
     cache.put_json("evals", key, out)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if not k.endswith("_stderr"))
     log.info("%s: %s on %d documents (%.1fs, %.0f tok/s)", task.name, summary, result.n, result.seconds, result.tokens_per_s or 0.0)
@@ -113,14 +135,16 @@ def task_metrics(result: dict) -> dict[str, dict]:
             "seconds": result["seconds"],
             "tokens_per_s": result.get("tokens_per_s"),
             "rows": result["config"]["rows"],
+            "backend": result.get("backend", "hf"),
             "per_example": {"correct": [ex[field[metric]] for ex in result["per_example"]]},
         }
     return out
 
 
-def run_prompt_agreement(artifact: ModelArtifact, prompts: PromptsSpec, *, dtype: str, cache: Cache, model: _LazyModel | None = None, device: str = "cpu") -> tuple[dict[str, dict], bool]:
+def run_prompt_agreement(artifact: ModelArtifact, prompts: PromptsSpec, *, dtype: str, cache: Cache, model: _LazyModel | None = None, device: str = "cpu",
+                         backend: str = "hf") -> tuple[dict[str, dict], bool]:
     """`prompts.exact_match` and `prompts.match_tokens` of `artifact` against the reference model's greedy
-    outputs on the prompts file (see evals/agreement.py); both models' outputs are cached."""
+    outputs on the prompts file (see evals/agreement.py), both decoded by `backend`; both are cached."""
     from optforge.evals.agreement import agreement, file_sha256
     from optforge.evals.tasks import mean_stderr
     from optforge.sources import resolve_source
@@ -130,10 +154,10 @@ def run_prompt_agreement(artifact: ModelArtifact, prompts: PromptsSpec, *, dtype
     reference, _ = resolve_source(prompts.reference, cache)
     sha = file_sha256(prompts.path)
     same = reference.digest == artifact.digest
-    ref, ref_cached = _greedy_outputs(reference, prompts, sha, dtype=dtype, cache=cache, model=model if same else None, device=device)
-    out, cached = (ref, ref_cached) if same else _greedy_outputs(artifact, prompts, sha, dtype=dtype, cache=cache, model=model, device=device)
+    ref, ref_cached = _greedy_outputs(reference, prompts, sha, dtype=dtype, cache=cache, model=model if same else None, device=device, backend=backend)
+    out, cached = (ref, ref_cached) if same else _greedy_outputs(artifact, prompts, sha, dtype=dtype, cache=cache, model=model, device=device, backend=backend)
     exact, matched = agreement(ref["tokens"], out["tokens"])
-    common = {"n": len(exact), "seconds": out["seconds"], "tokens_per_s": None, "reference": reference.digest, "prompts_sha256": sha, "max_tokens": prompts.max_tokens}
+    common = {"n": len(exact), "seconds": out["seconds"], "tokens_per_s": None, "reference": reference.digest, "prompts_sha256": sha, "max_tokens": prompts.max_tokens, "backend": backend}
     value, stderr = mean_stderr(exact)
     mean_match, match_stderr = mean_stderr(matched)
     log.info("prompts: %d of %d greedy outputs equal the reference's (%.1f tokens agree on average)", sum(exact), len(exact), mean_match)
@@ -143,20 +167,19 @@ def run_prompt_agreement(artifact: ModelArtifact, prompts: PromptsSpec, *, dtype
     }, ref_cached and cached
 
 
-def _greedy_outputs(artifact: ModelArtifact, prompts: PromptsSpec, sha: str, *, dtype: str, cache: Cache, model: _LazyModel | None, device: str) -> tuple[dict, bool]:
+def _greedy_outputs(artifact: ModelArtifact, prompts: PromptsSpec, sha: str, *, dtype: str, cache: Cache, model: _LazyModel | None, device: str,
+                    backend: str = "hf") -> tuple[dict, bool]:
     """{"tokens": [[int]], "seconds": float}: the model's greedy outputs on the prompts, from the cache when
     this model, prompts file and budget were run before."""
     from optforge.evals.agreement import AGREEMENT_VERSION, greedy_outputs, read_prompts
 
-    key = sha256_json({"greedy": artifact.digest, "prompts": sha, "max_tokens": prompts.max_tokens, "dtype": dtype, "v": AGREEMENT_VERSION})
+    key = sha256_json({"greedy": artifact.digest, "prompts": sha, "max_tokens": prompts.max_tokens, "dtype": dtype, "v": AGREEMENT_VERSION, **_backend_key(backend)})
     hit = cache.get_json("evals", key)
     if hit is not None:
         return hit, True
-    from optforge.evals.lm import HFLM
-
-    loaded, tokenizer = (model or _LazyModel(artifact, dtype, device)).get()
+    lm = (model or _LazyModel(artifact, dtype, device)).lm(backend)
     started = time.perf_counter()
-    tokens = greedy_outputs(HFLM(loaded, tokenizer), read_prompts(prompts.path), prompts.max_tokens)
+    tokens = greedy_outputs(lm, read_prompts(prompts.path), prompts.max_tokens)
     out = {"tokens": tokens, "seconds": time.perf_counter() - started}
     cache.put_json("evals", key, out)
     return out, False

@@ -106,6 +106,11 @@ class EvalSpec(_Strict):
     tasks: list[TaskSpec] = Field(default_factory=list)
     # Label-free agreement with the source model on the user's prompts; None disables it.
     prompts: PromptsSpec | None = None
+    # What runs the tasks and prompts: `hf` (the HF modules, evals/lm.py HFLM), `runtime` (the serving runtime's
+    # torch runner, evals/runtime_lm.py: what `optforge serve` runs) or `cpp` (the runtime over the C++ kernels,
+    # CPU fp32). Default `hf` for now, so existing recipes keep their numbers and cached results (the cache key
+    # names the backend only when it is not hf). Perplexity is always computed by hf.
+    backend: Literal["hf", "runtime", "cpp"] = "hf"
 
     @field_validator("tasks", mode="before")
     @classmethod

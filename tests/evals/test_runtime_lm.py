@@ -105,3 +105,11 @@ def test_the_cpp_backend_scores_like_hflm(lms, tiny_model_dir):
     for e, g in zip(hf.loglikelihood(requests), cpp.loglikelihood(requests)):
         assert abs(g.logprob - e.logprob) < 1e-4 and g.is_greedy == e.is_greedy
     assert cpp.engine.block_manager.num_prefix_hits > 0
+
+
+def test_prompt_agreement_outputs_match_hflm(lms):
+    from optforge.evals.agreement import greedy_outputs
+
+    hf, rt = lms
+    prompts = [{"prompt": "The quick brown fox"}, {"prompt": "def add(a, b):"}, {"prompt": "Paris is"}]
+    assert greedy_outputs(rt, prompts, 10) == greedy_outputs(hf, prompts, 10)
