@@ -96,7 +96,8 @@ def eval_plan(recipe: Recipe) -> tuple[EvalSpec | None, str]:
     if not explicit and not gates:
         return None, "no gate and no data.eval"
     evals = recipe.data.eval
-    if evals == EvalSpec(perplexity=None):  # every eval switched off (compared whole, so new kinds of eval count too)
+    # Every eval switched off (compared whole, so new kinds of eval count too; the backend alone measures nothing).
+    if evals.model_copy(update={"backend": "hf"}) == EvalSpec(perplexity=None):
         return None, "data.eval switches every eval off"
     return evals, "; ".join(gates) or "data.eval"
 

@@ -156,6 +156,7 @@ def test_eval_plan_measures_what_a_gate_or_data_eval_asks_for(tiny_model_dir, tm
     assert eval_plan(parse_recipe(bare)) == (None, "no gate and no data.eval")
     assert eval_plan(parse_recipe({**bare, "data": {"calibration": {"rows": [2000, 2004]}}}))[0] is None
     assert eval_plan(parse_recipe({**bare, "data": {"eval": {"perplexity": None}}})) == (None, "data.eval switches every eval off")
+    assert eval_plan(parse_recipe({**bare, "data": {"eval": {"perplexity": None, "backend": "runtime"}}})) == (None, "data.eval switches every eval off")
     evals, asked_by = eval_plan(parse_recipe(_no_data_recipe(tiny_model_dir, tmp_path / "out", gate={"metric": "perplexity", "max_increase_pct": 5.0})))
     assert evals.perplexity is not None and asked_by == "passes[0].gate (quant.int8_weight_only) reads perplexity"
     evals, asked_by = eval_plan(parse_recipe({**bare, "data": {"eval": {"tasks": ["arc_easy"]}}}))
