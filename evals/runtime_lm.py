@@ -40,11 +40,13 @@ class RuntimeLM(PairTokenizer):
         self.last_seconds = 0.0
 
     @classmethod
-    def from_path(cls, path: str | Path, *, dtype: str = "float32", device: str = "cpu", backend: str = "torch", progress: Callable | None = None) -> "RuntimeLM":
-        """Load a resolved model folder or artifact as `optforge serve` loads it (`LLM.from_resolved`)."""
+    def from_path(cls, path: str | Path, *, dtype: str = "float32", device: str = "cpu", backend: str = "torch", progress: Callable | None = None,
+                  **engine_options) -> "RuntimeLM":
+        """Load a resolved model folder or artifact as `optforge serve` loads it (`LLM.from_resolved`);
+        `engine_options`: other `EngineConfig` fields (serve's defaults otherwise)."""
         from optforge.runtime.llm import LLM, EngineConfig
 
-        llm = LLM.from_resolved(path, EngineConfig(dtype=dtype, device=device, backend=backend))
+        llm = LLM.from_resolved(path, EngineConfig(dtype=dtype, device=device, backend=backend, **engine_options))
         return cls(llm.engine, progress=progress)
 
     # -------------------------------------------------------------------------------------- scoring
