@@ -116,3 +116,16 @@ def test_real_runtime_rounds_catch_an_injected_slowdown(make_recipe, tiny_model_
     timed = optforge.build(data, cache_dir=cache_dir).manifest["passes"][0]["speed"][0]
     assert timed["verdict"] == "pass" and timed["baseline"] > 0
     assert json.dumps(timed)  # plain JSON, as the manifest holds it
+
+
+def test_cli_summary_shows_quality_and_speed_side_by_side(make_recipe, tiny_model_dir, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(speed, "run_round", _fake_rounds(1.5, []))
+    out = tmp_path / "out"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe(make_recipe, tiny_model_dir, out, {"metric": "decode_tok_s", "min_speedup": 1.2})))
+    runner = CliRunner(env={"COLUMNS": "400"})  # a wide table: no cell wraps
+    result = runner.invoke(app, ["build", str(path), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    for output in (result.output, runner.invoke(app, ["inspect", str(out)]).output):
+        text = " ".join(output.split())
+        assert "quality" in text and "speed" in text and "perplexity" in text and "speedup 1.500x" in text
