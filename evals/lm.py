@@ -81,6 +81,15 @@ class PairTokenizer:
             return bos + ctx, self._encode(continuation)
         return bos + ctx, whole[len(ctx) :]
 
+    def encode_requests(self, requests: Sequence[LoglikelihoodRequest]) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
+        """Each request's (context, continuation) ids, truncated to max_length, and the request indices grouped
+        by identical context (what KV or prefix reuse shares)."""
+        pairs = [self._truncate(*self.encode_pair(r.context, r.continuation)) for r in requests]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(pairs):
+            groups.setdefault(tuple(ctx), []).append(i)
+        return pairs, list(groups.values())
+
     @functools.cached_property
     def _bos(self) -> list[int]:
         """BOS first, as the model saw in training, for tokenizers that add it (Gemma); [] otherwise (SmolLM2)."""
@@ -121,12 +130,9 @@ class HFLM(PairTokenizer):
 
         started = time.perf_counter()
         self.last_tokens = 0
-        pairs = [self._truncate(*self.encode_pair(r.context, r.continuation)) for r in requests]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, _) in enumerate(pairs):
-            groups.setdefault(tuple(ctx), []).append(i)
-        shared = [idx for idx in groups.values() if self.kv_reuse and len(idx) > 1]
-        single = [i for idx in groups.values() if not (self.kv_reuse and len(idx) > 1) for i in idx]
+        pairs, groups = self.encode_requests(requests)
+        shared = [idx for idx in groups if self.kv_reuse and len(idx) > 1]
+        single = [i for idx in groups if not (self.kv_reuse and len(idx) > 1) for i in idx]
         results: list[LoglikelihoodResult | None] = [None] * len(requests)
         advance = self.progress("loglikelihood", len(requests)) if self.progress else (lambda n=1: None)
         with torch.inference_mode():

@@ -54,11 +54,7 @@ class RuntimeLM(PairTokenizer):
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
         started = time.perf_counter()
         self.last_tokens = 0
-        pairs = [self._truncate(*self.encode_pair(r.context, r.continuation)) for r in requests]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, _) in enumerate(pairs):
-            groups.setdefault(tuple(ctx), []).append(i)
-        members = list(groups.values())
+        pairs, members = self.encode_requests(requests)
         waves = [members[w : w + self.wave_size] for w in range(0, len(members), self.wave_size)]
         results: list[LoglikelihoodResult | None] = [None] * len(requests)
         advance = self.progress("loglikelihood", len(requests)) if self.progress else (lambda n=1: None)
