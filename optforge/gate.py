@@ -22,7 +22,9 @@ LOWER_IS_BETTER = {"perplexity"}
 
 
 @dataclass(frozen=True)
-class GateResult:
+class GateOutcome:
+    """What every gate result holds, quality or speed: the keys reports, JUnit and the CLI read."""
+
     metric: str
     baseline: float
     measured: float
@@ -43,10 +45,14 @@ class GateResult:
     n: int
     needed_n: int | None
     method: str
-    p_value: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class GateResult(GateOutcome):
+    p_value: float | None = None
 
     def describe(self) -> str:
         unit = "%" if self.metric in LOWER_IS_BETTER else " pts"

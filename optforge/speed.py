@@ -20,12 +20,13 @@ import logging
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from optforge.artifact import ModelArtifact
 from optforge.cache import Cache
+from optforge.gate import GateOutcome
 from optforge.hashing import sha256_json
 from optforge.recipe import GateSpec
 from optforge.recipe_speed import SPEED_METRICS, SpeedSpec
@@ -40,41 +41,21 @@ RoundFn = Callable[[Path, SpeedSpec, str], dict]
 
 
 @dataclass(frozen=True)
-class SpeedGateResult:
-    """A speed gate's outcome; shares the keys of `gate.GateResult` that reports and JUnit read, plus `kind`."""
+class SpeedGateResult(GateOutcome):
+    """A speed gate's outcome: the keys of every gate (`baseline`/`measured` are geometric means over the rounds in
+    the metric's own unit; `threshold` the measured value a sure pass needs at the point estimate; the verdict's
+    scale is drop = -log(speedup) against max_drop = -log(required)), plus the speedup and `kind`."""
 
-    metric: str
-    # Geometric means over the rounds, in the metric's own unit.
-    baseline: float
-    measured: float
-    # The measured value a sure pass needs at the point estimate (baseline moved by the required speedup).
-    threshold: float
-    passed: bool
-    rule: str
-    change_pct: float
-    verdict: str
     # Speedup (> 1 better) with its interval, and the speedup the gate requires (1 / max_slowdown for a slowdown).
     speedup: float
     speedup_low: float
     speedup_high: float
     required: float
-    # The verdict's scale: drop = -log(speedup), allowed max_drop = -log(required), at `confidence`.
-    drop: float
-    ci_low: float
-    ci_high: float
-    max_drop: float
-    confidence: float
-    n: int
-    needed_n: int | None
-    method: str
     machine: dict = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
     cached: bool = False
     p_value: float | None = None
     kind: str = "speed"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def describe(self) -> str:
         return describe_speed(self.to_dict())
