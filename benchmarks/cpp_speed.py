@@ -98,7 +98,6 @@ def bench_llama(path: Path, threads: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from optforge.artifact import ModelArtifact
     from optforge.cache import Cache
     from optforge.context import PassContext
     from optforge.passes.pack.cpu import CpuPack, CpuPackConfig

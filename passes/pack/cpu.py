@@ -150,7 +150,7 @@ class CpuPack(Pass):
         advance = ctx.progress("pack for the C++ runtime", len(names))
         for name in names:
             fmt = self.config.lm_head if name == "lm_head" else self.config.weights
-            if name == "lm_head" and f"lm_head.weight" not in state and "lm_head.weight_packed" not in state:
+            if name == "lm_head" and "lm_head.weight" not in state and "lm_head.weight_packed" not in state:
                 weight, exact = state["model.embed_tokens.weight"].float().clone(), None  # tied: its own copy, not a view
             else:
                 weight, exact = _source_linear(state, name, modules.get(name))
