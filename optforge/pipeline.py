@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -173,7 +174,7 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
         write_reports(tmp, recipe.name, metric_summaries(source_metrics), [r.to_dict() for r in records])
         make_manifest(tmp, recipe=recipe, recipe_text=recipe_text, source=source_info, source_metrics=source_metrics, records=records, device=device,
                       evals=evals)
-    manifest = __import__("json").loads((out_path / MANIFEST_FILE).read_text())
+    manifest = json.loads((out_path / MANIFEST_FILE).read_text())  # as a reader sees it (JSON types)
     return BuildResult(output=out_path, manifest=manifest, seconds=time.perf_counter() - started)
 
 
