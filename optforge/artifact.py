@@ -155,17 +155,25 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def _listed_file(root: Path, rel: object) -> Path:
-    """The file a manifest row names, refusing any path that could leave the artifact."""
+    """The file a manifest row names, refusing any path that could leave the artifact (the caller has made sure
+    the tree holds no symbolic link)."""
     if not isinstance(rel, str) or not rel or "\\" in rel:
         raise ArtifactError(f"{root}: the manifest lists an invalid file path {rel!r}; rebuild the artifact")
     parts = PurePosixPath(rel).parts
     if PurePosixPath(rel).is_absolute() or ".." in parts or "." in parts:
         raise ArtifactError(f"{root}: the manifest lists '{rel}', a path outside the artifact; refusing to read it (rebuild the artifact)")
-    file = root.joinpath(*parts)
-    for part in [root.joinpath(*parts[: i + 1]) for i in range(len(parts))]:
-        if part.is_symlink():
-            raise ArtifactError(f"{root}: '{part.relative_to(root).as_posix()}' is a symbolic link; artifacts hold plain files only (rebuild the artifact)")
-    return file
+    return root.joinpath(*parts)
+
+
+def _plain_files(root: Path) -> set[str]:
+    """Every file under `root`, relative; a symbolic link anywhere (it could lead out of the artifact) is refused."""
+    present = set()
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            raise ArtifactError(f"{root}: '{p.relative_to(root).as_posix()}' is a symbolic link; artifacts hold plain files only (rebuild the artifact)")
+        if p.is_file():
+            present.add(p.relative_to(root).as_posix())
+    return present
 
 
 def verify_artifact(path: str | Path) -> dict:
@@ -178,11 +186,9 @@ def verify_artifact(path: str | Path) -> dict:
     rows = manifest.get("files")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ArtifactError(f"{path}: {MANIFEST_FILE} has no valid 'files' table; rebuild the artifact")
-    listed = {}
+    present = _plain_files(path)  # before any file is read
     for row in rows:
-        file = _listed_file(path, row.get("path"))
-        listed[row["path"]] = row
-        rel = row["path"]
+        file, rel = _listed_file(path, row.get("path")), row["path"]
         if not file.is_file():
             raise ArtifactError(f"{path}: file '{rel}' listed in the manifest is missing; rebuild the artifact")
         size = file.stat().st_size
@@ -190,13 +196,7 @@ def verify_artifact(path: str | Path) -> dict:
             raise ArtifactError(f"{path}: '{rel}' has {size} bytes, the manifest says {row.get('bytes')}: the file was changed or truncated; rebuild the artifact")
         if sha256_file(file) != row.get("sha256"):
             raise ArtifactError(f"{path}: '{rel}' does not match its sha256 in the manifest: the file was modified after the build; rebuild the artifact")
-    present = set()
-    for p in path.rglob("*"):
-        if p.is_symlink():
-            raise ArtifactError(f"{path}: '{p.relative_to(path).as_posix()}' is a symbolic link; artifacts hold plain files only (rebuild the artifact)")
-        if p.is_file():
-            present.add(p.relative_to(path).as_posix())
-    extra = present - set(listed) - {MANIFEST_FILE}
+    extra = present - {row["path"] for row in rows} - {MANIFEST_FILE}
     if extra:
         raise ArtifactError(f"{path}: files not in the manifest: {', '.join(sorted(extra))}")
     return manifest
@@ -226,5 +226,5 @@ def verify_for_loading(path: str | Path, *, verify: bool = True) -> dict | None:
 def open_artifact(path: str | Path, *, verify: bool = True) -> ModelArtifact:
     """Open a built artifact (verifying its hashes) as a ModelArtifact for eval or serving."""
     if verify:
-        verify_artifact(path)
+        return ModelArtifact.open(path, verify_artifact(path)["files"])  # the hashes just checked give the digest
     return ModelArtifact.open(path)
