@@ -1,6 +1,8 @@
 """Attention over the paged KV cache, and the metadata of a step that it reads.
 
-KV cache: `(layers, k|v, num_blocks + 1, block_size, num_kv_heads, head_dim)`. The block at the end is scratch
+KV cache: `(layers, k|v, num_blocks + 1, block_size, num_kv_heads, head_dim)`, in the model dtype or, for an
+artifact with a quantized KV cache, one byte per element (`formats.kv_cache.StoredKV`: both paths decode what
+they read with the layer's scale, as the writers encode). The block at the end is scratch
 space: padded rows of a CUDA graph write there, and padded block-table entries point there. A token's K/V live
 in one row of a layer's flattened cache, its `slot` (the one place that formula is written).
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from optforge.formats.kv_cache import StoredKV, kv_kernel_args
 from optforge.runtime.scheduler import ScheduledBatch
 
 # cuDNN's SDPA is left out: it builds a cuDNN graph per new shape on the host, ~26 ms per call on an H100
@@ -35,8 +38,11 @@ def slot(block_table, position, block_size: int):
 class PagedAttention:
     """The attention of one step over `kv_cache` (see the module docstring); the cache is the runner's."""
 
-    def __init__(self, kv_cache: torch.Tensor, *, num_heads: int, scale: float, use_paged_kernel: bool):
-        self.kv_cache = kv_cache
+    def __init__(self, kv_cache: torch.Tensor, *, num_heads: int, scale: float, use_paged_kernel: bool, kv: StoredKV | None = None,
+                 dtype: torch.dtype | None = None):
+        """`kv`: how `kv_cache` stores K/V where that is not `dtype`, the model dtype that attention computes in."""
+        self.kv_cache, self.kv = kv_cache, kv
+        self.dtype = dtype or kv_cache.dtype
         num_blocks_with_scratch, self.block_size, self.num_kv_heads, self.head_dim = kv_cache.shape[2:]
         self.scratch_block = num_blocks_with_scratch - 1
         self.num_heads, self.scale = num_heads, scale
@@ -63,7 +69,8 @@ class PagedAttention:
         from optforge.runtime.kernels.triton_ops import paged_decode_attention
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:  # q (B, Hq, D) -> (B, Hq, D)
-            return paged_decode_attention(q, self.kv_cache[layer, 0], self.kv_cache[layer, 1], block_tables, context_lens, self.scale)
+            return paged_decode_attention(q, self.kv_cache[layer, 0], self.kv_cache[layer, 1], block_tables, context_lens, self.scale,
+                                          **kv_kernel_args(self.kv, layer))
 
         return attend
 
@@ -107,6 +114,9 @@ class PagedAttention:
             with sdpa_kernel(_SDPA_BACKENDS):
                 return gathered(layer, q)
 
+        def read(layer: int, kv: int, stored: torch.Tensor) -> torch.Tensor:
+            return self.kv.decode(stored, layer, kv, self.dtype) if self.kv is not None else stored
+
         def gathered(layer: int, q: torch.Tensor) -> torch.Tensor:
             k_flat = self.kv_cache[layer, 0].view(-1, self.num_kv_heads, self.head_dim)
             v_flat = self.kv_cache[layer, 1].view(-1, self.num_kv_heads, self.head_dim)
@@ -115,13 +125,13 @@ class PagedAttention:
                 out[decode_rows] = decode_attend(layer, q[decode_rows])
             for num_seqs, n, rows, gather in groups:
                 qq = q[rows].view(num_seqs, n, self.num_heads, self.head_dim).transpose(1, 2)  # (G, Hq, n, D)
-                kk, vv = k_flat[gather].transpose(1, 2), v_flat[gather].transpose(1, 2)  # (G, Hkv, n, D)
+                kk, vv = read(layer, 0, k_flat[gather]).transpose(1, 2), read(layer, 1, v_flat[gather]).transpose(1, 2)  # (G, Hkv, n, D)
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.scale, enable_gqa=True)
                 out[rows] = o.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim)
             for qs, qe, gather, mask in single:
                 qq = q[qs:qe].transpose(0, 1)[None]  # (1, Hq, n, D)
-                kk = k_flat[gather].transpose(0, 1)[None]  # (1, Hkv, ctx, D)
-                vv = v_flat[gather].transpose(0, 1)[None]
+                kk = read(layer, 0, k_flat[gather]).transpose(0, 1)[None]  # (1, Hkv, ctx, D)
+                vv = read(layer, 1, v_flat[gather]).transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale, enable_gqa=True)
                 out[qs:qe] = o[0].transpose(0, 1)
             return out

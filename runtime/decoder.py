@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from optforge.errors import UserInputError
+from optforge.formats.kv_cache import kv_kernel_args, stored_kv
 from optforge.runtime.kernels.decode_options import DecodeKernelOptions
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -47,6 +48,7 @@ class Decoder:
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
+        self.kv = stored_kv(model)  # the artifact's FP8/INT8 KV cache, or None: K/V in the model dtype
         self.fused: list[dict] | None = None
         self.decode_weights: dict | None = None
 
@@ -128,11 +130,18 @@ class Decoder:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
             k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-            kv_cache[i, 0].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
-            kv_cache[i, 1].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
+            self._write_kv(kv_cache, i, slot_mapping, k, v)
             h = h + attn.o_proj(attend(i, q).reshape(num_tokens, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.base.norm(h)
+
+    def _write_kv(self, kv_cache, layer: int, slot_mapping, k, v) -> None:
+        """k, v (T, Hkv, D) to their slots of layer `layer`'s cache, encoded where it is FP8/INT8."""
+        for which, x in enumerate((k, v)):
+            rows = kv_cache[layer, which].view(-1, self.num_kv_heads, self.head_dim)
+            if self.kv is not None:  # one byte per element; copied as bytes (CPU has no fp8 index_copy)
+                rows, x = rows.view(torch.uint8), self.kv.encode(x, layer, which).view(torch.uint8)
+            rows.index_copy_(0, slot_mapping, x)
 
     def _forward_fused(self, kv_cache, h, cos, sin, slot_mapping, attend) -> torch.Tensor:
         from optforge.runtime.kernels.triton_ops import add_rms_norm, rope_and_cache, silu_mul
@@ -146,7 +155,7 @@ class Decoder:
             q = qkv[:, :q_width].view(num_tokens, self.num_heads, self.head_dim)
             k = qkv[:, q_width : q_width + kv_width].view(num_tokens, self.num_kv_heads, self.head_dim)
             v = qkv[:, q_width + kv_width :].view(num_tokens, self.num_kv_heads, self.head_dim)
-            rope_and_cache(q, k, v, cos, sin, slot_mapping, kv_cache[i, 0], kv_cache[i, 1])
+            rope_and_cache(q, k, v, cos, sin, slot_mapping, kv_cache[i, 0], kv_cache[i, 1], **kv_kernel_args(self.kv, i))
             a = layer.self_attn.o_proj(attend(i, q).reshape(num_tokens, -1))
             x = add_rms_norm(a, layer.post_attention_layernorm.weight, eps, residual)
             m = layer.mlp.down_proj(silu_mul(self.fused[i]["gate_up"](x)))
@@ -167,7 +176,7 @@ class Decoder:
         for i, (layer, ws) in enumerate(zip(self.layers, dw["layers"])):
             qkv = gemv(residual, *ws["qkv"], prologue=PRO_RMSNORM, norm_weight=layer.input_layernorm.weight, eps=eps, options=options)
             attn = rope_paged_attention(qkv, dw["cos"], dw["sin"], positions, slots, kv_cache[i, 0], kv_cache[i, 1],
-                                        block_tables, context_lens, self.num_heads, self.scale, options=options)
+                                        block_tables, context_lens, self.num_heads, self.scale, options=options, **kv_kernel_args(self.kv, i))
             gemv(attn, *ws["o"], residual=residual, options=options)
             gate_up = gemv(residual, *ws["gate_up"], prologue=PRO_RMSNORM, norm_weight=layer.post_attention_layernorm.weight, eps=eps, options=options)
             gemv(gate_up, *ws["down"], prologue=PRO_SILU_MUL, residual=residual, options=options)

@@ -66,13 +66,16 @@ class ModelRunner:
         self.is_cuda = self.device.type == "cuda"
         self.kernel_options = kernel_options
         self.use_triton = self.is_cuda and _triton_available()
+        # K/V in the model dtype, or one byte each (FP8/INT8 with the artifact's per-layer scales: formats/kv_cache.py)
+        self.kv_dtype = decoder.kv.storage if decoder.kv is not None else self.dtype
         self.num_blocks = num_blocks or self._blocks_for_budget(kv_cache_bytes)
         # (layers, k|v, blocks + 1 scratch, block_size, kv heads, head dim)
         self.kv_cache = torch.zeros(
             len(decoder.layers), 2, self.num_blocks + 1, block_size, decoder.num_kv_heads, decoder.head_dim,
-            dtype=self.dtype, device=self.device,
+            dtype=self.kv_dtype, device=self.device,
         )
-        self.attention = PagedAttention(self.kv_cache, num_heads=decoder.num_heads, scale=decoder.scale, use_paged_kernel=self.use_triton)
+        self.attention = PagedAttention(self.kv_cache, num_heads=decoder.num_heads, scale=decoder.scale, use_paged_kernel=self.use_triton,
+                                        kv=decoder.kv, dtype=self.dtype)
         if self.use_triton:
             decoder.fuse(max_model_len)
         self.sampler = Sampler()
@@ -82,16 +85,23 @@ class ModelRunner:
             self.graphs = DecodeGraphs(max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq, block_size=block_size,
                                        scratch_block=self.num_blocks, device=self.device)
             self.graphs.capture(self.decode_logits)
-        log.info("model runner: %d KV blocks of %d tokens on %s (triton=%s, graphs=%s)", self.num_blocks, block_size, self.device, self.use_triton, self.graphs is not None)
+        log.info("model runner: %d KV blocks of %d tokens on %s, K/V stored as %s (%d bytes per block; triton=%s, graphs=%s)", self.num_blocks, block_size,
+                 self.device, decoder.kv.dtype if decoder.kv is not None else str(self.dtype).removeprefix("torch."), self.bytes_per_block,
+                 self.use_triton, self.graphs is not None)
 
     @property
     def fused(self) -> list[dict] | None:
         """The fused q|k|v and gate|up modules of each layer, or None where the layers run unfused (decoder.py)."""
         return self.decoder.fused
 
-    def _blocks_for_budget(self, kv_cache_bytes: int | None) -> int:
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one KV block over all layers, K and V: halved by an FP8/INT8 cache against bf16, quartered against fp32."""
         d = self.decoder
-        per_block = len(d.layers) * 2 * self.block_size * d.num_kv_heads * d.head_dim * torch.finfo(self.dtype).bits // 8
+        return len(d.layers) * 2 * self.block_size * d.num_kv_heads * d.head_dim * self.kv_dtype.itemsize
+
+    def _blocks_for_budget(self, kv_cache_bytes: int | None) -> int:
+        per_block = self.bytes_per_block
         if kv_cache_bytes is None:
             if self.is_cuda:
                 free, _ = torch.cuda.mem_get_info(self.device)

@@ -1,7 +1,10 @@
-"""The quantized KV cache, emulated inside Hugging Face attention: K/V rounded as an FP8/INT8 cache stores them.
+"""The quantized KV cache: FP8 (E4M3) or INT8 K/V, one byte per element, with a scale per layer for K and for V.
 
-`quant.kv_cache` records per-layer scales in optforge.json (`kv_cache`); `apply_kv_cache_layout` makes a
-loaded model read K/V through them, so evals see what serving with the quantized cache sees.
+`quant.kv_cache` records the scales in optforge.json (`kv_cache`). A cache stores `encode_kv(x)` (x / scale,
+saturated, rounded to nearest even) and reads back `decode_kv(stored)` (stored * scale, in the model dtype).
+- The serving runtime's paged cache holds the encoded bytes (`StoredKV`, from the model's layers).
+- Hugging Face attention emulates it (`apply_kv_cache_layout`): K/V pass through encode and decode on read, so
+  evals through HF see the values the runtime's cache returns.
 """
 
 from __future__ import annotations
@@ -9,17 +12,74 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optforge.formats.fp8 import FP8_MAX, round_to_e4m3
+from dataclasses import dataclass
+
+from optforge.errors import ArtifactError
+from optforge.formats.fp8 import FP8_MAX, quantize_fp8
 
 KV_ATTENTION = "optforge_kv_quant"
 KV_QMAX = {"fp8": FP8_MAX, "int8": 127.0}
+KV_STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def encode_kv(x: torch.Tensor, scale: float, dtype: str) -> torch.Tensor:
+    """What an FP8/INT8 cache with this scale stores for K or V: x / scale saturated and rounded to nearest even."""
+    if dtype == "fp8":
+        return quantize_fp8(x, scale)
+    return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+
+
+def decode_kv(stored: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The K or V values an FP8/INT8 cache returns, in the model dtype."""
+    return (stored.float() * scale).to(dtype)
 
 
 def fake_quantize_kv(t: torch.Tensor, scale: float, dtype: str) -> torch.Tensor:
-    """Round a K or V tensor (B, H, T, D) to what an FP8/INT8 cache with this per-tensor scale stores."""
-    if dtype == "fp8":
-        return (round_to_e4m3(t.float() / scale) * scale).to(t.dtype)
-    return (torch.round(t.float() / scale).clamp(-127, 127) * scale).to(t.dtype)
+    """A K or V tensor as an FP8/INT8 cache with this scale returns it (same dtype and shape)."""
+    return decode_kv(encode_kv(t, scale, dtype), scale, t.dtype)
+
+
+@dataclass(frozen=True)
+class StoredKV:
+    """How a paged cache holds a model's K/V: `dtype` fp8 or int8, one byte per element, with `scales[layer]`
+    = (k_scale, v_scale). `code` is the kernels' name for the format (0 would be the model dtype)."""
+
+    dtype: str
+    scales: tuple[tuple[float, float], ...]
+
+    @property
+    def storage(self) -> torch.dtype:
+        return KV_STORAGE[self.dtype]
+
+    @property
+    def code(self) -> int:
+        return {"int8": 1, "fp8": 2}[self.dtype]
+
+    def encode(self, x: torch.Tensor, layer: int, kv: int) -> torch.Tensor:
+        """`kv`: 0 for K, 1 for V."""
+        return encode_kv(x, self.scales[layer][kv], self.dtype)
+
+    def decode(self, stored: torch.Tensor, layer: int, kv: int, dtype: torch.dtype) -> torch.Tensor:
+        return decode_kv(stored, self.scales[layer][kv], dtype)
+
+
+def kv_kernel_args(kv: StoredKV | None, layer: int) -> dict:
+    """How layer `layer`'s cache stores K/V, as the runtime's Triton kernels take it (`kv_code` 0: the model dtype)."""
+    if kv is None:
+        return {"kv_scales": (1.0, 1.0), "kv_code": 0}
+    return {"kv_scales": kv.scales[layer], "kv_code": kv.code}
+
+
+def stored_kv(model: nn.Module) -> StoredKV | None:
+    """The quantized KV cache that a loaded artifact declares (`apply_kv_cache_layout` set it on every attention
+    layer), or None where K/V stay in the model dtype."""
+    layers = attention_layers(model)
+    states = [getattr(layers[i], "kv_quant", None) for i in sorted(layers)]
+    if not any(states):
+        return None
+    if not all(states) or len({s["dtype"] for s in states}) != 1 or any("observed" in s for s in states):
+        raise ArtifactError("the artifact's KV-cache layout does not cover every attention layer with one dtype; rebuild it with quant.kv_cache")
+    return StoredKV(states[0]["dtype"], tuple((float(s["k_scale"]), float(s["v_scale"])) for s in states))
 
 
 def _kv_attention(module, query, key, value, attention_mask, **kwargs):

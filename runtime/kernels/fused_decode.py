@@ -30,6 +30,7 @@ import triton.testing
 import triton.language as tl
 
 from optforge.runtime.kernels.decode_options import DecodeKernelOptions
+from optforge.runtime.kernels.kv_codec import kv_decode, kv_encode
 
 PRO_NONE, PRO_RMSNORM, PRO_SILU_MUL = 0, 1, 2
 _DEFAULT_OPTIONS = DecodeKernelOptions()  # programmatic dependent launch where the GPU has it, early reads on
@@ -177,17 +178,18 @@ def gemv(
 
 
 @triton.jit
-def _load_page(k_cache_ptr, v_cache_ptr, table_ptr, page, last, cached, kv_head, s, d, stride_cb, stride_cs, stride_ch,
-               HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """One KV head's keys and values of one page of the context, as two halves of the head dimension (rotary's
-    halves), and which of its rows are cached positions; nothing is read past `last` (a split without pages)."""
+def _load_page(k_cache_ptr, v_cache_ptr, table_ptr, page, last, cached, kv_head, s, d, stride_cb, stride_cs, stride_ch, k_scale, v_scale,
+               dtype: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_CODE: tl.constexpr):
+    """One KV head's keys and values of one page of the context in `dtype`, as two halves of the head dimension
+    (rotary's halves), and which of its rows are cached positions; nothing is read past `last` (a split without
+    pages). FP8/INT8 caches are decoded with the layer's scales (kernels/kv_codec.py)."""
     block = tl.load(table_ptr + page, mask=page < last, other=0).to(tl.int64)
     s_mask = (page * BLOCK_SIZE + s < cached) & (page < last)
     offs = block * stride_cb + s[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
-    kc1 = tl.load(k_cache_ptr + offs, mask=s_mask[:, None], other=0.0)
-    kc2 = tl.load(k_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
-    vc1 = tl.load(v_cache_ptr + offs, mask=s_mask[:, None], other=0.0)  # issued with k: one round trip per page
-    vc2 = tl.load(v_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0)
+    kc1 = kv_decode(tl.load(k_cache_ptr + offs, mask=s_mask[:, None], other=0.0), k_scale, dtype, KV_CODE)
+    kc2 = kv_decode(tl.load(k_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0), k_scale, dtype, KV_CODE)
+    vc1 = kv_decode(tl.load(v_cache_ptr + offs, mask=s_mask[:, None], other=0.0), v_scale, dtype, KV_CODE)  # issued with k: one round trip per page
+    vc2 = kv_decode(tl.load(v_cache_ptr + HALF + offs, mask=s_mask[:, None], other=0.0), v_scale, dtype, KV_CODE)
     return kc1, kc2, vc1, vc2, s_mask
 
 
@@ -208,9 +210,10 @@ def _attend_page(q1, q2, kc1, kc2, vc1, vc2, s_mask, m, l, acc1, acc2, scale, dt
 @triton.jit
 def _rope_paged_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    m_ptr, l_ptr, acc_ptr, scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob,
+    m_ptr, l_ptr, acc_ptr, scale, k_scale, v_scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, EARLY_KV: tl.constexpr, EARLY_LAUNCH: tl.constexpr,
+    KV_CODE: tl.constexpr,
 ):
     _pdl_start(USE_PDL, EARLY_LAUNCH)
     seq = tl.program_id(0).to(tl.int64)
@@ -237,11 +240,13 @@ def _rope_paged_attention_kernel(
     table = block_tables_ptr + seq * stride_bt  # this sequence's block table row
     if EARLY_KV:
         kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, table, first, last, cached,
-                                                kv_head, s, d, stride_cb, stride_cs, stride_ch, HALF, BLOCK_SIZE)
+                                                kv_head, s, d, stride_cb, stride_cs, stride_ch, k_scale, v_scale,
+                                                dtype, HALF, BLOCK_SIZE, KV_CODE)
     _pdl_wait(USE_PDL, EARLY_LAUNCH)  # q, k, v come from the previous kernel
     if not EARLY_KV:
         kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, table, first, last, cached,
-                                                kv_head, s, d, stride_cb, stride_cs, stride_ch, HALF, BLOCK_SIZE)
+                                                kv_head, s, d, stride_cb, stride_cs, stride_ch, k_scale, v_scale,
+                                                dtype, HALF, BLOCK_SIZE, KV_CODE)
     row = qkv_ptr + seq * stride_qkv
 
     # rotary on the group's query heads (every split) and on the new key, rounded like rope_and_cache
@@ -259,7 +264,8 @@ def _rope_paged_attention_kernel(
         m, l, acc1, acc2 = _attend_page(q1, q2, kc1, kc2, vc1, vc2, s_mask, m, l, acc1, acc2, scale, dtype, PRECISION)
     for page in range(first + 1, last):
         kc1, kc2, vc1, vc2, s_mask = _load_page(k_cache_ptr, v_cache_ptr, table, page, last, cached,
-                                                kv_head, s, d, stride_cb, stride_cs, stride_ch, HALF, BLOCK_SIZE)
+                                                kv_head, s, d, stride_cb, stride_cs, stride_ch, k_scale, v_scale,
+                                                dtype, HALF, BLOCK_SIZE, KV_CODE)
         m, l, acc1, acc2 = _attend_page(q1, q2, kc1, kc2, vc1, vc2, s_mask, m, l, acc1, acc2, scale, dtype, PRECISION)
     # ... and split 0 writes the new k, v to their slot and adds the new token, from registers
     if split == 0:
@@ -270,11 +276,16 @@ def _rope_paged_attention_kernel(
         k1, k2 = (k1 * cos - k2 * sin).to(dtype), (k2 * cos + k1 * sin).to(dtype)
         v1 = tl.load(v_row + d)
         v2 = tl.load(v_row + HALF + d)
+        sk1, sk2 = kv_encode(k1, k_scale, KV_CODE), kv_encode(k2, k_scale, KV_CODE)
+        sv1, sv2 = kv_encode(v1, v_scale, KV_CODE), kv_encode(v2, v_scale, KV_CODE)
         dst = tl.load(slot_ptr + seq).to(tl.int64) * stride_cs + kv_head * stride_ch
-        tl.store(k_cache_ptr + dst + d, k1)
-        tl.store(k_cache_ptr + dst + HALF + d, k2)
-        tl.store(v_cache_ptr + dst + d, v1)
-        tl.store(v_cache_ptr + dst + HALF + d, v2)
+        tl.store(k_cache_ptr + dst + d, sk1)
+        tl.store(k_cache_ptr + dst + HALF + d, sk2)
+        tl.store(v_cache_ptr + dst + d, sv1)
+        tl.store(v_cache_ptr + dst + HALF + d, sv2)
+        if KV_CODE != 0:  # the new token attends to its K/V as the cache holds them, as every later step will
+            k1, k2 = kv_decode(sk1, k_scale, dtype, KV_CODE), kv_decode(sk2, k_scale, dtype, KV_CODE)
+            v1, v2 = kv_decode(sv1, v_scale, dtype, KV_CODE), kv_decode(sv2, v_scale, dtype, KV_CODE)
         score = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], 1) + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], 1)) * scale
         m_new = tl.maximum(m, score)
         p = tl.exp(score - m_new)
@@ -329,13 +340,15 @@ def rope_paged_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
     num_heads: int, scale: float, splits: int | None = None, options: DecodeKernelOptions = _DEFAULT_OPTIONS,
+    kv_scales: tuple[float, float] = (1.0, 1.0), kv_code: int = 0,
 ) -> torch.Tensor:
     """qkv (B, (Hq + 2 Hkv) D) one new token per sequence, unrotated; cos/sin (max_positions, D / 2) (the first
     half of HF's rotary output); positions, slots (B,) int64; caches (num_blocks, block_size, Hkv, D);
     block_tables (B, max_blocks) int32; context_lens (B,) int32 including the new token. Writes the new
     k, v into the caches and returns the attention output (B, Hq * D). Each sequence's context is divided
     among `splits` programs per KV head (default: `attention_splits`), combined by a second launch. `options`:
-    how the kernels launch and when the first page is read (kernels/decode_options.py)."""
+    how the kernels launch and when the first page is read (kernels/decode_options.py). `kv_code`/`kv_scales`:
+    how the caches store K/V (kernels/kv_codec.py)."""
     batch = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     splits = splits or attention_splits(batch, num_kv_heads, block_tables.shape[1], qkv.device)
@@ -345,12 +358,12 @@ def rope_paged_attention(
     acc = torch.empty(batch, splits, num_heads, head_dim, dtype=torch.float32, device=qkv.device) if splits > 1 else out
     pdl = pdl_enabled(qkv.device, options)
     _rope_paged_attention_kernel[(batch, num_kv_heads, splits)](
-        qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale,
+        qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale, kv_scales[0], kv_scales[1],
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HALF=head_dim // 2, BLOCK_SIZE=block_size,
         SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, EARLY_KV=options.kv_before_wait,
-        EARLY_LAUNCH=options.launch_dependents_early, num_warps=4,
+        EARLY_LAUNCH=options.launch_dependents_early, KV_CODE=kv_code, num_warps=4,
         launch_pdl=pdl,
     )
     if splits > 1:
