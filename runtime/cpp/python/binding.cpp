@@ -86,7 +86,17 @@ PYBIND11_MODULE(_optforge_rt, m) {
       .def_property_readonly("num_kv_blocks", [](StepRunner& r) { return r.model.num_kv_blocks(); })
       .def_property_readonly("vocab_size", [](StepRunner& r) { return r.model.config().vocab_size; })
       .def_property_readonly("weight_format", [](StepRunner& r) { return r.model.weight_format(); })
+      .def_property_readonly("activations", [](StepRunner& r) { return r.model.activations(); },
+                             "What the quantized Linears multiply with: fp32 (weight-only), int8, or mixed.")
+      .def_property_readonly("kv_cache_dtype", [](StepRunner& r) { return std::string(kv_dtype_name(r.model.kv_cache_dtype())); })
+      .def_property_readonly("kv_cache_bytes", [](StepRunner& r) { return r.model.kv_cache_bytes(); }, "K and V of every layer, in bytes.")
       .def_property_readonly("num_threads", [](StepRunner& r) { return r.pool.num_threads(); });
+  m.def("kv_element_bytes", [](const std::string& dtype) {
+    if (dtype != "fp32" && dtype != "int8" && dtype != "fp8") throw std::invalid_argument("KV cache dtype '" + dtype + "' (fp32, int8, fp8)");
+    return kv_element_bytes(dtype == "fp32" ? KvDtype::kF32 : dtype == "int8" ? KvDtype::kInt8 : KvDtype::kFp8);
+  }, py::arg("dtype"), "Bytes per cached K or V element: 4 for fp32, 1 for int8 and fp8.");
+  m.def("e4m3_encode", [](float v) { return e4m3_encode(v); }, py::arg("value"));
+  m.def("e4m3_decode", [](uint8_t code) { return e4m3_decode(code); }, py::arg("code"));
 
   py::class_<Engine>(m, "Engine")
       .def(py::init([](const std::string& path, int num_threads, int num_kv_blocks, int block_size, bool verify, bool enable_prefix_caching,
@@ -124,6 +134,8 @@ PYBIND11_MODULE(_optforge_rt, m) {
            },
            py::arg("tokens"))
       .def_property_readonly("weight_format", [](Engine& e) { return e.model().weight_format(); })
+      .def_property_readonly("activations", [](Engine& e) { return e.model().activations(); })
+      .def_property_readonly("kv_cache_dtype", [](Engine& e) { return std::string(kv_dtype_name(e.model().kv_cache_dtype())); })
       .def_property_readonly("weight_bytes", [](Engine& e) { return e.model().weight_bytes(); })
       .def_property_readonly("weight_placement", [](Engine& e) { return std::string(e.model().weight_placement()); })
       .def_property_readonly("num_threads", &Engine::num_threads)

@@ -7,8 +7,9 @@
 #include "kernels_internal.h"
 #include "optforge_rt/errors.h"
 
-// The dispatch: which ISA's kernel table runs, the activation preparation (quantized once per matmul), the
-// public API of kernels.h, fp16 conversion and the weight quantizers. The kernels themselves are in
+// The dispatch: which ISA's kernel table runs, the activation preparation (quantized once per matmul for the
+// Linears with int8 activations), the weight-only batches, the public API of kernels.h, fp16 conversion and
+// the weight quantizers. The kernels themselves are in
 // kernels_scalar.cpp, kernels_avx2.cpp and kernels_avx512.cpp (their tables: kernels_internal.h).
 
 namespace optforge_rt {
@@ -115,11 +116,30 @@ void prepare_acts(const float* x, int M, int K, bool need8, bool need4, Isa isa,
   }
 }
 
+// Weight-only rows [o0, o1) for M tokens of x (M, K) into y[m * ldy + o]. One token widens the weights in
+// registers (rows_w8 / rows_w4); a batch dequantizes the tile once into exact floats and runs the fp32 kernel
+// over all its tokens. Both give the fp32 matmul of q * scale, so a token's result does not depend on its batch.
+void weight_only_rows(const KernelTable& k, const Linear& w, int o0, int o1, const float* x, int M, float* y, int ldy) {
+  if (M == 1) {
+    (w.format == WeightFormat::kInt8 ? k.rows_w8 : k.rows_w4)(w, o0, o1, x, y);
+    return;
+  }
+  static thread_local std::vector<float> tile;  // each worker's own
+  tile.resize(static_cast<size_t>(o1 - o0) * w.in_features);
+  k.dequantize(w, o0, o1, tile.data());
+  Linear dense;
+  dense.out_features = o1 - o0;
+  dense.in_features = w.in_features;
+  dense.f32 = tile.data();
+  k.rows_f32(dense, 0, o1 - o0, x, M, y + o0, ldy);
+}
+
 }  // namespace
 
 size_t Linear::weight_bytes() const {
   size_t n = static_cast<size_t>(out_features) * in_features;
-  size_t scales_bytes = static_cast<size_t>(out_features) * (in_features / kQuantBlock) * sizeof(uint16_t);
+  const size_t nb = static_cast<size_t>(in_features / kQuantBlock);
+  size_t scales_bytes = activations == Activations::kF32 ? out_features * (nb / blocks_per_scale) * sizeof(float) : out_features * nb * sizeof(uint16_t);
   switch (format) {
     case WeightFormat::kF32: return n * 4;
     case WeightFormat::kInt8: return n + scales_bytes;
@@ -171,8 +191,9 @@ void matmul_group(const std::vector<const Linear*>& group, const float* x, int M
   for (int g = 0; g < G; ++g) {
     if (group[g]->in_features != K) throw std::invalid_argument("matmul_group: Linear layers of one group need the same in_features");
     starts[g + 1] = starts[g] + group[g]->out_features;
-    need8 |= group[g]->format == WeightFormat::kInt8;
-    need4 |= group[g]->format == WeightFormat::kInt4;
+    const bool int8_acts = group[g]->activations == Activations::kInt8;
+    need8 |= int8_acts && group[g]->format == WeightFormat::kInt8;
+    need4 |= int8_acts && group[g]->format == WeightFormat::kInt4;
   }
   const KernelTable& k = table();
   // Reused across calls (no allocation once grown). Bound to a reference: inside the lambda the name of a
@@ -198,6 +219,10 @@ void matmul_group(const std::vector<const Linear*>& group, const float* x, int M
           const int tile_end = std::min(o_end, o + kTile);
           if (w.format == WeightFormat::kF32) {
             k.rows_f32(w, o, tile_end, x + static_cast<size_t>(m0) * K, m1 - m0, ys[g] + static_cast<size_t>(m0) * w.out_features, w.out_features);
+            continue;
+          }
+          if (w.activations == Activations::kF32) {
+            weight_only_rows(k, w, o, tile_end, x + static_cast<size_t>(m0) * K, m1 - m0, ys[g] + static_cast<size_t>(m0) * w.out_features, w.out_features);
             continue;
           }
           for (int m = m0; m < m1; ++m) {

@@ -7,7 +7,8 @@
 #include <cstring>
 
 // The AVX2 + FMA + F16C kernels (every function marked OF_AVX2): the fp32 dot product and axpy, the int8 /
-// int4 decode GEMV, attention and the activation quantizer. The dispatch (kernels.cpp) uses them only where
+// int4 decode GEMV (int8 activations), the weight-only decode rows and dequantization, attention and the
+// activation quantizer. The dispatch (kernels.cpp) uses them only where
 // detected_isa() found those instruction sets.
 
 namespace optforge_rt::detail {
@@ -186,6 +187,76 @@ OF_AVX2 void q4_rows_avx2(const uint8_t* w, const uint16_t* s, int K, int nb, si
   for (int r = 0; r < R; ++r) y[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r]));
 }
 
+// Weight-only decode: block b of a row widened to exact floats q * scale, columns 8c..8c+7 in w[c].
+OF_AVX2 inline void widen_int8_avx2(const int8_t* row, int b, __m256 scale, __m256* w) {
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 32 * b + 8 * c));
+    w[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
+  }
+}
+
+// int4: the low nibbles of the block's 16 bytes are columns 0-15, the high nibbles 16-31 (stored as q + 8).
+OF_AVX2 inline void widen_int4_avx2(const uint8_t* row, int b, __m256 scale, __m256* w) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * b)), nibble = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+  const __m128i half[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  const __m256i eight = _mm256_set1_epi32(8);
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) w[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(half[c]), eight)), scale);
+}
+
+// dot_f32_avx2(q * scale, x) of one row (K a multiple of 32): the same four accumulators, the same reduction.
+// `s`: the row's float32 scales, one per `per` blocks.
+template <bool kInt4>
+OF_AVX2 float weight_only_row_avx2(const void* row, const float* s, int per, int K, const float* x) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const int nb = K / kQuantBlock, block_bytes = kInt4 ? 16 : 32, row_bytes = kInt4 ? K / 2 : K;
+  for (int g = 0; g < nb / per; ++g) {
+    const __m256 scale = _mm256_set1_ps(s[g]);
+    for (int b = g * per; b < (g + 1) * per; ++b) {
+      _mm_prefetch(static_cast<const char*>(row) + b * block_bytes + kPrefetchRowsAvx2 * row_bytes, _MM_HINT_T0);
+      __m256 w[4];
+      if (kInt4) {
+        widen_int4_avx2(static_cast<const uint8_t*>(row), b, scale, w);
+      } else {
+        widen_int8_avx2(static_cast<const int8_t*>(row), b, scale, w);
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + 32 * b + 8 * c), acc[c]);
+    }
+  }
+  return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+OF_AVX2 void w8_rows_avx2(const Linear& w, int o0, int o1, const float* x, float* y) {
+  const int K = w.in_features, ns = K / kQuantBlock / w.blocks_per_scale;
+  for (int o = o0; o < o1; ++o) y[o] = weight_only_row_avx2<false>(w.q8 + static_cast<size_t>(o) * K, w.scales_f32 + static_cast<size_t>(o) * ns, w.blocks_per_scale, K, x);
+}
+
+OF_AVX2 void w4_rows_avx2(const Linear& w, int o0, int o1, const float* x, float* y) {
+  const int K = w.in_features, ns = K / kQuantBlock / w.blocks_per_scale;
+  for (int o = o0; o < o1; ++o) y[o] = weight_only_row_avx2<true>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales_f32 + static_cast<size_t>(o) * ns, w.blocks_per_scale, K, x);
+}
+
+OF_AVX2 void dequantize_avx2(const Linear& w, int o0, int o1, float* out) {
+  const int K = w.in_features, per = w.blocks_per_scale, ns = K / kQuantBlock / per;
+  for (int o = o0; o < o1; ++o) {
+    for (int g = 0; g < ns; ++g) {
+      const __m256 scale = _mm256_set1_ps(w.scales_f32[static_cast<size_t>(o) * ns + g]);
+      for (int b = g * per; b < (g + 1) * per; ++b) {
+        __m256 v[4];
+        if (w.format == WeightFormat::kInt8) {
+          widen_int8_avx2(w.q8 + static_cast<size_t>(o) * K, b, scale, v);
+        } else {
+          widen_int4_avx2(w.q4 + static_cast<size_t>(o) * K / 2, b, scale, v);
+        }
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + static_cast<size_t>(o - o0) * K + 32 * b + 8 * c, v[c]);
+      }
+    }
+  }
+}
+
 OF_AVX2 void axpy_f32_avx2(float a, const float* x, float* y, int n) {
   const __m256 av = _mm256_set1_ps(a);
   int i = 0;
@@ -258,7 +329,7 @@ OF_AVX2 void attend_avx2(const float* q, const float* const* k, const float* con
 }  // namespace
 
 const KernelTable kAvx2 = {dot_f32_avx2, axpy_f32_avx2, attend_avx2, q8_rows_avx2_single, q4_rows_avx2_pairs,
-                          f32_rows_by_dot<dot_f32_avx2>, Isa::kAvx2};
+                          f32_rows_by_dot<dot_f32_avx2>, w8_rows_avx2, w4_rows_avx2, dequantize_avx2, Isa::kAvx2};
 
 // quantize_block (kernels.cpp) on AVX2, bit for bit: max and x * inv are exact or correctly rounded in any
 // order, and vroundps in nearest mode rounds half to even as nearbyint does (under the default rounding mode).

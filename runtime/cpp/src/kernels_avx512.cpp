@@ -7,7 +7,7 @@
 #include <cstring>
 
 // The AVX-512 (F, BW, VL) + VNNI kernels (every function marked OF_AVX512): the fp32 dot product and axpy,
-// the int8 / int4 GEMV / GEMM rows and attention. The dispatch (kernels.cpp) uses them only where
+// the int8 / int4 GEMV / GEMM rows (int8 activations), the weight-only decode rows and dequantization, and attention. The dispatch (kernels.cpp) uses them only where
 // detected_isa() found those instruction sets.
 
 // GCC 12's AVX-512 headers pass _mm512_undefined_*() through masked builtins (permutexvar, cvtepi32_ps,
@@ -178,6 +178,83 @@ OF_AVX512 void rows_avx512(const typename Fmt::Weight* w, const uint16_t* s, int
   for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+// Weight-only decode: the 32 weights of block b of a row widened to exact floats (q * scale) in two vectors,
+// columns 0-15 and 16-31. int8: sign-extended bytes; int4: the low nibbles are columns 0-15, the high 16-31.
+struct Int8Widen {
+  using Weight = int8_t;
+  static constexpr int row_bytes(int K) { return K; }
+  OF_AVX512 static void widen(const int8_t* row, int b, __m512 scale, __m512* lo, __m512* hi) {
+    const __m128i* p = reinterpret_cast<const __m128i*>(row + 32 * b);
+    *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p))), scale);
+    *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1))), scale);
+  }
+};
+
+struct Int4Widen {
+  using Weight = uint8_t;
+  static constexpr int row_bytes(int K) { return K / 2; }
+  OF_AVX512 static void widen(const uint8_t* row, int b, __m512 scale, __m512* lo, __m512* hi) {
+    const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * b)));
+    const __m512i nibble = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
+    *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(u, nibble), eight)), scale);
+    *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(u, 4), eight)), scale);
+  }
+};
+
+// dot_f32_avx512(q * scale, x) of one row (K a multiple of 32): columns 0-15 of each 32 into acc0, 16-31 into
+// acc1, the same reduction; the weights are streamed once, so the rows ahead are prefetched. `s`: the row's
+// float32 scales, one per `per` blocks.
+template <class Fmt>
+OF_AVX512 float weight_only_row_avx512(const typename Fmt::Weight* row, const float* s, int per, int K, const float* x) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  const int nb = K / kQuantBlock;
+  for (int g = 0; g < nb / per; ++g) {
+    const __m512 scale = _mm512_set1_ps(s[g]);
+    for (int b = g * per; b < (g + 1) * per; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + b * Fmt::row_bytes(kQuantBlock)) + kPrefetchRows * Fmt::row_bytes(K), _MM_HINT_T0);
+      __m512 lo, hi;
+      Fmt::widen(row, b, scale, &lo, &hi);
+      acc0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + 32 * b), acc0);
+      acc1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 32 * b + 16), acc1);
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+OF_AVX512 void w8_rows_avx512(const Linear& w, int o0, int o1, const float* x, float* y) {
+  const int K = w.in_features, ns = K / kQuantBlock / w.blocks_per_scale;
+  for (int o = o0; o < o1; ++o) {
+    y[o] = weight_only_row_avx512<Int8Widen>(w.q8 + static_cast<size_t>(o) * K, w.scales_f32 + static_cast<size_t>(o) * ns, w.blocks_per_scale, K, x);
+  }
+}
+
+OF_AVX512 void w4_rows_avx512(const Linear& w, int o0, int o1, const float* x, float* y) {
+  const int K = w.in_features, ns = K / kQuantBlock / w.blocks_per_scale;
+  for (int o = o0; o < o1; ++o) {
+    y[o] = weight_only_row_avx512<Int4Widen>(w.q4 + static_cast<size_t>(o) * K / 2, w.scales_f32 + static_cast<size_t>(o) * ns, w.blocks_per_scale, K, x);
+  }
+}
+
+OF_AVX512 void dequantize_avx512(const Linear& w, int o0, int o1, float* out) {
+  const int K = w.in_features, per = w.blocks_per_scale, ns = K / kQuantBlock / per;
+  for (int o = o0; o < o1; ++o) {
+    for (int g = 0; g < ns; ++g) {
+      const __m512 scale = _mm512_set1_ps(w.scales_f32[static_cast<size_t>(o) * ns + g]);
+      for (int b = g * per; b < (g + 1) * per; ++b) {
+        __m512 lo, hi;
+        if (w.format == WeightFormat::kInt8) {
+          Int8Widen::widen(w.q8 + static_cast<size_t>(o) * K, b, scale, &lo, &hi);
+        } else {
+          Int4Widen::widen(w.q4 + static_cast<size_t>(o) * K / 2, b, scale, &lo, &hi);
+        }
+        float* ob = out + static_cast<size_t>(o - o0) * K + 32 * b;
+        _mm512_storeu_ps(ob, lo);
+        _mm512_storeu_ps(ob + 16, hi);
+      }
+    }
+  }
+}
+
 OF_AVX512 inline void axpy_f32_avx512(float a, const float* x, float* y, int n) {
   const __m512 av = _mm512_set1_ps(a);
   int i = 0;
@@ -232,6 +309,6 @@ OF_AVX512 void attend_avx512(const float* q, const float* const* k, const float*
 }  // namespace
 
 const KernelTable kAvx512 = {dot_f32_avx512, axpy_f32_avx512, attend_avx512, q8_rows_wide, q4_rows_wide, f32_rows_avx512,
-                            Isa::kAvx512};
+                            w8_rows_avx512, w4_rows_avx512, dequantize_avx512, Isa::kAvx512};
 
 }  // namespace optforge_rt::detail

@@ -37,6 +37,12 @@ using RowsFn = void (*)(const Linear&, int, int, const PreparedActs&, int, float
 // fp32 rows [o0, o1) of a Linear for all M token rows of x (M, K): y[m * ldy + o] for each m and o.
 using RowsF32Fn = void (*)(const Linear&, int, int, const float*, int, float*, int);
 
+// Weight-only rows [o0, o1) of a quantized Linear for one token x (K): y[o] = dot(q * scale, x) with the fp32
+// dot product's own accumulators and order, so the result equals rows_f32 on the dequantized weights.
+using RowsWeightOnlyFn = void (*)(const Linear&, int, int, const float*, float*);
+// The exact float weights q * scale of rows [o0, o1) of a quantized Linear into out ((o1 - o0), K).
+using DequantizeFn = void (*)(const Linear&, int, int, float*);
+
 // RowsF32Fn as one Dot call per (row, token): the scalar and AVX2 tables' fp32 matmul.
 template <float (*Dot)(const float*, const float*, int)>
 void f32_rows_by_dot(const Linear& w, int o0, int o1, const float* x, int M, float* y, int ldy) {
@@ -52,12 +58,17 @@ struct KernelTable {
   RowsFn rows_q8;
   RowsFn rows_q4;
   RowsF32Fn rows_f32;
+  RowsWeightOnlyFn rows_w8, rows_w4;  // one token (decode); batches dequantize a tile and run rows_f32
+  DequantizeFn dequantize;
   Isa isa;  // which of PreparedActs' ISA-specific fields the rows kernels read
 };
 
 extern const KernelTable kScalar;  // kernels_scalar.cpp
 extern const KernelTable kAvx2;    // kernels_avx2.cpp
 extern const KernelTable kAvx512;  // kernels_avx512.cpp
+
+// Column j of int4 block row `b` (16 bytes): the low nibbles hold columns 0-15, the high nibbles 16-31, as q + 8.
+inline int int4_at(const uint8_t* b, int j) { return (j < 16 ? (b[j] & 0xF) : (b[j - 16] >> 4)) - 8; }
 
 // One block of 32 floats -> int8 on AVX2 (kernels_avx2.cpp), bit-identical to quantize_block (kernels.cpp).
 OF_AVX2 float quantize_block_avx2(const float* xb, int8_t* q);

@@ -40,6 +40,44 @@ float dot_q4_scalar(const uint8_t* w, const uint16_t* ws, const int8_t* x, const
   return s;
 }
 
+// Weight-only: dot_f32_scalar over the widened weights q * scale, the same sum in the same order.
+template <class Widen>
+void weight_only_rows_scalar(const Linear& w, int o0, int o1, const float* x, float* y, Widen widen) {
+  const int nb = w.in_features / kQuantBlock, per = w.blocks_per_scale;
+  for (int o = o0; o < o1; ++o) {
+    float s = 0.f;
+    for (int b = 0; b < nb; ++b) {
+      const float scale = w.scales_f32[static_cast<size_t>(o) * (nb / per) + b / per];
+      for (int j = 0; j < kQuantBlock; ++j) s += static_cast<float>(widen(o, b, j)) * scale * x[b * kQuantBlock + j];
+    }
+    y[o] = s;
+  }
+}
+
+void w8_rows_scalar(const Linear& w, int o0, int o1, const float* x, float* y) {
+  const int K = w.in_features;
+  weight_only_rows_scalar(w, o0, o1, x, y, [&](int o, int b, int j) { return int(w.q8[static_cast<size_t>(o) * K + b * kQuantBlock + j]); });
+}
+
+void w4_rows_scalar(const Linear& w, int o0, int o1, const float* x, float* y) {
+  const int K = w.in_features;
+  weight_only_rows_scalar(w, o0, o1, x, y, [&](int o, int b, int j) { return int4_at(w.q4 + static_cast<size_t>(o) * K / 2 + b * 16, j); });
+}
+
+void dequantize_scalar(const Linear& w, int o0, int o1, float* out) {
+  const int K = w.in_features, nb = K / kQuantBlock, per = w.blocks_per_scale;
+  for (int o = o0; o < o1; ++o) {
+    for (int b = 0; b < nb; ++b) {
+      const float scale = w.scales_f32[static_cast<size_t>(o) * (nb / per) + b / per];
+      float* ob = out + static_cast<size_t>(o - o0) * K + b * kQuantBlock;
+      for (int j = 0; j < kQuantBlock; ++j) {
+        const int q = w.format == WeightFormat::kInt8 ? w.q8[static_cast<size_t>(o) * K + b * kQuantBlock + j] : int4_at(w.q4 + static_cast<size_t>(o) * K / 2 + b * 16, j);
+        ob[j] = static_cast<float>(q) * scale;
+      }
+    }
+  }
+}
+
 void axpy_f32_scalar(float a, const float* x, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
@@ -77,6 +115,6 @@ void attend_by_calls(const float* q, const float* const* k, const float* const* 
 }  // namespace
 
 const KernelTable kScalar = {dot_f32_scalar, axpy_f32_scalar, attend_by_calls<dot_f32_scalar, axpy_f32_scalar>, q8_rows_by_dot<dot_q8_scalar>, q4_rows_by_dot<dot_q4_scalar>,
-                          f32_rows_by_dot<dot_f32_scalar>, Isa::kScalar};
+                          f32_rows_by_dot<dot_f32_scalar>, w8_rows_scalar, w4_rows_scalar, dequantize_scalar, Isa::kScalar};
 
 }  // namespace optforge_rt::detail

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 
 #include "optforge_rt/checked.h"
 #include "optforge_rt/errors.h"
@@ -42,18 +41,24 @@ void apply_rope(float* x, int num_heads, int head_dim, int pos, const std::vecto
   }
 }
 
-// Fp16 copies of float32 scales (a v1 engine's qscales, or per-channel scales spread over blocks), owned by w.
-void own_f16_scales(Linear& w, const float* src, int out, int nb, bool per_channel) {
-  w.owned.resize(static_cast<size_t>(out) * nb * sizeof(uint16_t));
-  uint16_t* dst = reinterpret_cast<uint16_t*>(w.owned.data());
+// Fp16 block scales (out, nb) from float32 scales (out, nb / per): a v1 engine's qscales (per = 1), or the
+// per-channel (per = nb) or per-group scales of a w8a8_int8 artifact, spread over their blocks.
+void fill_f16_scales(uint16_t* dst, const float* src, int out, int nb, int per) {
   for (int o = 0; o < out; ++o) {
     for (int b = 0; b < nb; ++b) {
       uint16_t& h = dst[static_cast<size_t>(o) * nb + b];
-      h = f32_to_f16(per_channel ? src[o] : src[static_cast<size_t>(o) * nb + b]);
+      h = f32_to_f16(src[static_cast<size_t>(o) * (nb / per) + b / per]);
       if (!std::isfinite(f16_to_f32(h))) throw ArtifactError("a weight scale overflows fp16 (> 65504); run the `pack.cpu` pass");
     }
   }
-  w.scales = dst;
+}
+
+// The quantization scheme optforge.json's `modules` records for a Linear ("" when none).
+std::string module_scheme(const Json& layout, const std::string& name) {
+  const Json* modules = layout.find("modules");
+  const Json* spec = modules != nullptr ? modules->find(name) : nullptr;
+  const Json* scheme = spec != nullptr ? spec->find("scheme") : nullptr;
+  return scheme != nullptr && scheme->is_string() ? scheme->str() : "";
 }
 
 // The pack.cpu format an engine declares in its safetensors metadata: 0 when it declares none (an HF folder or
@@ -67,33 +72,6 @@ int pack_format_version(const SafeTensors& st, const std::string& dir) {
   if (version == "2") return 2;
   throw ArtifactError(dir + ": engine format '" + it->second + "' is newer than this runtime reads (optforge-cpu/1 and /2); "
                       "rebuild the runtime, or re-run the pack.cpu pass with this checkout");
-}
-
-// MemAvailable from /proc/meminfo in bytes; SIZE_MAX where it cannot be read.
-size_t available_memory() {
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  size_t kb = 0;
-  while (in >> key >> kb) {
-    if (key == "MemAvailable:") return kb * 1024;
-    in.ignore(256, '\n');
-  }
-  return SIZE_MAX;
-}
-
-// Floats per layer in the K (and in the V) cache. Throws std::invalid_argument when the whole cache (K and V of
-// every layer) does not fit in 64 bits or in the available memory.
-size_t kv_cache_floats(const ModelConfig& c, int num_kv_blocks, int block_size) {
-  uint64_t floats = 0, bytes = 0;
-  const bool fits = checked_product({uint64_t(num_kv_blocks), uint64_t(block_size), uint64_t(c.num_kv_heads), uint64_t(c.head_dim)}, &floats) &&
-                    checked_product({floats, uint64_t(c.num_layers), 2, sizeof(float)}, &bytes);
-  const size_t available = available_memory();
-  if (!fits || bytes > available) {
-    throw std::invalid_argument("a KV cache of " + std::to_string(num_kv_blocks) + " blocks x " + std::to_string(block_size) + " tokens x " +
-                                std::to_string(c.num_layers) + " layers needs " + (fits ? std::to_string(bytes) : std::string("over 2^64")) +
-                                " bytes, more than the " + std::to_string(available) + " bytes of memory available; use fewer KV blocks");
-  }
-  return static_cast<size_t>(floats);
 }
 
 }  // namespace
@@ -130,18 +108,19 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size, const 
     LayerWeights lw;
     lw.attn_norm = f32_tensor(p + "input_layernorm.weight", c.hidden_size);
     lw.mlp_norm = f32_tensor(p + "post_attention_layernorm.weight", c.hidden_size);
-    lw.q = load_linear(p + "self_attn.q_proj", q_out, c.hidden_size);
-    lw.k = load_linear(p + "self_attn.k_proj", kv_out, c.hidden_size);
-    lw.v = load_linear(p + "self_attn.v_proj", kv_out, c.hidden_size);
-    lw.o = load_linear(p + "self_attn.o_proj", c.hidden_size, q_out);
-    lw.gate = load_linear(p + "mlp.gate_proj", c.intermediate_size, c.hidden_size);
-    lw.up = load_linear(p + "mlp.up_proj", c.intermediate_size, c.hidden_size);
-    lw.down = load_linear(p + "mlp.down_proj", c.hidden_size, c.intermediate_size);
+    auto linear = [&](const std::string& name, int out, int in) { return load_linear(p + name, out, in, module_scheme(artifact.layout, p + name)); };
+    lw.q = linear("self_attn.q_proj", q_out, c.hidden_size);
+    lw.k = linear("self_attn.k_proj", kv_out, c.hidden_size);
+    lw.v = linear("self_attn.v_proj", kv_out, c.hidden_size);
+    lw.o = linear("self_attn.o_proj", c.hidden_size, q_out);
+    lw.gate = linear("mlp.gate_proj", c.intermediate_size, c.hidden_size);
+    lw.up = linear("mlp.up_proj", c.intermediate_size, c.hidden_size);
+    lw.down = linear("mlp.down_proj", c.hidden_size, c.intermediate_size);
     layers_.push_back(std::move(lw));
   }
   bool has_head = weights_->contains("lm_head.weight") || weights_->contains("lm_head.qweight");
   if (has_head) {
-    lm_head_ = load_linear("lm_head", c.vocab_size, c.hidden_size);
+    lm_head_ = load_linear("lm_head", c.vocab_size, c.hidden_size, module_scheme(artifact.layout, "lm_head"));
   } else if (c.tie_word_embeddings) {
     lm_head_.out_features = c.vocab_size;
     lm_head_.in_features = c.hidden_size;
@@ -150,64 +129,110 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size, const 
     throw ArtifactError(artifact.dir + ": no lm_head weights and tie_word_embeddings is false");
   }
   if (options.copy_weights) copy_weights_to_arena();
-  const size_t cache_floats = kv_cache_floats(c, num_kv_blocks, block_size);
-  k_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
-  v_cache_.assign(c.num_layers, std::vector<float>(cache_floats));
+  kv_ = std::make_unique<KvCache>(kv_cache_spec(artifact.layout, c.num_layers, artifact.dir + "/optforge.json"), c.num_layers, num_kv_blocks,
+                                  block_size, c.num_kv_heads * c.head_dim);
   for (int i = 0; i < c.head_dim / 2; ++i) {
     inv_freq_.push_back(1.0f / std::pow(c.rope_theta, static_cast<float>(2 * i) / static_cast<float>(c.head_dim)));
   }
 }
 
-Linear Model::load_linear(const std::string& name, int out, int in) {
+// A pack.cpu engine's Linear: the kernels' block format as stored, with int8 activations (the engine format is
+// llama.cpp's Q8_0 / Q4_0 arithmetic, what its tolerances were stated for).
+Linear Model::load_packed_linear(const std::string& name, int out, int in) {
+  Linear w;
+  w.out_features = out;
+  w.in_features = in;
+  w.activations = Activations::kInt8;
+  auto fail = [&](const std::string& why) { throw ArtifactError("model.safetensors: Linear '" + name + "': " + why); };
+  const TensorView& q = weights_->get(name + ".qweight");
+  const TensorView& s = weights_->get(name + ".qscales");
+  if (in % kQuantBlock != 0) fail("in_features must divide by 32");
+  const int nb = in / kQuantBlock;
+  if (s.numel() != int64_t(out) * nb) fail("qscales must have (out, in / 32) elements");
+  // v2 stores fp16 scales, read in place; a v1 engine's fp32 scales are rounded to fp16 here (relative
+  // change <= 2^-11 in fp16's normal range; the integer weights are kept). Re-running pack.cpu instead fits
+  // the weights to the rounded scales.
+  if (s.dtype == DType::kF16 && pack_version_ != 1) {
+    w.scales = reinterpret_cast<const uint16_t*>(s.data);
+  } else if (s.dtype == DType::kF32 && pack_version_ != 2) {
+    w.owned.resize(static_cast<size_t>(out) * nb * sizeof(uint16_t));
+    fill_f16_scales(reinterpret_cast<uint16_t*>(w.owned.data()), reinterpret_cast<const float*>(s.data), out, nb, 1);
+    w.scales = reinterpret_cast<const uint16_t*>(w.owned.data());
+  } else {
+    const char* want = pack_version_ == 2 ? "F16 (format optforge-cpu/2)" : pack_version_ == 1 ? "F32 (format optforge-cpu/1)" : "F16 or F32";
+    fail(std::string("qscales are ") + dtype_name(s.dtype) + ", expected " + want);
+  }
+  if (q.dtype == DType::kI8 && q.numel() == int64_t(out) * in) {
+    w.format = WeightFormat::kInt8;
+    w.q8 = reinterpret_cast<const int8_t*>(q.data);
+  } else if (q.dtype == DType::kU8 && q.numel() == int64_t(out) * in / 2) {
+    w.format = WeightFormat::kInt4;
+    w.q4 = q.data;
+  } else {
+    fail("qweight must be I8 (out, in) or U8 (out, in / 2)");
+  }
+  return w;
+}
+
+// fp32 weights, or the symmetric int8 / int4 weights of an optforge quantized artifact: quant.int8_weight_only
+// and weight-only int8 (`weight` I8 (out, in)) or int4 (`weight_packed` I32 (out, in / 8), compressed-tensors'
+// eight nibbles q + 8 per word) with float32 scales (out, G) whose groups are whole 32-column blocks. The scheme
+// optforge.json records decides the activations: float32 for weight-only formats, int8 for w8a8_int8.
+Linear Model::load_linear(const std::string& name, int out, int in, const std::string& scheme) {
+  if (weights_->contains(name + ".qweight")) return load_packed_linear(name, out, in);
   Linear w;
   w.out_features = out;
   w.in_features = in;
   auto fail = [&](const std::string& why) { throw ArtifactError("model.safetensors: Linear '" + name + "': " + why); };
-  if (weights_->contains(name + ".qweight")) {  // pre-packed by the pack.cpu pass
-    const TensorView& q = weights_->get(name + ".qweight");
-    const TensorView& s = weights_->get(name + ".qscales");
-    if (in % kQuantBlock != 0) fail("in_features must divide by 32");
-    const int nb = in / kQuantBlock;
-    if (s.numel() != int64_t(out) * nb) fail("qscales must have (out, in / 32) elements");
-    // v2 stores fp16 scales, read in place; a v1 engine's fp32 scales are rounded to fp16 here (relative
-    // change <= 2^-11 in fp16's normal range; the integer weights are kept). Re-running pack.cpu instead fits
-    // the weights to the rounded scales.
-    if (s.dtype == DType::kF16 && pack_version_ != 1) {
-      w.scales = reinterpret_cast<const uint16_t*>(s.data);
-    } else if (s.dtype == DType::kF32 && pack_version_ != 2) {
-      own_f16_scales(w, reinterpret_cast<const float*>(s.data), out, nb, false);
-    } else {
-      const char* want = pack_version_ == 2 ? "F16 (format optforge-cpu/2)" : pack_version_ == 1 ? "F32 (format optforge-cpu/1)" : "F16 or F32";
-      fail(std::string("qscales are ") + dtype_name(s.dtype) + ", expected " + want);
-    }
-    if (q.dtype == DType::kI8 && q.numel() == int64_t(out) * in) {
-      w.format = WeightFormat::kInt8;
-      w.q8 = reinterpret_cast<const int8_t*>(q.data);
-    } else if (q.dtype == DType::kU8 && q.numel() == int64_t(out) * in / 2) {
-      w.format = WeightFormat::kInt4;
-      w.q4 = q.data;
-    } else {
-      fail("qweight must be I8 (out, in) or U8 (out, in / 2)");
-    }
-    return w;
-  }
-  const TensorView& t = weights_->get(name + ".weight");
-  if (t.numel() != int64_t(out) * in) fail("weight has " + std::to_string(t.numel()) + " elements, expected " + std::to_string(int64_t(out) * in));
-  if (t.dtype == DType::kF32) {
+  const bool packed4 = weights_->contains(name + ".weight_packed");
+  const TensorView& t = weights_->get(name + (packed4 ? ".weight_packed" : ".weight"));
+  if (t.dtype == DType::kF32 && !packed4) {
+    if (t.numel() != int64_t(out) * in) fail("weight has " + std::to_string(t.numel()) + " elements, expected " + std::to_string(int64_t(out) * in));
     w.f32 = reinterpret_cast<const float*>(t.data);
     return w;
   }
-  if (t.dtype == DType::kI8 && weights_->contains(name + ".weight_scale")) {  // quant.int8_weight_only, per channel
-    const TensorView& s = weights_->get(name + ".weight_scale");
-    if (s.dtype != DType::kF32 || s.numel() != out) fail("weight_scale must be F32 (out, 1); pack group-wise int8 with `pack.cpu` first");
-    if (in % kQuantBlock != 0) fail("in_features must divide by 32");
-    int nb = in / kQuantBlock;
+  const bool int8 = t.dtype == DType::kI8 && !packed4, int4 = t.dtype == DType::kI32 && packed4;
+  if ((!int8 && !int4) || !weights_->contains(name + ".weight_scale")) {
+    fail(std::string("unsupported weight dtype ") + dtype_name(t.dtype) + "; run the `pack.cpu` pass to write a CPU engine");
+  }
+  if (weights_->contains(name + ".weight_zero_point")) fail("asymmetric weights (weight_zero_point); run the `pack.cpu` pass (it re-quantizes them symmetric)");
+  if (t.numel() != (int8 ? int64_t(out) * in : int64_t(out) * in / 8)) fail("weight has " + std::to_string(t.numel()) + " elements, expected (out, in" + (int8 ? ")" : " / 8)"));
+  if (in % kQuantBlock != 0) fail("in_features must divide by 32");
+  const int nb = in / kQuantBlock;
+  const TensorView& s = weights_->get(name + ".weight_scale");
+  const int64_t groups = s.numel() / std::max(out, 1);
+  if (s.dtype != DType::kF32 || s.numel() != out * groups || groups < 1 || nb % groups != 0) {
+    fail("weight_scale must be F32 (out, G) with groups of whole 32-column blocks; pack other groupings with `pack.cpu` first");
+  }
+  w.activations = scheme == "w8a8_int8" ? Activations::kInt8 : Activations::kF32;
+  const int per = nb / static_cast<int>(groups);
+  const size_t q4_bytes = int4 ? static_cast<size_t>(out) * in / 2 : 0;
+  if (w.activations == Activations::kF32) {  // weight-only: the float32 scales as stored, read in place
+    w.scales_f32 = reinterpret_cast<const float*>(s.data);
+    w.blocks_per_scale = per;
+    w.owned.resize(q4_bytes);
+  } else {  // int8 activations: the kernels' fp16 scale per block
+    w.owned.resize(q4_bytes + static_cast<size_t>(out) * nb * sizeof(uint16_t));
+    fill_f16_scales(reinterpret_cast<uint16_t*>(w.owned.data() + q4_bytes), reinterpret_cast<const float*>(s.data), out, nb, per);
+    w.scales = reinterpret_cast<const uint16_t*>(w.owned.data() + q4_bytes);
+  }
+  if (int8) {
     w.format = WeightFormat::kInt8;
     w.q8 = reinterpret_cast<const int8_t*>(t.data);
-    own_f16_scales(w, reinterpret_cast<const float*>(s.data), out, nb, true);
     return w;
   }
-  fail(std::string("unsupported weight dtype ") + dtype_name(t.dtype) + "; run the `pack.cpu` pass to write a CPU engine");
+  // Column c is nibble c % 8 of word c / 8; the kernels' block layout puts columns j and j + 16 of each block of
+  // 32 in one byte (low, high). Both store q + 8.
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(t.data);
+  uint8_t* q4 = w.owned.data();
+  auto nibble = [&](int o, int c) { return (words[static_cast<size_t>(o) * (in / 8) + c / 8] >> (4 * (c % 8))) & 0xF; };
+  for (int o = 0; o < out; ++o) {
+    for (int c = 0; c < in; c += kQuantBlock) {
+      for (int j = 0; j < 16; ++j) q4[(static_cast<size_t>(o) * in + c) / 2 + j] = static_cast<uint8_t>(nibble(o, c + j) | (nibble(o, c + 16 + j) << 4));
+    }
+  }
+  w.format = WeightFormat::kInt4;
+  w.q4 = q4;
   return w;
 }
 
@@ -227,7 +252,8 @@ void Model::copy_weights_to_arena() {
     return w.format == WeightFormat::kF32 ? n * 4 : w.format == WeightFormat::kInt8 ? n : n / 2;
   };
   auto scale_bytes = [](const Linear& w) {
-    return w.scales == nullptr ? 0 : static_cast<size_t>(w.out_features) * (w.in_features / kQuantBlock) * sizeof(uint16_t);
+    const size_t nb = static_cast<size_t>(w.in_features / kQuantBlock);
+    return w.scales != nullptr ? w.out_features * nb * sizeof(uint16_t) : w.scales_f32 != nullptr ? w.out_features * (nb / w.blocks_per_scale) * sizeof(float) : 0;
   };
   size_t total = 0;
   for (const Linear* w : linears) total += data_bytes(*w) + scale_bytes(*w) + 128;  // + 2 x 64 alignment
@@ -241,10 +267,22 @@ void Model::copy_weights_to_arena() {
     if (w->format == WeightFormat::kInt8) w->q8 = reinterpret_cast<const int8_t*>(copy);
     if (w->format == WeightFormat::kInt4) w->q4 = copy;
     if (w->scales != nullptr) w->scales = reinterpret_cast<const uint16_t*>(arena_.take(w->scales, scale_bytes(*w)));
+    if (w->scales_f32 != nullptr) w->scales_f32 = reinterpret_cast<const float*>(arena_.take(w->scales_f32, scale_bytes(*w)));
     w->owned.clear();
     w->owned.shrink_to_fit();
   }
   if (tied) embed_ = lm_head_.f32 = reinterpret_cast<const float*>(arena_.take(embed_, data_bytes(lm_head_)));
+}
+
+std::string Model::activations() const {
+  bool f32 = false, int8 = false;
+  for (const LayerWeights& l : layers_) {
+    for (const Linear* w : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down, &lm_head_}) {
+      if (w->format == WeightFormat::kF32) continue;
+      (w->activations == Activations::kInt8 ? int8 : f32) = true;
+    }
+  }
+  return int8 && f32 ? "mixed" : int8 ? "int8" : "fp32";
 }
 
 std::string Model::weight_format() const {
@@ -260,21 +298,19 @@ size_t Model::weight_bytes() const {
   return n;
 }
 
-void Model::copy_block(int src, int dst) {
-  size_t stride = static_cast<size_t>(block_size_) * config_.num_kv_heads * config_.head_dim;
-  for (int l = 0; l < config_.num_layers; ++l) {
-    std::memcpy(k_cache_[l].data() + dst * stride, k_cache_[l].data() + src * stride, stride * sizeof(float));
-    std::memcpy(v_cache_[l].data() + dst * stride, v_cache_[l].data() + src * stride, stride * sizeof(float));
-  }
-}
+void Model::copy_block(int src, int dst) { kv_->copy_block(src, dst); }
 
 void Model::attention(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool) {
   const ModelConfig& c = config_;
   const int T = static_cast<int>(batch.tokens.size());
   const int D = c.head_dim, group = c.num_heads / c.num_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const float* kc = k_cache_[layer].data();
-  const float* vc = v_cache_[layer].data();
+  if (kv_->dtype() != KvDtype::kF32) {
+    attention_dequantized(batch, layer, q, out, pool);
+    return;
+  }
+  const float* kc = kv_->k_f32(layer);
+  const float* vc = kv_->v_f32(layer);
   pool.parallel_for(T * c.num_heads, [&](int begin, int end) {
     std::vector<float> scores;
     std::vector<const float*> k_rows, v_rows;
@@ -292,6 +328,38 @@ void Model::attention(const ForwardBatch& batch, int layer, const float* q, floa
       }
       attend(q + (static_cast<size_t>(t) * c.num_heads + h) * D, k_rows.data(), v_rows.data(), len, D, scale,
              scores.data(), out + (static_cast<size_t>(t) * c.num_heads + h) * D);
+    }
+  });
+}
+
+// A byte cache: each job reads one KV head's positions back as float32 once (stored * scale) and runs the
+// attention of every query head that shares it; the arithmetic after the read is the float cache's.
+void Model::attention_dequantized(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool) {
+  const ModelConfig& c = config_;
+  const int T = static_cast<int>(batch.tokens.size());
+  const int D = c.head_dim, group = c.num_heads / c.num_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  pool.parallel_for(T * c.num_kv_heads, [&](int begin, int end) {
+    std::vector<float> scores, keys, values;
+    std::vector<const float*> k_rows, v_rows;
+    for (int job = begin; job < end; ++job) {
+      const int t = job / c.num_kv_heads, kvh = job % c.num_kv_heads;
+      const std::vector<int>& table = batch.block_tables[batch.seq_of[t]];
+      const int len = batch.positions[t] + 1;
+      scores.resize(len);
+      keys.resize(static_cast<size_t>(len) * D);
+      values.resize(keys.size());
+      k_rows.resize(len);
+      v_rows.resize(len);
+      for (int p = 0; p < len; ++p) {
+        k_rows[p] = &keys[static_cast<size_t>(p) * D];
+        v_rows[p] = &values[static_cast<size_t>(p) * D];
+        kv_->read(layer, kv_slot(table, p, block_size_), kvh * D, D, &keys[static_cast<size_t>(p) * D], &values[static_cast<size_t>(p) * D]);
+      }
+      for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+        attend(q + (static_cast<size_t>(t) * c.num_heads + h) * D, k_rows.data(), v_rows.data(), len, D, scale, scores.data(),
+               out + (static_cast<size_t>(t) * c.num_heads + h) * D);
+      }
     }
   });
 }
@@ -322,8 +390,7 @@ std::vector<float> Model::forward(const ForwardBatch& batch, ThreadPool& pool) {
       apply_rope(&k[size_t(t) * kv_dim], c.num_kv_heads, D, batch.positions[t], inv_freq_);
       int pos = batch.positions[t];
       size_t slot = kv_slot(batch.block_tables[batch.seq_of[t]], pos, block_size_);
-      std::memcpy(&k_cache_[l][slot * kv_dim], &k[size_t(t) * kv_dim], kv_dim * sizeof(float));
-      std::memcpy(&v_cache_[l][slot * kv_dim], &v[size_t(t) * kv_dim], kv_dim * sizeof(float));
+      kv_->write(l, slot, &k[size_t(t) * kv_dim], &v[size_t(t) * kv_dim]);
     }
     attention(batch, l, q.data(), attn.data(), pool);
     matmul(lw.o, attn.data(), T, o.data(), pool);

@@ -5,7 +5,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <stdexcept>
 
 #include "optforge_rt/checked.h"
@@ -63,6 +65,17 @@ MappedFile::~MappedFile() {
 
 HugePageArena::~HugePageArena() {
   if (data_ != nullptr) munmap(data_, size_);
+}
+
+size_t available_memory() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  size_t kb = 0;
+  while (in >> key >> kb) {
+    if (key == "MemAvailable:") return kb * 1024;
+    in.ignore(256, '\n');
+  }
+  return SIZE_MAX;
 }
 
 bool HugePageArena::reserve(size_t bytes) {

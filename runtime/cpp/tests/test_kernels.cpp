@@ -22,6 +22,56 @@ static int nibble(const std::vector<uint8_t>& q4, int N, int K, int n, int k) {
   return (j < 16 ? (byte & 0xF) : (byte >> 4)) - 8;
 }
 
+// Weight-only (fp32 activations) with float32 scales, one per `per` blocks: each format equals the fp32 matmul
+// of its dequantized weights bit for bit (batched, grouped or one token at a time), and a double reference to
+// fp32 rounding.
+static void check_weight_only(const std::vector<int8_t>& q8, const std::vector<uint8_t>& q4, int N, int K, int per,
+                              const std::vector<float>& x, int M, ThreadPool& pool) {
+  const int ns = K / 32 / per;
+  std::vector<float> s8(N * ns), s4(N * ns);
+  for (int i = 0; i < N * ns; ++i) {
+    s8[i] = 0.01f + 0.001f * float(i % 17) / 3.f;  // not representable in fp16: the scales are used as stored
+    s4[i] = 0.1f + 0.01f * float(i % 13) / 7.f;
+  }
+  Linear l8, l4;
+  l8.out_features = l4.out_features = N;
+  l8.in_features = l4.in_features = K;
+  l8.format = WeightFormat::kInt8; l8.q8 = q8.data(); l8.scales_f32 = s8.data();
+  l4.format = WeightFormat::kInt4; l4.q4 = q4.data(); l4.scales_f32 = s4.data();
+  l8.blocks_per_scale = l4.blocks_per_scale = per;
+  std::vector<float> d8(N * K), d4(N * K);
+  std::vector<double> ref8(M * N, 0.0), ref4(M * N, 0.0);
+  for (int n = 0; n < N; ++n) {
+    for (int k = 0; k < K; ++k) {
+      const int g = n * ns + k / 32 / per;
+      d8[n * K + k] = float(q8[n * K + k]) * s8[g];
+      d4[n * K + k] = float(nibble(q4, N, K, n, k)) * s4[g];
+      for (int m = 0; m < M; ++m) {
+        ref8[m * N + n] += double(d8[n * K + k]) * x[m * K + k];
+        ref4[m * N + n] += double(d4[n * K + k]) * x[m * K + k];
+      }
+    }
+  }
+  Linear f8, f4;
+  f8.out_features = f4.out_features = N;
+  f8.in_features = f4.in_features = K;
+  f8.f32 = d8.data();
+  f4.f32 = d4.data();
+  std::vector<float> y8(M * N), y4(M * N), e8(M * N), e4(M * N);
+  matmul_group({&l8, &l4}, x.data(), M, {y8.data(), y4.data()}, pool);
+  matmul_group({&f8, &f4}, x.data(), M, {e8.data(), e4.data()}, pool);
+  CHECK(y8 == e8 && y4 == e4);
+  CHECK(max_rel_err(y8, ref8) < 1e-5 && max_rel_err(y4, ref4) < 1e-5);
+  ThreadPool single(1);
+  for (int m = 0; m < M; ++m) {
+    std::vector<float> g8(N), g4(N);
+    matmul(l8, x.data() + m * K, 1, g8.data(), single);
+    matmul(l4, x.data() + m * K, 1, g4.data(), pool);
+    for (int n = 0; n < N; ++n) CHECK(g8[n] == y8[m * N + n] && g4[n] == y4[m * N + n]);
+  }
+  CHECK(l8.weight_bytes() == size_t(N) * K + size_t(N) * ns * 4);
+}
+
 // N rows, K columns, M tokens: N not a multiple of 4 and an odd block count exercise the kernels' tails.
 static void check_shape(int N, int K, int M) {
   std::mt19937 rng(N * 1000 + K);
@@ -68,8 +118,12 @@ static void check_shape(int N, int K, int M) {
     l32.f32 = w.data();
     l8.format = WeightFormat::kInt8; l8.q8 = q8.data(); l8.scales = s8.data();
     l4.format = WeightFormat::kInt4; l4.q4 = q4.data(); l4.scales = s4.data();
+    l8.activations = l4.activations = Activations::kInt8;
     std::vector<float> y32(M * N), y8(M * N), y4(M * N);
     matmul_group({&l32, &l8, &l4}, x.data(), M, {y32.data(), y8.data(), y4.data()}, pool);
+    check_weight_only(q8, q4, N, K, 1, x, M, pool);       // a scale per block
+    check_weight_only(q8, q4, N, K, K / 32, x, M, pool);  // per channel, as quant.int8_weight_only stores them
+    if ((K / 32) % 4 == 0) check_weight_only(q8, q4, N, K, 4, x, M, pool);  // groups of 128 columns
     CHECK(max_rel_err(y32, ref32) < 1e-5);
     CHECK(max_rel_err(y8, ref8) < 2e-2);  // activations are quantized to int8 per block of 32
     CHECK(max_rel_err(y4, ref4) < 2e-2);

@@ -101,9 +101,11 @@ int run(int argc, char** argv) {
     cfg.max_num_batched_tokens = batch * prompt_tokens;
     GenerationStats st;
     engine.generate(prompts, cfg, &st);
-    std::printf("{\"format\": \"%s\", \"isa\": \"%s\", \"threads\": %d, \"batch\": %d, \"prefill_tok_s\": %.2f, \"decode_tok_s\": %.2f, \"weight_bytes\": %zu, \"weights\": \"%s\"}\n",
-                engine.model().weight_format().c_str(), isa_name(active_isa()), engine.num_threads(), batch, st.prefill_tokens / st.prefill_seconds,
-                st.decode_tokens / st.decode_seconds, engine.model().weight_bytes(), engine.model().weight_placement());
+    std::printf("{\"format\": \"%s\", \"activations\": \"%s\", \"kv_cache\": \"%s\", \"isa\": \"%s\", \"threads\": %d, \"batch\": %d, "
+                "\"prefill_tok_s\": %.2f, \"decode_tok_s\": %.2f, \"weight_bytes\": %zu, \"weights\": \"%s\"}\n",
+                engine.model().weight_format().c_str(), engine.model().activations().c_str(), kv_dtype_name(engine.model().kv_cache_dtype()),
+                isa_name(active_isa()), engine.num_threads(), batch, st.prefill_tokens / st.prefill_seconds, st.decode_tokens / st.decode_seconds,
+                engine.model().weight_bytes(), engine.model().weight_placement());
     return 0;
   }
   return usage();

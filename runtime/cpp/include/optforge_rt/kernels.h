@@ -6,8 +6,15 @@
 //   int8: q (out, in) int8 in [-127, 127];
 //   int4: (out, in / 2) uint8, block b of row o holds 16 bytes; byte j's low nibble is column 32b + j,
 //         its high nibble column 32b + 16 + j, both stored as q + 8 with q in [-8, 7].
-// Activations are quantized to int8 per block of 32 on the fly (dynamic, symmetric), so the inner loop is an
-// integer dot product; the result is w ~ q * scale, x ~ qx * sx, y = sum_b scale_b * sx_b * dot(q_b, qx_b).
+// What a quantized Linear multiplies its weights with is its `activations`, decided per Linear from the artifact's
+// format (model.cpp):
+//   kF32 (weight-only formats): the activations stay float32 and each weight is widened in registers to the
+//     float q * scale, with the artifact's float32 scale as stored (`scales_f32`, one per group of blocks), so
+//     y = dot(q * scale, x) is the fp32 matmul of the dequantized weights, bit for bit the fp32 kernel's result
+//     on them (a batch dequantizes a tile and runs the fp32 kernel; one token widens in registers);
+//   kInt8 (formats that quantize activations, llama.cpp's Q8_0 / Q4_0): activations are quantized to int8 per
+//     block of 32 on the fly (dynamic, symmetric), so the inner loop is an integer dot product;
+//     y = sum_b scale_b * sx_b * dot(q_b, qx_b) with x ~ qx * sx.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +28,7 @@ namespace optforge_rt {
 constexpr int kQuantBlock = 32;
 
 enum class WeightFormat { kF32, kInt8, kInt4 };
+enum class Activations { kF32, kInt8 };  // of a quantized Linear (see above); fp32 Linears ignore it
 
 struct Linear {
   WeightFormat format = WeightFormat::kF32;
@@ -29,7 +37,12 @@ struct Linear {
   const float* f32 = nullptr;      // (out, in)
   const int8_t* q8 = nullptr;      // (out, in)
   const uint8_t* q4 = nullptr;     // (out, in / 2)
-  const uint16_t* scales = nullptr;  // (out, in / 32) IEEE fp16 bits
+  const uint16_t* scales = nullptr;  // (out, in / 32) IEEE fp16 bits, for int8 activations
+  Activations activations = Activations::kF32;
+  // Weight-only (activations kF32): float32 scales (out, in / 32 / blocks_per_scale), one per group of
+  // blocks_per_scale blocks of 32 columns (per channel: all of a row's blocks).
+  const float* scales_f32 = nullptr;
+  int blocks_per_scale = 1;
   std::vector<uint8_t> owned;      // backing store when the weights were converted at load time
   size_t weight_bytes() const;
 };

@@ -12,6 +12,7 @@
 
 #include "optforge_rt/artifact.h"
 #include "optforge_rt/kernels.h"
+#include "optforge_rt/kv_cache.h"
 #include "optforge_rt/safetensors.h"
 #include "optforge_rt/thread_pool.h"
 
@@ -41,13 +42,19 @@ struct ForwardBatch {
 
 class Model {
  public:
-  // Loads weights (fp32, packed int8/int4, or quant.int8_weight_only tensors) from the artifact.
+  // Loads weights (fp32, pack.cpu engines, or the symmetric int8 / int4 tensors of optforge's quantized
+  // artifacts) from the artifact, and sizes the KV cache (float32, or the artifact's `kv_cache` record).
   Model(const Artifact& artifact, int num_kv_blocks, int block_size, const ModelOptions& options = {});
 
   const ModelConfig& config() const { return config_; }
   int block_size() const { return block_size_; }
   int num_kv_blocks() const { return num_kv_blocks_; }
   std::string weight_format() const;  // "fp32", "int8", "int4" (of the decoder Linears)
+  // What the quantized Linears multiply with: "fp32" (weight-only formats, and a model without quantized
+  // Linears), "int8" (pack.cpu engines, w8a8_int8), or "mixed".
+  std::string activations() const;
+  KvDtype kv_cache_dtype() const { return kv_->dtype(); }
+  size_t kv_cache_bytes() const { return kv_->bytes(); }
   // "copy": the matmul weights were copied at load into one huge-page buffer (the default); "mmap": they are
   // read from the file mapping (ModelOptions::copy_weights false, or too little free memory for the copy).
   const char* weight_placement() const { return arena_.size() > 0 ? "copy" : "mmap"; }
@@ -59,9 +66,11 @@ class Model {
   void copy_block(int src, int dst);
 
  private:
-  Linear load_linear(const std::string& name, int out, int in);
+  Linear load_linear(const std::string& name, int out, int in, const std::string& scheme);
+  Linear load_packed_linear(const std::string& name, int out, int in);
   void copy_weights_to_arena();
   void attention(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool);
+  void attention_dequantized(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool);
 
   ModelConfig config_;
   std::unique_ptr<SafeTensors> weights_;
@@ -74,7 +83,7 @@ class Model {
   int block_size_;
   int num_kv_blocks_;
   int pack_version_ = 0;  // pack.cpu engine format (0: not a packed engine)
-  std::vector<std::vector<float>> k_cache_, v_cache_;  // per layer (num_blocks, block_size, kv_heads, head_dim)
+  std::unique_ptr<KvCache> kv_;  // per layer (num_blocks, block_size, kv_heads, head_dim)
   std::vector<float> inv_freq_;
 };
 

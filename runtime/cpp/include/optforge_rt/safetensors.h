@@ -41,6 +41,10 @@ class MappedFile {
   size_t size_ = 0;
 };
 
+// MemAvailable from /proc/meminfo in bytes; SIZE_MAX where it cannot be read (what the weight copy and the KV
+// cache check their size against).
+size_t available_memory();
+
 // One anonymous, 2 MiB-aligned buffer asked to be backed by transparent huge pages (madvise MADV_HUGEPAGE,
 // which works when /sys/kernel/mm/transparent_hugepage/enabled is "always" or "madvise"). Decode streams every
 // weight once per token; from a 4 KiB-page file mapping that is one TLB miss per 4 KiB (tens of thousands per
