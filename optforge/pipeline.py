@@ -40,6 +40,8 @@ class PassRecord:
     # Speed gate results (ratio, interval, the workload and the machine that measured them); timings hold
     # only for that machine.
     speed: list[dict] = field(default_factory=list)
+    # Sequential gates: looks taken and items scored per eval, beside what a fixed-n gate scores; None otherwise.
+    looks: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +55,7 @@ class PassRecord:
             "gates": self.gates,
             "weight_bytes": self.weight_bytes,
             "speed": self.speed,
+            **({"looks": self.looks} if self.looks else {}),
         }
 
 
@@ -111,6 +114,30 @@ def _measure(artifact: ModelArtifact, evals: EvalSpec | None, evals_for: str, dt
     except DataError as exc:
         raise DataError(f"{evals_for}: its evaluation data cannot be read: {exc}") from exc
     return metrics
+
+
+def _partial(metrics: dict, full: dict) -> bool:
+    """Whether `metrics` cover fewer items than `full` (a sequential gate stopped before the last look)."""
+    return any(name in full and m.get("n") != full[name].get("n") for name, m in metrics.items())
+
+
+def _judge_in_looks(shared: _Build, gates: list, result: ModelArtifact, current_metrics: dict) -> tuple[dict, list, dict]:
+    """A pass's quality gates judged on growing prefixes of the eval items (optforge.sequential); returns the
+    metrics on the items scored, the gates' results at the deciding look, and what the looks used."""
+    from optforge.sequential import chunk_spec, item_counts, judge_in_looks
+
+    baselines = [shared.source_metrics if g.baseline == "source" else current_metrics for g in gates]
+    counts = item_counts(shared.source_metrics)
+
+    def measure_chunk(lo: float, hi: float) -> dict:
+        return _measure(result, chunk_spec(shared.evals, counts, lo, hi), shared.evals_for, shared.recipe.model.dtype, shared.cache, shared.device, shared.progress)
+
+    def judge(gate, baseline, measured, confidence):
+        return evaluate_gate(gate.model_copy(update={"confidence": confidence}), baseline, measured)
+
+    outcome = judge_in_looks(gates, baselines, measure_chunk, judge)
+    log.info("gates judged in %d look(s): %s of %s items", outcome.looks, outcome.items, outcome.total_items)
+    return outcome.metrics, outcome.results, {"looks": outcome.looks, "items": outcome.items, "total_items": outcome.total_items}
 
 
 def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None, junit: str | Path | None = None, force: bool = False) -> BuildResult:
@@ -200,10 +227,15 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
         raise PassError(p.name, f"promised to produce {sorted(absent)} but its output lacks them (a bug in the pass)")
     record.seconds = time.perf_counter() - started
     record.weight_bytes = result.weight_bytes()
-    metrics = shared.measure(result)
-    record.metrics = metrics
     quality = [g for g in spec.gates() if not is_speed_metric(g.metric)]
-    results = [evaluate_gate(g, shared.source_metrics if g.baseline == "source" else current_metrics, metrics) for g in quality]
+    if any(g.baseline == "previous" for g in quality) and _partial(current_metrics, shared.source_metrics):
+        current_metrics = shared.measure(current)  # the previous pass stopped early: gates compare against all items
+    if any(g.sequential for g in quality) and shared.evals is not None:
+        metrics, results, record.looks = _judge_in_looks(shared, quality, result, current_metrics)
+    else:
+        metrics = shared.measure(result)
+        results = [evaluate_gate(g, shared.source_metrics if g.baseline == "source" else current_metrics, metrics) for g in quality]
+    record.metrics = metrics
     if all(r.passed for r in results) and len(quality) < len(spec.gates()):  # time only what passed on quality
         timed = speed_gates([g for g in spec.gates() if is_speed_metric(g.metric)], lambda g: shared.source if g.baseline == "source" else current,
                             result, recipe.data.speed, dtype=recipe.model.dtype, cache=cache)

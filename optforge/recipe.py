@@ -153,6 +153,10 @@ class GateSpec(_Strict):
     on_undecided: Literal["pass", "fail"] = "fail"
     # What the gate compares against: the model before this pass, or the source model.
     baseline: Literal["previous", "source"] = "previous"
+    # Judge on growing prefixes of the eval items (1/8, 1/4, 1/2, all) and stop once every gate of the pass
+    # passes or one fails, with alpha spent across the looks (optforge.sequential): clear cases cost few items.
+    # Quality gates only; a pass's quality gates are judged in looks when any of them asks.
+    sequential: bool = False
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "GateSpec":
