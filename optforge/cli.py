@@ -194,7 +194,7 @@ def passes():
 
 
 # Modules that add commands to `app`, each defining `register(app)`. They must not import torch at top level.
-COMMAND_MODULES: tuple[str, ...] = ("optforge.commands.runtime", "optforge.commands.cache")
+COMMAND_MODULES: tuple[str, ...] = ("optforge.commands.runtime", "optforge.commands.cache", "optforge.commands.search")
 
 
 def _register_commands() -> None:

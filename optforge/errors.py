@@ -63,6 +63,14 @@ class PassError(OptforgeError):
         super().__init__(f"pass '{pass_name}': {message}")
 
 
+class NotServable(UserInputError):
+    """A pass's output cannot run on the backend its speed gates measure (say FP8 on the C++ runtime)."""
+
+    def __init__(self, pass_name: str, message: str):
+        self.pass_name = pass_name
+        super().__init__(f"pass '{pass_name}': {message}")
+
+
 class GateFailed(OptforgeError):
     """A quality gate failed. The build stops and nothing is promoted to the output path."""
 

@@ -28,9 +28,10 @@ def environment(device: str) -> dict:
     }
 
 
-def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metrics: dict, records: list, device: str, evals) -> dict:
+def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metrics: dict, records: list, device: str, evals, extra: dict | None = None) -> dict:
     """`evals`: the EvalSpec the build ran (pipeline.eval_plan); None when it measured nothing, which the
-    manifest says with `"evaluated": false`, `data.eval: null` and empty metrics."""
+    manifest says with `"evaluated": false`, `data.eval: null` and empty metrics. `extra`: more top-level keys
+    (a search's candidates), written before the file table."""
     from optforge import __version__
 
     manifest = {
@@ -45,6 +46,7 @@ def make_manifest(path: Path, *, recipe, recipe_text: str, source, source_metric
             "eval": evals.model_dump(mode="json") if evals is not None else None,
         },
         "passes": [r.to_dict() for r in records],
+        **(extra or {}),
         "environment": environment(device),
         "files": file_table(path),
     }

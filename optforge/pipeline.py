@@ -12,7 +12,7 @@ from typing import Callable
 from optforge.artifact import MANIFEST_FILE, ModelArtifact, check_output_path, copy_model_files, staging_dir
 from optforge.cache import Cache
 from optforge.context import PassContext
-from optforge.errors import DataError, GateFailed, PassError
+from optforge.errors import DataError, GateFailed, NotServable, PassError, RecipeError, UserInputError
 from optforge.evaluation import metric_summaries, run_evals
 from optforge.gate import evaluate_gate
 from optforge.pass_ import Pass, plan_passes
@@ -140,17 +140,26 @@ def _judge_in_looks(shared: _Build, gates: list, result: ModelArtifact, current_
     return outcome.metrics, outcome.results, {"looks": outcome.looks, "items": outcome.items, "total_items": outcome.total_items}
 
 
-def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None, junit: str | Path | None = None, force: bool = False) -> BuildResult:
-    """Build a recipe (object, dict or YAML path). Raises GateFailed (nothing written) when a gate fails.
+@dataclass
+class _Job:
+    """A recipe loaded for building or searching, with where its output goes and what that must never replace."""
 
-    `junit`: also write each gate as a JUnit test case to this file, whether the build passes or not.
-    `force`: replace an output folder that is not an optforge artifact (never the source model, the cache,
-    the recipe, the working or home directory; see `artifact.check_output_path`)."""
-    from optforge.manifest import make_manifest
+    recipe: Recipe
+    recipe_text: str
+    recipe_path: Path | None
+    out_path: Path
+    protected: dict
+    cache: Cache
+    device: str
+    progress: Progress
+    force: bool
+
+
+def load_job(recipe: Recipe | str | Path | dict, *, output: str | Path | None, cache_dir: str | Path | None, device: str, progress: Progress | None,
+             force: bool) -> _Job:
+    """Parse the recipe (object, dict or YAML path) and check its output path before any work."""
     from optforge.recipe import load_recipe, parse_recipe
-    from optforge.sources import resolve_source
 
-    started = time.perf_counter()
     recipe_text, recipe_path = None, None
     base_dir = Path.cwd()
     if isinstance(recipe, (str, Path)):
@@ -159,13 +168,11 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
         recipe, recipe_text = load_recipe(recipe, check_passes=False)
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe, check_passes=False)
-    passes = plan_passes(recipe, source=str(recipe_path or "<python>"), device=device)  # each config parsed once, here
     if recipe_text is None:
         import yaml
 
         recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     out_path = (Path(output) if output else base_dir / recipe.output).resolve()
-    progress = progress or (lambda desc, total: (lambda n=1: None))
     cache = Cache(cache_dir)
     protected = {"the cache": cache.root}
     if Path(recipe.model.source).expanduser().exists():
@@ -173,36 +180,80 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     if recipe_path is not None:
         protected["the recipe file"] = recipe_path
     check_output_path(out_path, force=force, protected=protected)  # before any work, and again before publishing
-    calibration = recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None
+    return _Job(recipe, recipe_text, recipe_path, out_path, protected, cache, device, progress or (lambda desc, total: (lambda n=1: None)), force)
 
-    source, source_info = resolve_source(recipe.model, cache)
+
+def prepare(job: _Job, recipe: Recipe | None = None) -> tuple[_Build, "SourceInfo"]:
+    """Resolve the source model and measure it with the evals `recipe` (default: the job's) needs; returns what
+    every pass shares, and the source's manifest entry."""
+    from optforge.sources import resolve_source
+
+    recipe = recipe or job.recipe
+    calibration = recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None
+    source, source_info = resolve_source(recipe.model, job.cache)
     evals, evals_for = eval_plan(recipe)
     if evals is None:
         log.warning("no quality was measured (%s)", evals_for)
-    source_metrics = _measure(source, evals, evals_for, recipe.model.dtype, cache, device, progress)
-    shared = _Build(recipe=recipe, cache=cache, device=device, progress=progress, calibration=calibration, source_metrics=source_metrics,
+    source_metrics = _measure(source, evals, evals_for, recipe.model.dtype, job.cache, job.device, job.progress)
+    shared = _Build(recipe=recipe, cache=job.cache, device=job.device, progress=job.progress, calibration=calibration, source_metrics=source_metrics,
                     source=source, evals=evals, evals_for=evals_for)
-    current, current_metrics = source, source_metrics
+    return shared, source_info
+
+
+def run_passes(shared: _Build, specs: list[PassSpec], passes: list[Pass]) -> tuple[ModelArtifact, list[PassRecord]]:
+    """Run passes in order from the source, each gated; raises GateFailed at the first failing gate (the
+    records of the passes before it are on the exception as `records`)."""
+    current, current_metrics = shared.source, shared.source_metrics
     records: list[PassRecord] = []
     try:
-        for spec, p in zip(recipe.passes, passes):
+        for spec, p in zip(specs, passes):
             current, current_metrics, record = _run_pass(shared, spec, p, current, current_metrics)
             records.append(record)
     except GateFailed as exc:
+        exc.records = records + [exc.record]
+        raise
+    return current, records
+
+
+def publish(job: _Job, shared: _Build, source_info: "SourceInfo", artifact: ModelArtifact, records: list[PassRecord], *, recipe: Recipe | None = None,
+            write_extra=None) -> dict:
+    """Stage the artifact's files, reports and manifest beside the output path and swap them in; returns the
+    manifest as a reader sees it. `write_extra(folder)` adds files (and returns manifest keys) before the
+    manifest hashes the folder."""
+    from optforge.manifest import make_manifest
+
+    check_output_path(job.out_path, force=job.force, protected=job.protected)
+    with staging_dir(job.out_path) as tmp:
+        copy_model_files(artifact.path, tmp)
+        write_reports(tmp, job.recipe.name, metric_summaries(shared.source_metrics), [r.to_dict() for r in records])
+        extra = write_extra(tmp) if write_extra else None
+        make_manifest(tmp, recipe=recipe or shared.recipe, recipe_text=job.recipe_text, source=source_info, source_metrics=shared.source_metrics,
+                      records=records, device=job.device, evals=shared.evals, extra=extra)
+    return json.loads((job.out_path / MANIFEST_FILE).read_text())  # JSON types
+
+
+def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None, junit: str | Path | None = None, force: bool = False) -> BuildResult:
+    """Build a recipe (object, dict or YAML path). Raises GateFailed (nothing written) when a gate fails.
+
+    `junit`: also write each gate as a JUnit test case to this file, whether the build passes or not.
+    `force`: replace an output folder that is not an optforge artifact (never the source model, the cache,
+    the recipe, the working or home directory; see `artifact.check_output_path`)."""
+    started = time.perf_counter()
+    job = load_job(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force)
+    if job.recipe.search is not None:
+        raise RecipeError("this recipe has a search section: run it with `optforge search` (optforge.search), which builds every candidate")
+    passes = plan_passes(job.recipe, source=str(job.recipe_path or "<python>"), device=device)  # each config parsed once, here
+    shared, source_info = prepare(job)
+    try:
+        artifact, records = run_passes(shared, job.recipe.passes, passes)
+    except GateFailed as exc:
         if junit:
-            write_junit(junit, recipe.name, [r.to_dict() for r in records], failed=(exc.pass_name, exc.result))
+            write_junit(junit, job.recipe.name, [r.to_dict() for r in exc.records], failed=(exc.pass_name, exc.result))
         raise
     if junit:
-        write_junit(junit, recipe.name, [r.to_dict() for r in records])
-
-    check_output_path(out_path, force=force, protected=protected)
-    with staging_dir(out_path) as tmp:
-        copy_model_files(current.path, tmp)
-        write_reports(tmp, recipe.name, metric_summaries(source_metrics), [r.to_dict() for r in records])
-        make_manifest(tmp, recipe=recipe, recipe_text=recipe_text, source=source_info, source_metrics=source_metrics, records=records, device=device,
-                      evals=evals)
-    manifest = json.loads((out_path / MANIFEST_FILE).read_text())  # as a reader sees it (JSON types)
-    return BuildResult(output=out_path, manifest=manifest, seconds=time.perf_counter() - started)
+        write_junit(junit, job.recipe.name, [r.to_dict() for r in records])
+    manifest = publish(job, shared, source_info, artifact, records)
+    return BuildResult(output=job.out_path, manifest=manifest, seconds=time.perf_counter() - started)
 
 
 def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, current_metrics: dict) -> tuple[ModelArtifact, dict, PassRecord]:
@@ -237,8 +288,11 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
         results = [evaluate_gate(g, shared.source_metrics if g.baseline == "source" else current_metrics, metrics) for g in quality]
     record.metrics = metrics
     if all(r.passed for r in results) and len(quality) < len(spec.gates()):  # time only what passed on quality
-        timed = speed_gates([g for g in spec.gates() if is_speed_metric(g.metric)], lambda g: shared.source if g.baseline == "source" else current,
-                            result, recipe.data.speed, dtype=recipe.model.dtype, cache=cache)
+        try:
+            timed = speed_gates([g for g in spec.gates() if is_speed_metric(g.metric)], lambda g: shared.source if g.baseline == "source" else current,
+                                result, recipe.data.speed, dtype=recipe.model.dtype, cache=cache)
+        except UserInputError as exc:  # ArtifactError included: the backend refuses this artifact's formats
+            raise NotServable(p.name, f"the speed gates' backend ({recipe.data.speed.backend} on {recipe.data.speed.device}) cannot run its output: {exc}") from exc
         record.speed = [r.to_dict() for r in timed]
         results += timed
     record.gates = [r.to_dict() for r in results]
@@ -246,7 +300,9 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
     if results:
         record.gate = (failed or results)[0].to_dict()
     if failed:
-        raise GateFailed(p.name, "; ".join(r.describe() for r in failed), failed[0].to_dict())
+        exc = GateFailed(p.name, "; ".join(r.describe() for r in failed), failed[0].to_dict())
+        exc.record = record  # every gate of the pass, its metrics and weight bytes
+        raise exc
     for gate in results:
         log.info("gate after %s %s: %s", p.name, "passed" if gate.verdict == "pass" else "passed (undecided, on_undecided: pass)", gate.describe())
     return result, metrics, record

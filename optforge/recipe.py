@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from optforge.errors import RecipeError, format_key, suggest
 from optforge.recipe_speed import SpeedSpec, is_speed_metric
 from optforge.recipe_yaml import read_recipe_yaml, short_repr
+from optforge.search_spec import SearchSpec
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -200,6 +201,13 @@ class Recipe(_Strict):
     passes: list[PassSpec] = Field(default_factory=list)
     # Artifact directory; relative paths are relative to the recipe file (or the cwd for Python recipes).
     output: str = "build/artifact"
+    # Candidate pipelines to run after `passes`, each judged by the search's gates against the source, the best
+    # by the objective picked (`optforge search`; optforge/search_spec.py). A plain build refuses a recipe with one.
+    search: SearchSpec | None = None
+
+    def search_gates(self) -> list[GateSpec]:
+        """The search's gates as gate specs, each against the source model."""
+        return [GateSpec.model_validate({**g, "baseline": "source"}) for g in self.search.gates] if self.search else []
 
     @model_validator(mode="after")
     def _calibration_disjoint_from_eval(self) -> "Recipe":
@@ -226,6 +234,16 @@ class Recipe(_Strict):
         for i, spec in enumerate(self.passes):
             for gate in spec.gates():
                 self._check_gate_metric(i, gate, tasks)
+        return self
+
+    @model_validator(mode="after")
+    def _search_gates_read_computed_metrics(self) -> "Recipe":
+        tasks = {t.name for t in self.data.eval.tasks}
+        for j, gate in enumerate(self.search_gates()):
+            try:
+                self._check_gate_metric(-1, gate, tasks)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("passes[-1].gate", f"search.gates[{j}]")) from None
         return self
 
     @model_validator(mode="wrap")

@@ -12,7 +12,7 @@
         - {metric: arc_easy, max_drop: 2}
         - {metric: decode_tok_s, min_speedup: 1.3}
       objective: weight_bytes      # or a speed metric of the gates, or weights: {weight_bytes: 1, decode_tok_s: 1}
-      fallback: {to: quant.int8_weight_only, for: [quant.rtn], max_layers: 8}    # per-layer precision (optional)
+      fallback: {for: [quant.rtn], max_layers: 8}   # int4 candidates that fail retry with their most sensitive layers at INT8
 
 Kept apart from `optforge.recipe` so that file stays small; imports nothing of optforge but the recipe types.
 """
@@ -56,13 +56,15 @@ class Choice(_Strict):
 
 
 class Fallback(_Strict):
-    # The higher-precision pass that takes the most sensitive layers (quantizing what the first left in float).
-    to: str = "quant.int8_weight_only"
-    # The low-precision passes that get a fallback candidate (pass names of the steps).
+    """Per-layer precision for weight-only candidates that fail: the decoder layers most sensitive to their grid
+    (optforge.sensitivity) move to INT8 per channel (the pass's `int8_layers`), 1, 2, 4, ... of them, until the
+    gates pass or `max_layers` is reached. One artifact, one compressed-tensors checkpoint with two grids."""
+
+    # The weight-only passes that get fallback candidates.
     for_: list[str] = Field(default_factory=lambda: ["quant.rtn", "quant.awq", "quant.gptq"], alias="for")
-    # Decoder layers kept at the higher precision, at most; candidates keep 1, 2, 4, ... up to this many.
+    # Decoder layers kept at INT8, at most.
     max_layers: int = Field(default=8, gt=0)
-    # Calibration rows that score each layer's sensitivity (from data.calibration).
+    # Calibration rows (from data.calibration) that score each layer's sensitivity.
     rows: int = Field(default=8, gt=0)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
