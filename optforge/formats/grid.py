@@ -2,7 +2,10 @@
 
 Conventions match the compressed-tensors checkpoints we write: q is a signed integer in
 [-2^(b-1), 2^(b-1) - 1], w ~ (q - zero) * scale with one (scale, zero) per output row and group of
-`group_size` input columns (zero is absent when symmetric). Asymmetric ranges always contain 0, so a zero
+`group_size` input columns (zero is absent when symmetric). A symmetric grid scales by max|w| / qmax and so never
+uses -2^(b-1); with `full_range` it scales by max|w| / (qmax + 0.5), using every code ([-8, 7] at max|w| / 7.5 for
+INT4, as llama.cpp's Q4_0 does): finer steps, the largest positive weight clipped by half a step. Readers see
+the same format (q and scale) either way. Asymmetric ranges always contain 0, so a zero
 weight stays exactly zero. Every function takes (out, in) float weights and is shared by RTN, GPTQ and AWQ.
 """
 
@@ -18,6 +21,7 @@ class Grid:
     bits: int  # 4 or 8
     group_size: int | None  # input columns per scale; None is one scale per output channel
     symmetric: bool
+    full_range: bool = False  # symmetric only: scale by max|w| / (qmax + 0.5), so qmin is used
 
     @property
     def qmin(self) -> int:
@@ -38,7 +42,7 @@ class Grid:
             return self
         while g > 1 and in_features % g:
             g //= 2
-        return Grid(self.bits, g if g > 1 else None, self.symmetric)
+        return Grid(self.bits, g if g > 1 else None, self.symmetric, self.full_range)
 
     def num_groups(self, in_features: int) -> int:
         return 1 if self.group_size is None else in_features // self.group_size
@@ -50,7 +54,7 @@ def qparams(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor | N
     groups = w.reshape(w.shape[0], grid.num_groups(w.shape[1]), -1)  # (out, G, g)
     if grid.symmetric:
         amax = groups.abs().amax(dim=-1)
-        scale = amax / grid.qmax
+        scale = amax / (grid.qmax + 0.5 if grid.full_range else grid.qmax)
         return torch.where(amax > 0, scale, torch.ones_like(scale)), None
     lo = groups.amin(dim=-1).clamp(max=0)
     hi = groups.amax(dim=-1).clamp(min=0)

@@ -56,7 +56,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, ac
             col = int(perm[i1 + i])
             gi = col // g
             if not static and col % g == 0:
-                s, z = qparams(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g], Grid(grid.bits, None, grid.symmetric))
+                s, z = qparams(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g], Grid(grid.bits, None, grid.symmetric, grid.full_range))
                 scale[:, gi] = s[:, 0]
                 if zero is not None:
                     zero[:, gi] = z[:, 0]

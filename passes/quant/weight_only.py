@@ -30,6 +30,7 @@ class WeightOnlyConfig:
     bits: int = option(4, "weight bits: 4 or 8")
     group_size: int | None = option(128, "input columns per scale (32/64/128); null = one scale per output channel; halved per layer until it divides in_features")
     symmetric: bool = option(True, "symmetric grid (no zero point); false adds a zero point per group")
+    full_range: bool = option(False, "symmetric grids: scale by max|w| / (qmax + 0.5) so every code is used (INT4: [-8, 7] at max|w| / 7.5); same format")
     include: tuple[str, ...] = option((r".*",), "regexes (re.search) of Linear names to quantize")
     exclude: tuple[str, ...] = option((r"(^|\.)lm_head$",), "regexes of Linear names kept in full precision; wins over include")
     int8_layers: tuple[str, ...] = option((), "regexes of Linear names quantized at INT8 per channel instead (mixed precision)")
@@ -43,7 +44,7 @@ def check_grid(pass_name: str, cfg) -> None:
 
 
 def plan_grids(targets: dict[str, nn.Linear], cfg) -> dict[str, Grid]:
-    main = Grid(cfg.bits, cfg.group_size, cfg.symmetric)
+    main = Grid(cfg.bits, cfg.group_size, cfg.symmetric, cfg.full_range and cfg.symmetric)
     high = [re.compile(p) for p in cfg.int8_layers]
     grids = {}
     for name, linear in targets.items():

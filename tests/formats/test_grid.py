@@ -42,3 +42,20 @@ def test_int4_group_quantization_beats_per_channel_on_outliers():
     per_channel = (fake_quantize(w, Grid(4, None, True)) - w).pow(2).mean()
     grouped = (fake_quantize(w, Grid(4, 64, True)) - w).pow(2).mean()
     assert grouped < 0.5 * per_channel
+
+
+def test_a_full_range_grid_uses_every_code_and_rounds_finer():
+    from optforge.formats.grid import Grid, dequantize, fake_quantize, qparams, quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 128)
+    plain, full = Grid(4, 32, True), Grid(4, 32, True, full_range=True)
+    scale, _ = qparams(w, full)
+    q = quantize(w, scale, None, full)
+    assert int(q.min()) == -8 and int(q.max()) == 7  # the most negative weights of some groups land on -8
+    assert torch.allclose(scale, w.reshape(256, 4, 32).abs().amax(-1) / 7.5)
+    assert torch.equal(dequantize(q, scale, None), q.float() * scale.repeat_interleave(32, 1))  # the same format
+    assert int(quantize(w, *qparams(w, plain), plain).min()) == -7
+    err = lambda g: float((fake_quantize(w, g) - w).pow(2).mean())  # noqa: E731
+    assert err(full) < 0.98 * err(plain)  # steps 7/7.5 as wide; the clipped positive maximum gives some of it back
+    assert full.for_width(96).full_range and full.for_width(96).group_size == 32
