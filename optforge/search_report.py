@@ -60,26 +60,27 @@ def _svg(cands: list[dict], chosen_label: str) -> str:
     pts = [(c, _quality_gate(c)) for c in cands if c["weight_bytes"] and _quality_gate(c)]
     if not pts:
         return "<p>No candidate has both a size and a quality measurement to plot.</p>"
-    w, h, pad = 720, 420, 64
+    w, h, pad, legend_w = 860, 420, 64, 170  # the legend sits right of the plot area
     xs = [c["weight_bytes"] / 1e6 for c, _ in pts]
     ys = [v for _, g in pts for v in (g["ci_low"], g["ci_high"], g["max_drop"])]
     x0, x1 = min(xs) * 0.95, max(xs) * 1.05
     y0, y1 = min(ys + [0.0]), max(ys)
     y0, y1 = y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1)
-    sx = lambda x: pad + (x - x0) / (x1 - x0 or 1) * (w - 2 * pad)  # noqa: E731
+    right = w - legend_w  # the plot area's right edge
+    sx = lambda x: pad + (x - x0) / (x1 - x0 or 1) * (right - pad)  # noqa: E731
     sy = lambda y: h - pad - (y - y0) / (y1 - y0 or 1) * (h - 2 * pad)  # noqa: E731
     gate = pts[0][1]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
            f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
-           f'<text x="{w / 2}" y="{h - 20}" text-anchor="middle">weight bytes (MB)</text>',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{right}" y2="{h - pad}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+           f'<text x="{(pad + right) / 2}" y="{h - 20}" text-anchor="middle">weight bytes (MB)</text>',
            f'<text x="18" y="{h / 2}" text-anchor="middle" transform="rotate(-90 18 {h / 2})">{html.escape(gate["metric"])} change ({_unit(gate).strip()}), worse upward</text>',
-           f'<line x1="{pad}" y1="{sy(gate["max_drop"]):.1f}" x2="{w - pad}" y2="{sy(gate["max_drop"]):.1f}" stroke="#cf222e" stroke-dasharray="6 4"/>',
-           f'<text x="{w - pad}" y="{sy(gate["max_drop"]) - 6:.1f}" text-anchor="end" fill="#cf222e">allowed {gate["max_drop"]:g}{_unit(gate)}</text>']
+           f'<line x1="{pad}" y1="{sy(gate["max_drop"]):.1f}" x2="{right}" y2="{sy(gate["max_drop"]):.1f}" stroke="#cf222e" stroke-dasharray="6 4"/>',
+           f'<text x="{right}" y="{sy(gate["max_drop"]) - 6:.1f}" text-anchor="end" fill="#cf222e">allowed {gate["max_drop"]:g}{_unit(gate)}</text>']
     for k in range(5):
         xv, yv = x0 + k * (x1 - x0) / 4, y0 + k * (y1 - y0) / 4
-        out.append(f'<text x="{sx(xv):.1f}" y="{h - pad + 16}" text-anchor="middle">{xv:.0f}</text>')
-        out.append(f'<text x="{pad - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.1f}</text>')
+        out.append(f'<text x="{sx(xv):.1f}" y="{h - pad + 16}" text-anchor="middle">{xv:.3g}</text>')
+        out.append(f'<text x="{pad - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
     front = [cands.index(c) for c in (cands[i] for i in pareto_front(cands))]
     line = sorted((cands[i]["weight_bytes"] / 1e6, _quality_gate(cands[i])["drop"]) for i in front)
     if len(line) > 1:
@@ -92,10 +93,11 @@ def _svg(cands: list[dict], chosen_label: str) -> str:
         out.append(f'<circle cx="{x:.1f}" cy="{sy(g["drop"]):.1f}" r="{r}" fill="{color}"{ring}><title>{html.escape(c["label"])}: {c["status"]}</title></circle>')
         out.append(f'<text x="{x + 8:.1f}" y="{sy(g["drop"]) - 6:.1f}" font-size="10">{c["index"]}</text>')
     legend = [("passed", "passed"), ("failed", "failed"), ("not servable", "not servable / error")]
+    lx = right + 24
     for k, (status, text) in enumerate(legend):
-        out.append(f'<circle cx="{w - pad - 150}" cy="{pad + 14 * k}" r="4" fill="{STATUS_COLORS[status]}"/><text x="{w - pad - 140}" y="{pad + 4 + 14 * k}">{text}</text>')
-    out.append(f'<line x1="{w - pad - 156}" y1="{pad + 42}" x2="{w - pad - 144}" y2="{pad + 42}" stroke="#0969da"/><text x="{w - pad - 140}" y="{pad + 46}">Pareto front</text>')
-    out.append(f'<circle cx="{w - pad - 150}" cy="{pad + 56}" r="7" fill="white" stroke="black" stroke-width="2"/><text x="{w - pad - 140}" y="{pad + 60}">chosen</text>')
+        out.append(f'<circle cx="{lx}" cy="{pad + 14 * k}" r="4" fill="{STATUS_COLORS[status]}"/><text x="{lx + 10}" y="{pad + 4 + 14 * k}">{text}</text>')
+    out.append(f'<line x1="{lx - 6}" y1="{pad + 42}" x2="{lx + 6}" y2="{pad + 42}" stroke="#0969da"/><text x="{lx + 10}" y="{pad + 46}">Pareto front</text>')
+    out.append(f'<circle cx="{lx}" cy="{pad + 58}" r="7" fill="white" stroke="black" stroke-width="2"/><text x="{lx + 10}" y="{pad + 62}">chosen</text>')
     out.append("</svg>")
     return "\n".join(out)
 
