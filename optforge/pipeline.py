@@ -19,7 +19,7 @@ from optforge.pass_ import Pass, plan_passes
 from optforge.recipe import EvalSpec, PassSpec, Recipe
 from optforge.recipe_speed import is_speed_metric
 from optforge.report import write_junit, write_reports
-from optforge.speed import speed_gates
+from optforge.speed import check_workload_fits, speed_gates
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,8 @@ def prepare(job: _Job, recipe: Recipe | None = None) -> tuple[_Build, "SourceInf
     recipe = recipe or job.recipe
     calibration = recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None
     source, source_info = resolve_source(recipe.model, job.cache)
+    if recipe.data.speed is not None:
+        check_workload_fits(recipe.data.speed, source.path)
     evals, evals_for = eval_plan(recipe)
     if evals is None:
         log.warning("no quality was measured (%s)", evals_for)

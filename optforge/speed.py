@@ -16,6 +16,7 @@ the dtype and the machine's fingerprint: CPU model, cores, GPU, torch version), 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Callable
 
 from optforge.artifact import ModelArtifact
 from optforge.cache import Cache
+from optforge.errors import RecipeError
 from optforge.gate import GateOutcome
 from optforge.hashing import sha256_json
 from optforge.recipe import GateSpec
@@ -229,6 +231,15 @@ def measure_speed(baseline: ModelArtifact, candidate: ModelArtifact, speed: Spee
     rounds = measure_pair(baseline.path, candidate.path, speed, dtype, run=run)
     cache.put_json("evals", key, {"rounds": rounds, "machine": machine})
     return rounds, machine, False
+
+
+def check_workload_fits(speed: SpeedSpec, model_dir: Path) -> None:
+    """Refuse a workload longer than the model's context (config.json `max_position_embeddings`) before any work."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    limit, need = config.get("max_position_embeddings"), speed.input_len + speed.output_len
+    if limit and need > limit:
+        raise RecipeError(f"data.speed asks for {speed.input_len} prompt + {speed.output_len} new tokens = {need} per request, beyond the model's "
+                          f"context of {limit} tokens (max_position_embeddings in config.json); lower input_len or output_len")
 
 
 def speed_gates(specs: list[GateSpec], baseline_for: Callable[[GateSpec], ModelArtifact], candidate: ModelArtifact, speed: SpeedSpec, *, dtype: str, cache: Cache) -> list[SpeedGateResult]:
