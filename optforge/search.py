@@ -167,8 +167,9 @@ def evaluate_candidate(shared, recipe: Recipe, cand: Candidate, *, sequential: b
     return cand
 
 
-def _fallback_candidates(shared, recipe: Recipe, failed: Candidate) -> list[Candidate]:
-    """INT8-fallback versions of a failed weight-only candidate: its k most sensitive layers at INT8, k = 1, 2, 4, ..."""
+def _fallback_candidates(shared, recipe: Recipe, failed: Candidate, memo: dict | None = None) -> list[Candidate]:
+    """INT8-fallback versions of a failed weight-only candidate: its k most sensitive layers at INT8, k = 1, 2, 4, ...
+    `memo` keeps each proxy scheme's ranking for the rest of the search (candidates differing in other ways share it)."""
     from optforge.context import PassContext
     from optforge.model_io import load_model
     from optforge.passes.calibration import calibration_samples
@@ -176,10 +177,16 @@ def _fallback_candidates(shared, recipe: Recipe, failed: Candidate) -> list[Cand
 
     fb = recipe.search.fallback
     last = failed.passes[-1]
-    model, tokenizer = load_model(shared.source.path, dtype=recipe.model.dtype, device=shared.device)
-    ctx = PassContext(output_dir=shared.cache.root, model=recipe.model, calibration=recipe.data.calibration, device=shared.device, progress=shared.progress)
-    batches = calibration_samples("search.fallback", tokenizer, ctx, fb.rows)
-    scores = layer_sensitivities(model, batches, proxy_spec(last["name"], last["config"]), progress=shared.progress)
+    spec = proxy_spec(last["name"], last["config"])
+    key = repr(sorted(spec.items()))
+    if memo is None or key not in memo:
+        model, tokenizer = load_model(shared.source.path, dtype=recipe.model.dtype, device=shared.device)
+        ctx = PassContext(output_dir=shared.cache.root, model=recipe.model, calibration=recipe.data.calibration, device=shared.device, progress=shared.progress)
+        batches = calibration_samples("search.fallback", tokenizer, ctx, fb.rows)
+        scores = layer_sensitivities(model, batches, spec, progress=shared.progress)
+        if memo is not None:
+            memo[key] = scores
+    scores = memo[key] if memo is not None else scores
     log.info("layer sensitivity to %s: %s", last["name"], ", ".join(f"{s.layer}: {s.loss_increase:+.4f}" for s in scores[:8]))
     out, k = [], 1
     while k <= min(fb.max_layers, len(scores)):
@@ -226,6 +233,7 @@ def search(recipe: Recipe | str | Path | dict, *, output: str | Path | None = No
     source_weights = _decoder_weights(shared.source.path)
     done: list[Candidate] = []
     queue = list(cands)
+    sensitivity: dict = {}  # proxy scheme -> layer ranking, shared by fallback candidates
     while queue:
         cand = queue.pop(0)
         cand.index = len(done)
@@ -236,7 +244,7 @@ def search(recipe: Recipe | str | Path | dict, *, output: str | Path | None = No
         done.append(cand)
         if (cand.status == "failed" and spec.fallback and not cand.int8_layers and cand.passes
                 and cand.passes[-1]["name"] in spec.fallback.for_):
-            queue[:0] = _fallback_candidates(shared, recipe, cand)
+            queue[:0] = _fallback_candidates(shared, recipe, cand, sensitivity)
         if cand.int8_layers and cand.status == "passed":  # more INT8 layers only add bytes
             queue = [c for c in queue if not (c.int8_layers and c.passes[-1]["name"] == cand.passes[-1]["name"] and c.passes[:-1] == cand.passes[:-1])]
         if not spec.exhaustive and not speed_objective:

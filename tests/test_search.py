@@ -88,7 +88,7 @@ def test_the_loop_skips_what_cannot_win_and_falls_back_layer_by_layer(tiny_model
         cand._artifact, cand._records = shared.source, []
         return cand
 
-    def fake_fallback(shared, recipe, failed):
+    def fake_fallback(shared, recipe, failed, memo=None):
         last = failed.passes[-1]
         return [search_mod.Candidate(-1, [{"name": last["name"], "config": {**last["config"], "int8_layers": [f"layers.{k}"]}}], int8_layers=list(range(k)))
                 for k in (1, 2, 4)]
