@@ -117,7 +117,7 @@ void prepare_acts(const float* x, int M, int K, bool need8, bool need4, Isa isa,
 }
 
 // Weight-only rows [o0, o1) for M tokens of x (M, K) into y[m * ldy + o]. One token widens the weights in
-// registers (rows_w8 / rows_w4); a batch dequantizes the tile once into exact floats and runs the fp32 kernel
+// registers (rows_w8 / rows_w4); a batch dequantizes the tile once into the same floats and runs the fp32 kernel
 // over all its tokens. Both give the fp32 matmul of q * scale, so a token's result does not depend on its batch.
 void weight_only_rows(const KernelTable& k, const Linear& w, int o0, int o1, const float* x, int M, float* y, int ldy) {
   if (M == 1) {

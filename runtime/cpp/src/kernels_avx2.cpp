@@ -187,7 +187,7 @@ OF_AVX2 void q4_rows_avx2(const uint8_t* w, const uint16_t* s, int K, int nb, si
   for (int r = 0; r < R; ++r) y[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r]));
 }
 
-// Weight-only decode: block b of a row widened to exact floats q * scale, columns 8c..8c+7 in w[c].
+// Weight-only decode: block b of a row widened to the floats q * scale (one rounding), columns 8c..8c+7 in w[c].
 OF_AVX2 inline void widen_int8_avx2(const int8_t* row, int b, __m256 scale, __m256* w) {
 #pragma GCC unroll 4
   for (int c = 0; c < 4; ++c) {

@@ -178,8 +178,8 @@ OF_AVX512 void rows_avx512(const typename Fmt::Weight* w, const uint16_t* s, int
   for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// Weight-only decode: the 32 weights of block b of a row widened to exact floats (q * scale) in two vectors,
-// columns 0-15 and 16-31. int8: sign-extended bytes; int4: the low nibbles are columns 0-15, the high 16-31.
+// Weight-only decode: the 32 weights of block b of a row widened to the floats q * scale (one rounding) in two
+// vectors, columns 0-15 and 16-31. int8: sign-extended bytes; int4: the low nibbles are columns 0-15, the high 16-31.
 struct Int8Widen {
   using Weight = int8_t;
   static constexpr int row_bytes(int K) { return K; }

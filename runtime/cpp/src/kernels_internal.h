@@ -40,7 +40,8 @@ using RowsF32Fn = void (*)(const Linear&, int, int, const float*, int, float*, i
 // Weight-only rows [o0, o1) of a quantized Linear for one token x (K): y[o] = dot(q * scale, x) with the fp32
 // dot product's own accumulators and order, so the result equals rows_f32 on the dequantized weights.
 using RowsWeightOnlyFn = void (*)(const Linear&, int, int, const float*, float*);
-// The exact float weights q * scale of rows [o0, o1) of a quantized Linear into out ((o1 - o0), K).
+// The float weights q * scale (one rounding, as the rows kernels widen them) of rows [o0, o1) of a quantized
+// Linear into out ((o1 - o0), K).
 using DequantizeFn = void (*)(const Linear&, int, int, float*);
 
 // RowsF32Fn as one Dot call per (row, token): the scalar and AVX2 tables' fp32 matmul.
