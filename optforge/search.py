@@ -179,14 +179,13 @@ def _fallback_candidates(shared, recipe: Recipe, failed: Candidate, memo: dict |
     last = failed.passes[-1]
     spec = proxy_spec(last["name"], last["config"])
     key = repr(sorted(spec.items()))
-    if memo is None or key not in memo:
+    memo = {} if memo is None else memo
+    if key not in memo:
         model, tokenizer = load_model(shared.source.path, dtype=recipe.model.dtype, device=shared.device)
         ctx = PassContext(output_dir=shared.cache.root, model=recipe.model, calibration=recipe.data.calibration, device=shared.device, progress=shared.progress)
         batches = calibration_samples("search.fallback", tokenizer, ctx, fb.rows)
-        scores = layer_sensitivities(model, batches, spec, progress=shared.progress)
-        if memo is not None:
-            memo[key] = scores
-    scores = memo[key] if memo is not None else scores
+        memo[key] = layer_sensitivities(model, batches, spec, progress=shared.progress)
+    scores = memo[key]
     log.info("layer sensitivity to %s: %s", last["name"], ", ".join(f"{s.layer}: {s.loss_increase:+.4f}" for s in scores[:8]))
     out, k = [], 1
     while k <= min(fb.max_layers, len(scores)):
@@ -224,10 +223,8 @@ def search(recipe: Recipe | str | Path | dict, *, output: str | Path | None = No
     for cand in cands:
         for p in cand.passes:
             get_pass(p["name"])  # an unknown pass name fails here, before any work
-    if speed_objective:
-        cands.sort(key=lambda c: (-c.nominal_bits, max((CALIBRATION_COST.get(p["name"], 0) for p in c.passes), default=0)))
-    else:
-        cands.sort(key=lambda c: (c.nominal_bits, max((CALIBRATION_COST.get(p["name"], 0) for p in c.passes), default=0)))
+    cost = lambda c: max((CALIBRATION_COST.get(p["name"], 0) for p in c.passes), default=0)  # noqa: E731
+    cands.sort(key=lambda c: (-c.nominal_bits if speed_objective else c.nominal_bits, cost(c)))
     shared, source_info = prepare(job, candidate_recipe(recipe, cands[0], spec.sequential))
     source_bytes = shared.source.weight_bytes()
     source_weights = _decoder_weights(shared.source.path)
