@@ -1,8 +1,13 @@
 """Perplexity over held-out passages, with per-passage results for paired comparisons.
 
-Each passage is tokenized (no special tokens added), truncated to `max_length` tokens, and every token after
-the first is scored given the ones before it. Perplexity = exp(sum of NLL / number of scored tokens), the
-token-weighted mean over the whole set (not a mean of per-passage perplexities).
+Each passage is tokenized (no special tokens added; BOS first where the tokenizer adds one), truncated to
+`max_length` tokens, and every token after the first is scored given the ones before it. Perplexity =
+exp(sum of NLL / number of scored tokens), the token-weighted mean over the whole set (not a mean of
+per-passage perplexities).
+
+`perplexity` scores with an HF model (padded batches); `lm_perplexity` with any eval `LM` that has
+`sequence_nll` (RuntimeLM, OnnxLM). Both take their token ids from `passage_ids` and their result from
+`perplexity_result`, so every backend measures the same definition.
 """
 
 from __future__ import annotations
@@ -52,11 +57,34 @@ class PerplexityResult:
         }
 
 
+def passage_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Each passage's token ids as every backend scores them: BOS first where the tokenizer adds one (context,
+    never a target), then the text's tokens, truncated to `max_length`."""
+    bos = leading_bos(tokenizer)
+    return [(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length] for t in texts]
+
+
+def perplexity_result(nll: list[float], counts: list[int], started: float) -> PerplexityResult:
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("no tokens to score: every passage is shorter than two tokens")
+    return PerplexityResult(value=math.exp(sum(nll) / total), nll=nll, tokens=counts, seconds=time.perf_counter() - started)
+
+
+def lm_perplexity(lm, texts: list[str], *, max_length: int = 256, progress=None) -> PerplexityResult:
+    """Perplexity through an eval `LM` with `sequence_nll(ids) -> [(summed NLL, tokens scored)]`."""
+    started = time.perf_counter()
+    encoded = passage_ids(lm.tokenizer, texts, max_length)
+    advance = progress("perplexity", len(encoded)) if progress else (lambda n=1: None)
+    scored = lm.sequence_nll(encoded)
+    advance(len(encoded))
+    return perplexity_result([nll for nll, _ in scored], [n for _, n in scored], started)
+
+
 @torch.inference_mode()
 def perplexity(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_size: int = 8, progress=None) -> PerplexityResult:
     start = time.perf_counter()
-    bos = leading_bos(tokenizer)  # scored from the first text token on: BOS is context, never a target
-    encoded = [(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length] for t in texts]
+    encoded = passage_ids(tokenizer, texts, max_length)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll = [0.0] * len(encoded)
@@ -81,7 +109,4 @@ def perplexity(model, tokenizer, texts: list[str], *, max_length: int = 256, bat
             nll[i] = float(token_nll[row].sum())
             counts[i] = int(mask[row, 1:].sum())
         advance(len(idx))
-    total = sum(counts)
-    if total == 0:
-        raise ValueError("no tokens to score: every passage is shorter than two tokens")
-    return PerplexityResult(value=math.exp(sum(nll) / total), nll=nll, tokens=counts, seconds=time.perf_counter() - start)
+    return perplexity_result(nll, counts, start)

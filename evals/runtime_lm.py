@@ -9,6 +9,9 @@ away. Requests go through the engine's continuous batching in waves: the first c
 wave runs first, then its other choices with the next wave's first choices, so those find the question's
 context in the prefix cache (whole KV blocks before the scored position) instead of computing it again.
 
+`sequence_nll` (perplexity, evals/perplexity.py `lm_perplexity`) sends each passage as one request with
+`prompt_logprobs_from=1`: every token after the first is scored given the ones before it.
+
 `generate` is the engine's greedy decoding with stop strings, all requests at once. Tokenization is the same
 as `HFLM`'s (`PairTokenizer`), so both score the same token ids.
 """
@@ -84,6 +87,26 @@ class RuntimeLM(PairTokenizer):
             scored = [seq.prompt_logprobs[pos] for pos in range(len(ctx), len(ctx) + len(cont))]
             out.append(LoglikelihoodResult(logprob=sum(lp for lp, _ in scored), is_greedy=all(top for _, top in scored), num_tokens=len(cont)))
             self.last_tokens += seq.num_prompt_tokens - seq.num_cached_tokens
+        return out
+
+    def sequence_nll(self, sequences: Sequence[list[int]]) -> list[tuple[float, int]]:
+        """Per token sequence: (summed NLL in nats of every token after the first, tokens scored)."""
+        from optforge.runtime.sequence import SamplingParams
+
+        started = time.perf_counter()
+        too_long = max((len(ids) for ids in sequences), default=0)
+        if too_long > self.max_length:
+            from optforge.errors import DataError
+
+            raise DataError(f"a {too_long}-token passage does not fit the runtime's context of {self.max_length + 1} tokens; lower data.eval.perplexity.max_length")
+        params = SamplingParams(max_tokens=1, ignore_eos=True, prompt_logprobs_from=1)
+        seqs = {i: self.engine.add_request(f"perplexity-{next(_request_ids)}", ids, params) for i, ids in enumerate(sequences) if len(ids) >= 2}
+        self._run_to_completion()
+        out = [(0.0, 0)] * len(sequences)  # a passage of one token has nothing to score
+        for i, seq in seqs.items():
+            out[i] = (-sum(lp for lp, _ in (seq.prompt_logprobs[pos] for pos in range(1, len(sequences[i])))), len(sequences[i]) - 1)
+        self.last_tokens = sum(seq.num_prompt_tokens - seq.num_cached_tokens for seq in seqs.values())
+        self.last_seconds = time.perf_counter() - started
         return out
 
     def _run_to_completion(self) -> None:

@@ -5,7 +5,9 @@ Results are a dict {metric name: result dict}. Every result has `value`, `n`, `s
 per task `<task>.acc` and `<task>.acc_norm` (where the task defines it), or `<task>.exact_match` for generation
 tasks (triviaqa, nq_open, basic_arithmetic); every per-task metric carries 0/1 `per_example["correct"]`. With
 `data.eval.prompts`: `prompts.exact_match` (0/1 per prompt, gateable) and `prompts.match_tokens`. Every result
-names the `backend` that produced it (`data.eval.backend`: hf, runtime or cpp; perplexity is always hf).
+names the `backend` that measured it: `data.eval.backend` (hf, runtime, cpp or onnx), with `auto` resolved per
+model (evals/backends.py: the runtime where it runs the model, else hf). Perplexity, tasks and prompts all
+go through that backend.
 """
 
 from __future__ import annotations
@@ -36,14 +38,23 @@ class _LazyModel:
         self.artifact, self.dtype, self.device = artifact, dtype, device
         self._loaded = None
         self._runtime = None  # a RuntimeLM, loaded by the serving runtime (backend runtime or cpp)
+        self._onnx = None  # an OnnxLM over the artifact's model.onnx (backend onnx)
 
     def lm(self, backend: str, *, batch_size: int = 16, progress: Callable | None = None):
-        """The eval `LM` of `backend`: an HFLM over the HF modules, or a RuntimeLM as `optforge serve` loads it."""
+        """The eval `LM` of `backend`: an HFLM over the HF modules, a RuntimeLM as `optforge serve` loads it, or
+        an OnnxLM over the exported graph."""
         if backend == "hf":
             from optforge.evals.lm import HFLM
 
             loaded, tokenizer = self.get()
             return HFLM(loaded, tokenizer, batch_size=batch_size, progress=progress)
+        if backend == "onnx":
+            if self._onnx is None:
+                from optforge.evals.onnx_lm import OnnxLM
+
+                self._onnx = OnnxLM.from_path(self.artifact.path)
+            self._onnx.batch_size, self._onnx.progress = batch_size, progress
+            return self._onnx
         if self._runtime is None:
             from optforge.evals.runtime_lm import RuntimeLM
 
@@ -61,26 +72,36 @@ class _LazyModel:
 
 
 def run_evals(artifact: ModelArtifact, spec: EvalSpec, *, dtype: str, cache: Cache, device: str = "cpu", progress: Callable | None = None) -> tuple[dict[str, dict], bool]:
-    """Return ({metric: result dict}, cached) for the enabled evals of `spec`."""
+    """Return ({metric: result dict}, cached) for the enabled evals of `spec`, each measured by its backend
+    (`auto` resolved for this artifact)."""
+    from optforge.evals.backends import resolve_backend
     from optforge.evals.perplexity import EVAL_VERSION
 
+    backend = resolve_backend(spec.backend, artifact.path)
+    unmeasured = spec.unmeasured(backend)
+    if unmeasured:
+        raise DataError(unmeasured[0][1])
+    if backend == "onnx":
+        from optforge.evals.onnx_lm import require_onnx
+
+        require_onnx(artifact.path)
     results: dict[str, dict] = {}
     all_cached = True
     model = _LazyModel(artifact, dtype, device)
     if spec.perplexity is not None:
-        key = sha256_json({"model": artifact.digest, "eval": spec.perplexity.model_dump(), "dtype": dtype, "v": EVAL_VERSION})
+        key = sha256_json({"model": artifact.digest, "eval": spec.perplexity.model_dump(), "dtype": dtype, "v": EVAL_VERSION, **_backend_key(backend)})
         hit = cache.get_json("evals", key)
         if hit is None:
             all_cached = False
-            hit = _perplexity(model, spec, progress)
+            hit = _perplexity(model, spec, backend, progress)
             cache.put_json("evals", key, hit)
-        results["perplexity"] = {**hit, "backend": "hf"}
+        results["perplexity"] = {**hit, "backend": backend}
     for task in spec.tasks:
-        task_result, cached = run_task(artifact, task, dtype=dtype, cache=cache, model=model, progress=progress, backend=spec.backend)
+        task_result, cached = run_task(artifact, task, dtype=dtype, cache=cache, model=model, progress=progress, backend=backend)
         all_cached = all_cached and cached
         results.update(task_metrics(task_result))
     if spec.prompts is not None:
-        agreement_metrics, cached = run_prompt_agreement(artifact, spec.prompts, dtype=dtype, cache=cache, model=model, device=device, backend=spec.backend)
+        agreement_metrics, cached = run_prompt_agreement(artifact, spec.prompts, dtype=dtype, cache=cache, model=model, device=device, backend=backend)
         all_cached = all_cached and cached
         results.update(agreement_metrics)
     return results, all_cached
@@ -185,15 +206,19 @@ def _greedy_outputs(artifact: ModelArtifact, prompts: PromptsSpec, sha: str, *, 
     return out, False
 
 
-def _perplexity(model: _LazyModel, spec: EvalSpec, progress) -> dict:
+def _perplexity(model: _LazyModel, spec: EvalSpec, backend: str, progress) -> dict:
+    """Perplexity by `backend`: HF's padded batches, or the same passages scored through the backend's LM."""
     from optforge.evals.datasets import load_texts
-    from optforge.evals.perplexity import perplexity
+    from optforge.evals.perplexity import lm_perplexity, perplexity
 
     ppl = spec.perplexity
-    loaded, tokenizer = model.get()
     texts = load_texts(ppl)
-    result = perplexity(loaded, tokenizer, texts, max_length=ppl.max_length, batch_size=ppl.batch_size, progress=progress)
+    if backend == "hf":
+        loaded, tokenizer = model.get()
+        result = perplexity(loaded, tokenizer, texts, max_length=ppl.max_length, batch_size=ppl.batch_size, progress=progress)
+    else:
+        result = lm_perplexity(model.lm(backend, batch_size=ppl.batch_size), texts, max_length=ppl.max_length, progress=progress)
     out = result.to_dict()
     out["rows"] = {"dataset": ppl.dataset, "split": ppl.split, "rows": list(ppl.rows)}
-    log.info("perplexity %.4f on %d passages (%d tokens, %.1fs)", result.value, out["n"], out["tokens"], result.seconds)
+    log.info("perplexity %.4f on %d passages (%d tokens, %.1fs, %s)", result.value, out["n"], out["tokens"], result.seconds, backend)
     return out

@@ -107,11 +107,24 @@ class EvalSpec(_Strict):
     tasks: list[TaskSpec] = Field(default_factory=list)
     # Label-free agreement with the source model on the user's prompts; None disables it.
     prompts: PromptsSpec | None = None
-    # What runs the tasks and prompts: `hf` (the HF modules, evals/lm.py HFLM), `runtime` (the serving runtime's
-    # torch runner, evals/runtime_lm.py: what `optforge serve` runs) or `cpp` (the runtime over the C++ kernels,
-    # CPU fp32). Default `hf` for now, so existing recipes keep their numbers and cached results (the cache key
-    # names the backend only when it is not hf). Perplexity is always computed by hf.
-    backend: Literal["hf", "runtime", "cpp"] = "hf"
+    # What measures perplexity, tasks and prompts (evals/backends.py): `hf` (the HF modules, evals/lm.py HFLM),
+    # `runtime` (the serving runtime's torch runner, evals/runtime_lm.py: what `optforge serve` runs), `cpp`
+    # (the runtime over the C++ kernels, CPU fp32), `onnx` (the artifact's model.onnx from the export.onnx pass
+    # in onnxruntime; log-likelihoods only: perplexity and multiple-choice tasks), or `auto`: the runtime where
+    # it runs the model (config.json: a model type of runtime/decoder.py, no sliding window), else hf.
+    backend: Literal["auto", "hf", "runtime", "cpp", "onnx"] = "auto"
+
+    def unmeasured(self, backend: str | None = None) -> list[tuple[str, str]]:
+        """(metric or task, why) for each eval here that `backend` (default: this spec's) cannot measure: the
+        onnx backend decodes nothing, so generation tasks and prompt agreement need another backend."""
+        if (backend or self.backend) != "onnx":
+            return []
+        from optforge.evals.generation_tasks import GENERATION_TASKS
+
+        names = [t.name for t in self.tasks if t.name in GENERATION_TASKS] + (["prompts.exact_match"] if self.prompts is not None else [])
+        return [(name, f"data.eval.backend onnx cannot measure '{name}': the onnx backend scores log-likelihoods (perplexity and "
+                       f"multiple-choice tasks) and does not generate; set data.eval.backend to auto, hf or runtime (`--backend` for optforge eval)")
+                for name in names]
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -231,9 +244,21 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _gates_read_computed_metrics(self) -> "Recipe":
         tasks = {t.name for t in self.data.eval.tasks}
+        unmeasured = dict(self.data.eval.unmeasured())
         for i, spec in enumerate(self.passes):
             for gate in spec.gates():
                 self._check_gate_metric(i, gate, tasks)
+                head = gate.metric.split(".")[0]
+                why = unmeasured.get("prompts.exact_match" if head == "prompts" else head)
+                if why:
+                    raise ValueError(f"passes[{i}].gate reads '{gate.metric}', but {why}")
+        if unmeasured:
+            raise ValueError(next(iter(unmeasured.values())))
+        evals = self.data.eval
+        if evals.backend == "onnx" and (evals.perplexity is not None or evals.tasks or evals.prompts is not None):
+            raise ValueError("data.eval.backend onnx: a build measures its source model first, and a source loads as an HF folder without "
+                             "model.onnx; build with backend auto, hf or runtime, then score the exported artifact (export.onnx writes "
+                             "model.onnx) with `optforge eval ARTIFACT --backend onnx`")
         return self
 
     @model_validator(mode="after")

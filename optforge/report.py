@@ -1,7 +1,8 @@
 """Build reports: report.md and report.html inside the artifact, and JUnit XML for CI systems.
 
 All three read the same records: the source's metrics and, per pass, its metrics and gate dict (as
-`PassRecord.to_dict()` and the manifest hold them). The HTML carries an inline SVG plot of each gate's drop
+`PassRecord.to_dict()` and the manifest hold them). Each metric names the eval backend that measured it
+(hf, runtime, cpp or onnx); the reports show it beside the value and after each gate's metric. The HTML carries an inline SVG plot of each gate's drop
 with its confidence interval against the allowed drop, so it needs no plotting library.
 """
 
@@ -38,17 +39,28 @@ def _verdict(gate: dict) -> str:
 
 
 def gate_rows(records: list[dict]) -> list[dict]:
-    """One row per gated pass: pass name and its gate dict."""
-    return [{"pass": r["name"], "index": i, "gate": g} for i, r in enumerate(records) for g in r["gates"]]
+    """One row per gated pass: pass name, its gate dict and the gate's metric with its backend."""
+    return [{"pass": r["name"], "index": i, "gate": g, "metric": _gate_metric(r, g)} for i, r in enumerate(records) for g in r["gates"]]
 
 
-def _cell(gates: list[dict]) -> str:
-    return "<br>".join(f"{g['metric']}: {_delta(g)}: {_verdict(g)}" for g in gates) or "-"
+def _backend(metrics: dict, metric: str) -> str:
+    """The eval backend that measured `metric` ('' where the record does not say: speed metrics, old manifests)."""
+    return (metrics.get(metric) or {}).get("backend") or ""
+
+
+def _gate_metric(rec: dict, gate: dict) -> str:
+    """The gate's metric, with the backend that measured it: `arc_easy.acc [runtime]`."""
+    backend = "" if gate.get("kind") == "speed" else _backend(rec.get("metrics") or {}, gate["metric"])
+    return f"{gate['metric']} [{backend}]" if backend else gate["metric"]
+
+
+def _cell(rec: dict, gates: list[dict]) -> str:
+    return "<br>".join(f"{_gate_metric(rec, g)}: {_delta(g)}: {_verdict(g)}" for g in gates) or "-"
 
 
 def summary_rows(records: list[dict]) -> list[tuple[str, str, str]]:
     """Per pass: (name, its quality gates, its speed gates), side by side."""
-    return [(r["name"], _cell([g for g in r["gates"] if g.get("kind") != "speed"]), _cell([g for g in r["gates"] if g.get("kind") == "speed"])) for r in records]
+    return [(r["name"], _cell(r, [g for g in r["gates"] if g.get("kind") != "speed"]), _cell(r, [g for g in r["gates"] if g.get("kind") == "speed"])) for r in records]
 
 
 def _speed_lines(rec: dict) -> list[str]:
@@ -69,18 +81,18 @@ def markdown(name: str, source_metrics: dict, records: list[dict]) -> str:
     if records:
         lines += ["", "## Quality and speed per pass", "", "| pass | quality | speed |", "| --- | --- | --- |"]
         lines += [f"| {n} | {q} | {s} |" for n, q, s in summary_rows(records)]
-    lines += ["", "## Source model", "", "| metric | value | stderr | n |", "| --- | --- | --- | --- |"]
+    lines += ["", "## Source model", "", "| metric | value | stderr | n | backend |", "| --- | --- | --- | --- | --- |"]
     for metric, res in sorted(source_metrics.items()):
         stderr = res.get("stderr")
-        lines.append(f"| {metric} | {res['value']:.4f} | {'' if stderr is None else f'{stderr:.4f}'} | {res.get('n', '')} |")
+        lines.append(f"| {metric} | {res['value']:.4f} | {'' if stderr is None else f'{stderr:.4f}'} | {res.get('n', '')} | {res.get('backend', '')} |")
     for i, rec in enumerate(records):
         lines += ["", f"## Pass {i}: {rec['name']}", "", f"{rec['seconds']:.1f} s{' (cached)' if rec.get('cached') else ''}, weights {rec['weight_bytes'] / 1e6:.1f} MB", ""]
-        lines += ["| metric | value | n |", "| --- | --- | --- |"]
-        lines += [f"| {m} | {res['value']:.4f} | {res.get('n', '')} |" for m, res in sorted(rec.get("metrics", {}).items())]
+        lines += ["| metric | value | n | backend |", "| --- | --- | --- | --- |"]
+        lines += [f"| {m} | {res['value']:.4f} | {res.get('n', '')} | {res.get('backend', '')} |" for m, res in sorted(rec.get("metrics", {}).items())]
         gate = next((g for g in rec.get("gates", []) if g.get("kind") != "speed"), None)
         if gate:
             lines += ["", "| gate metric | baseline | measured | drop [CI] | verdict |", "| --- | --- | --- | --- | --- |"]
-            lines.append(f"| {gate['metric']} | {gate['baseline']:.4f} | {gate['measured']:.4f} | {_delta(gate)} | {_verdict(gate)} |")
+            lines.append(f"| {_gate_metric(rec, gate)} | {gate['baseline']:.4f} | {gate['measured']:.4f} | {_delta(gate)} | {_verdict(gate)} |")
             lines.append(f"\nRule: {gate['rule']}" + f"; method {gate['method']}" + (f"; McNemar p = {gate['p_value']:.3g}" if gate["p_value"] is not None else ""))
         lines += _speed_lines(rec)
     return "\n".join(lines) + "\n"
@@ -105,7 +117,7 @@ def delta_plot_svg(records: list[dict], *, width: int = 640, row_height: int = 2
     for k, (row, (low, mid, high)) in enumerate(scaled):
         y = top + row_height * k + row_height / 2
         color = colors[row["gate"]["verdict"]]
-        label = html.escape(f"{row['index']}: {row['pass']} ({row['gate']['metric']})")
+        label = html.escape(f"{row['index']}: {row['pass']} ({row['metric']})")
         parts.append(f'<text x="4" y="{y + 4:.1f}">{label}</text>')
         parts.append(f'<line x1="{x(low):.1f}" y1="{y:.1f}" x2="{x(high):.1f}" y2="{y:.1f}" stroke="{color}" stroke-width="2"/>')
         parts.append(f'<circle cx="{x(mid):.1f}" cy="{y:.1f}" r="4" fill="{color}"/>')
@@ -116,15 +128,16 @@ def delta_plot_svg(records: list[dict], *, width: int = 640, row_height: int = 2
 def html_report(name: str, source_metrics: dict, records: list[dict]) -> str:
     head = "<th>pass</th><th>metric</th><th>baseline</th><th>measured</th><th>drop [CI]</th><th>verdict</th>"
     body = "".join(
-        f"<tr><td>{html.escape(r['pass'])}</td><td>{html.escape(r['gate']['metric'])}</td><td>{r['gate']['baseline']:.4f}</td>"
+        f"<tr><td>{html.escape(r['pass'])}</td><td>{html.escape(r['metric'])}</td><td>{r['gate']['baseline']:.4f}</td>"
         f"<td>{r['gate']['measured']:.4f}</td><td>{html.escape(_delta(r['gate']))}</td><td>{html.escape(_verdict(r['gate']))}</td></tr>"
         for r in gate_rows(records)
     )
-    source = "".join(f"<tr><td>{html.escape(m)}</td><td>{res['value']:.4f}</td><td>{res.get('n', '')}</td></tr>" for m, res in sorted(source_metrics.items()))
+    source = "".join(f"<tr><td>{html.escape(m)}</td><td>{res['value']:.4f}</td><td>{res.get('n', '')}</td><td>{html.escape(res.get('backend', ''))}</td></tr>"
+                     for m, res in sorted(source_metrics.items()))
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style></head>"
-        f"<body><h1>{html.escape(name)}: build report</h1><h2>Source model</h2><table><tr><th>metric</th><th>value</th><th>n</th></tr>{source}</table>"
+        f"<body><h1>{html.escape(name)}: build report</h1><h2>Source model</h2><table><tr><th>metric</th><th>value</th><th>n</th><th>backend</th></tr>{source}</table>"
         f"<h2>Gates</h2><table><tr>{head}</tr>{body}</table><h2>Drops with confidence intervals (scaled to each gate's allowed drop)</h2>"
         f"{delta_plot_svg(records)}</body></html>\n"
     )

@@ -163,3 +163,26 @@ def test_a_long_wrong_value_is_shortened_in_the_error(tmp_path):
     with pytest.raises(RecipeError) as exc:
         load_recipe(_write(tmp_path, data))
     assert len(str(exc.value)) < 1000
+
+
+def test_eval_backend_defaults_to_auto_and_names_the_choices():
+    assert parse_recipe(_base(), check_passes=False).data.eval.backend == "auto"
+    for backend in ("hf", "runtime", "cpp"):
+        assert parse_recipe({**_base(), "data": {"eval": {"backend": backend}}}, check_passes=False).data.eval.backend == backend
+    with pytest.raises(RecipeError, match="data.eval.backend") as exc:
+        parse_recipe({**_base(), "data": {"eval": {"backend": "vllm"}}}, check_passes=False)
+    assert "'auto'" in str(exc.value) and "'onnx'" in str(exc.value)
+
+
+def test_onnx_backend_refuses_evals_it_cannot_measure_and_builds_it_cannot_baseline():
+    from optforge.recipe import EvalSpec
+
+    data = {**_base(), "data": {"eval": {"backend": "onnx", "tasks": [{"name": "nq_open", "limit": 4}, "arc_easy"]}}}
+    with pytest.raises(RecipeError, match="data.eval.backend onnx cannot measure 'nq_open'"):
+        parse_recipe(data, check_passes=False)
+    data["data"]["eval"]["tasks"] = ["arc_easy"]
+    # A build measures its source, which never holds model.onnx: the onnx backend is optforge eval's.
+    with pytest.raises(RecipeError, match="optforge eval ARTIFACT --backend onnx"):
+        parse_recipe(data, check_passes=False)
+    assert EvalSpec(tasks=["arc_easy"], backend="onnx").unmeasured() == []
+    assert EvalSpec(tasks=["arc_easy", "triviaqa"], backend="onnx").unmeasured()[0][0] == "triviaqa"

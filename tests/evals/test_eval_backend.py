@@ -1,5 +1,6 @@
-"""data.eval.backend (hf | runtime | cpp): the backend keys the eval cache (hf keeps the keys it had before
-backends existed), every metric names the backend that produced it, and so do the manifest and `optforge eval`."""
+"""data.eval.backend (auto | hf | runtime | cpp | onnx): the backend keys the eval cache (hf keeps the keys it
+had before backends existed), every metric names the backend that produced it, and so do the manifest and
+`optforge eval`; perplexity through the runtime equals HF's; auto picks the runtime where it runs the model."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_the_manifest_names_the_backend_of_each_metric(make_recipe, tiny_model_d
     recipe["data"]["eval"].update(tasks=[{"name": "arc_easy", "limit": 4}], backend="runtime")
     manifest = build(recipe, cache_dir=cache_dir).manifest
     for metrics in (manifest["source"]["metrics"], manifest["passes"][0]["metrics"]):
-        assert metrics["arc_easy.acc"]["backend"] == "runtime" and metrics["perplexity"]["backend"] == "hf"
+        assert metrics["arc_easy.acc"]["backend"] == "runtime" and metrics["perplexity"]["backend"] == "runtime"
 
 
 def test_eval_cli_takes_a_backend(tiny_model_dir, cache_dir, tmp_path):
