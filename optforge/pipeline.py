@@ -101,7 +101,7 @@ def eval_plan(recipe: Recipe) -> tuple[EvalSpec | None, str]:
         return None, "no gate and no data.eval"
     evals = recipe.data.eval
     # Every eval switched off (compared whole, so new kinds of eval count too; the backend alone measures nothing).
-    if evals.model_copy(update={"backend": "hf"}) == EvalSpec(perplexity=None):
+    if evals.model_copy(update={"backend": "hf"}) == EvalSpec(perplexity=None, backend="hf"):
         return None, "data.eval switches every eval off"
     return evals, "; ".join(gates) or "data.eval"
 
