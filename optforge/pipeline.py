@@ -153,6 +153,7 @@ class _Job:
     device: str
     progress: Progress
     force: bool
+    passes: list[Pass]  # the recipe's passes, planned (empty for a search, which plans each candidate)
 
 
 def load_job(recipe: Recipe | str | Path | dict, *, output: str | Path | None, cache_dir: str | Path | None, device: str, progress: Progress | None,
@@ -168,6 +169,8 @@ def load_job(recipe: Recipe | str | Path | dict, *, output: str | Path | None, c
         recipe, recipe_text = load_recipe(recipe, check_passes=False)
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe, check_passes=False)
+    # each pass config parsed once, here, before anything is written (a search plans each candidate itself)
+    passes = plan_passes(recipe, source=str(recipe_path or "<python>"), device=device) if recipe.search is None else []
     if recipe_text is None:
         import yaml
 
@@ -180,7 +183,7 @@ def load_job(recipe: Recipe | str | Path | dict, *, output: str | Path | None, c
     if recipe_path is not None:
         protected["the recipe file"] = recipe_path
     check_output_path(out_path, force=force, protected=protected)  # before any work, and again before publishing
-    return _Job(recipe, recipe_text, recipe_path, out_path, protected, cache, device, progress or (lambda desc, total: (lambda n=1: None)), force)
+    return _Job(recipe, recipe_text, recipe_path, out_path, protected, cache, device, progress or (lambda desc, total: (lambda n=1: None)), force, passes)
 
 
 def prepare(job: _Job, recipe: Recipe | None = None) -> tuple[_Build, "SourceInfo"]:
@@ -244,10 +247,9 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     job = load_job(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force)
     if job.recipe.search is not None:
         raise RecipeError("this recipe has a search section: run it with `optforge search` (optforge.search), which builds every candidate")
-    passes = plan_passes(job.recipe, source=str(job.recipe_path or "<python>"), device=device)  # each config parsed once, here
     shared, source_info = prepare(job)
     try:
-        artifact, records = run_passes(shared, job.recipe.passes, passes)
+        artifact, records = run_passes(shared, job.recipe.passes, job.passes)
     except GateFailed as exc:
         if junit:
             write_junit(junit, job.recipe.name, [r.to_dict() for r in exc.records], failed=(exc.pass_name, exc.result))
