@@ -6,6 +6,10 @@ killed build leaves nothing a later run trusts. Beside each directory entry, `<k
 sha256 of every file as written; before reuse the files are hashed again (from their content, never from
 their size or mtime) and an entry that no longer matches is discarded with a warning and rebuilt. JSON
 entries carry the sha256 of their value the same way.
+
+`resume/<key>/` holds what a pass that has not finished saved so far (a calibrated pass's finished layers,
+passes/layer_checkpoints.py): a build killed midway continues there. It is written only under the key's lock
+and deleted once the pass's entry is in place.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from optforge.hashing import file_table, sha256_json
 log = logging.getLogger(__name__)
 
 DIR_KINDS = ("sources", "passes")
+RESUME = "resume"
 RECORD_SUFFIX = ".entry.json"
 
 
@@ -78,6 +83,7 @@ class Cache:
         with self._lock(kind, key):
             hit = self.dir_entry(kind, key)
             if hit is not None:
+                self._remove_resume(key)  # left by a build killed after another one finished this entry
                 return hit, True
             final = self.root / kind / key
             tmp = staging_sibling(final)
@@ -89,7 +95,18 @@ class Cache:
                 raise
             self._write_json_atomic(self._record_path(kind, key), {"key": key, "files": files, "created": time.time()})
             publish_dir(tmp, final)
+            self._remove_resume(key)
             return DirEntry(final, files), False
+
+    def resume_dir(self, key: str) -> Path:
+        """Where the build of entry `key` keeps partial progress until the entry exists (created by its user)."""
+        return self.root / RESUME / key
+
+    def _remove_resume(self, key: str) -> None:
+        folder = self.resume_dir(key)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            log.debug("removed the resume folder of %s", key[:12])
 
     def _record_path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}{RECORD_SUFFIX}"
@@ -135,6 +152,24 @@ class Cache:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _lock_if_free(self, kind: str, key: str) -> Iterator[bool]:
+        """The key's lock if nobody holds it (yields True), else yields False at once."""
+        import fcntl
+
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{kind}-{key}", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -200,7 +235,8 @@ class Cache:
         return checks
 
     def prune(self, *, older_than_s: float) -> list[str]:
-        """Remove entries not used for `older_than_s` seconds (and staging left by dead runs)."""
+        """Remove entries not used for `older_than_s` seconds, resume folders not written for as long, and staging
+        left by dead runs."""
         removed, cutoff = [], time.time() - older_than_s
         for kind in DIR_KINDS:
             remove_stale_staging(self.root / kind)
@@ -215,6 +251,23 @@ class Cache:
             if path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
                 removed.append(f"evals/{path.stem}")
+        removed += self._prune_resume(cutoff)
+        return removed
+
+    def _prune_resume(self, cutoff: float) -> list[str]:
+        """Resume folders whose newest file is older than `cutoff`, skipping any a running build holds."""
+        removed = []
+        folder = self.root / RESUME
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if not path.is_dir() or path.is_symlink():
+                continue
+            newest = max((p.lstat().st_mtime for p in path.rglob("*")), default=path.lstat().st_mtime)
+            if newest >= cutoff:
+                continue
+            with self._lock_if_free("passes", path.name) as free:
+                if free:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(f"{RESUME}/{path.name}")
         return removed
 
     def clear(self) -> None:

@@ -21,6 +21,9 @@ class PassContext:
     device: str = "cpu"
     # progress(description, total) -> advance(n) callable; a no-op outside the CLI.
     progress: Callable[[str, int], Callable[[int], None]] = lambda desc, total: (lambda n=1: None)
+    # Folder where a calibrated pass checkpoints finished layers, keyed by the pass's cache key, so a build
+    # killed midway resumes there (`<cache>/resume/<key>/`, removed once the output is cached); None: no resume.
+    resume_dir: Path | None = None
 
     @property
     def dtype(self) -> str:

@@ -137,3 +137,22 @@ def publish_dir(staged: Path, final: Path) -> None:
     os.rename(staged, final)
     fsync_parent(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a reader sees the old file or the whole new one, never a part: a staging
+    sibling (a dead writer's is removed by `remove_stale_staging`), flushed, renamed over `path`, and the
+    folder flushed so the rename itself survives a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_parent(path)

@@ -271,7 +271,8 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
 
     def run(tmp: Path) -> None:
         log.info("pass %s: running", p.name)
-        p.run(current, PassContext(output_dir=tmp, model=recipe.model, calibration=recipe.data.calibration, device=device, progress=progress))
+        p.run(current, PassContext(output_dir=tmp, model=recipe.model, calibration=recipe.data.calibration, device=device, progress=progress,
+                                   resume_dir=cache.resume_dir(key)))
 
     entry, record.cached = cache.get_or_build_dir("passes", key, run)
     if record.cached:

@@ -16,6 +16,10 @@ importances) is a small `LayerAlgorithm` beside its math. `calibrate(model, batc
       (`propagate = "after"`: the next layer sees the changed one, GPTQ's and SparseGPT's sequential scheme)
       or taken from the observing run (`"before"`: an algorithm that only measures).
 
+Resumable builds: given the pipeline's resume folder, `calibrate` checkpoints each finished layer (what `apply`
+changed in it, and the algorithm's `layer_results`) and, after a crash, restores the finished layers and runs
+them forward again to rebuild the inputs of the first unfinished one (passes/layer_checkpoints.py).
+
 Memory holds one layer's inputs and outputs (num_batches x B x T x hidden), never every layer's activations.
 
 Where large models plug in (not done yet), each in this file alone: `held` in `calibrate` is the one place
@@ -30,7 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar, Iterator, Literal
 
 import torch
@@ -38,6 +44,8 @@ from torch import nn
 
 from optforge.errors import PassError
 from optforge.evals.perplexity import leading_bos
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ calibration data
@@ -126,10 +134,31 @@ class LayerAlgorithm:
     def apply(self, step: LayerStep) -> None:
         """Change the layer from what was recorded (or only read it)."""
 
+    # Whether `calibrate` may checkpoint finished layers and resume after them (passes/layer_checkpoints.py):
+    # true when `apply` changes only tensors of the layer (never its modules) and `layer_results` holds
+    # everything else a finished layer leaves in the algorithm that the pass or later layers read.
+    resumable: ClassVar[bool] = False
+    # True when `restore_layer` also rebuilds every tensor `apply` changed in the layer, bit for bit, from the
+    # `layer_results` (GPTQ: weight = dequantize(q, scale, zero)); checkpoints then leave those tensors out.
+    restores_layer: ClassVar[bool] = False
+
+    def layer_results(self, step: LayerStep) -> dict[str, torch.Tensor]:
+        """What the finished layer left in the algorithm, as named tensors (a checkpoint stores them; the
+        layer's changed tensors are found and stored by the driver)."""
+        return {}
+
+    def restore_layer(self, step: LayerStep, results: dict[str, torch.Tensor]) -> None:
+        """On resume: take back what `layer_results` returned for a finished layer (tensors on the CPU)."""
+
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlgorithm, *, pass_name: str, targets: dict[str, nn.Module] | None = None, progress=None) -> set[str]:
+def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlgorithm, *, pass_name: str, targets: dict[str, nn.Module] | None = None, progress=None,
+              resume_dir: Path | None = None) -> set[str]:
     """Run `algorithm` over the decoder layers of `model`, one layer at a time, on token-id `batches` (B, T).
+
+    With `resume_dir` (the pipeline's `PassContext.resume_dir`) and a `resumable` algorithm, each finished
+    layer is checkpointed there, and a run that finds checkpoints of the same pass restores those layers and
+    calibrates from the first one without (passes/layer_checkpoints.py).
 
     Returns the names of the `targets` inside decoder layers; the others (an included output head) are the
     caller's to handle (see `observe_forward`)."""
@@ -137,24 +166,67 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
     names = {id(m): n for n, m in model.named_modules()}
     targets = targets or {}
     covered: set[str] = set()
+    checkpoints = _checkpoints(resume_dir, algorithm, pass_name, len(layers), len(batches), model)
     with algorithm.session(model):
         held, kwargs = _capture(model, layers, batches)
         advance = progress(pass_name, len(layers)) if progress else (lambda n=1: None)
+        restoring = checkpoints is not None
         for index, layer in enumerate(layers):
             prefix = names[id(layer)]
             local = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
             covered.update(local)
             step = LayerStep(index, prefix, layer, local, held)
-            watched = algorithm.watch(step)
-            before = algorithm.propagate == "before"
-            if watched or before:
-                with watch_inputs(watched, algorithm.record):
-                    step.outputs = _run_layer(layer, held, kwargs[index], keep=before)
-            algorithm.apply(step)
-            held = step.outputs if before else _run_layer(layer, held, kwargs[index])
+            saved = checkpoints.load(index) if restoring else None
+            if saved is not None:
+                held = _restore_layer(step, algorithm, kwargs[index], *saved)
+            else:
+                if restoring and index:
+                    log.info("resuming %s at layer %d of %d (%s; %d finished layer(s) restored from checkpoints)", pass_name, index, len(layers), prefix, index)
+                restoring = False
+                held = _calibrate_layer(step, algorithm, kwargs[index], checkpoints)
             kwargs[index] = []
             advance(1)
+    if restoring:
+        log.info("%s: all %d layers restored from checkpoints", pass_name, len(layers))
     return covered
+
+
+def _checkpoints(resume_dir: Path | None, algorithm: LayerAlgorithm, pass_name: str, num_layers: int, num_batches: int, model: nn.Module):
+    if resume_dir is None or not algorithm.resumable:
+        return None
+    from optforge.passes.layer_checkpoints import LayerCheckpoints
+
+    device = next(model.parameters()).device.type  # a layer calibrated on another kind of device rounds differently
+    identity = {"pass": pass_name, "algorithm": type(algorithm).__qualname__, "num_layers": num_layers, "num_batches": num_batches, "device_type": device}
+    return LayerCheckpoints.open(resume_dir, identity)
+
+
+def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict], checkpoints) -> list[torch.Tensor]:
+    """Observe, apply and (with `checkpoints`) save one layer; returns the next layer's inputs."""
+    from optforge.passes.layer_checkpoints import changed_tensors, snapshot
+
+    before = algorithm.propagate == "before"
+    untouched = snapshot(step.layer) if checkpoints is not None and not algorithm.restores_layer else None
+    watched = algorithm.watch(step)
+    if watched or before:
+        with watch_inputs(watched, algorithm.record):
+            step.outputs = _run_layer(step.layer, step.inputs, kwargs, keep=before)
+    algorithm.apply(step)
+    if checkpoints is not None:
+        changed = changed_tensors(step.layer, untouched) if untouched is not None else {}
+        checkpoints.save(step.index, changed, algorithm.layer_results(step))
+    return step.outputs if before else _run_layer(step.layer, step.inputs, kwargs)
+
+
+def _restore_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict], changed: dict, results: dict) -> list[torch.Tensor]:
+    """A finished layer from its checkpoint; returns the next layer's inputs, computed as `_calibrate_layer` did:
+    by the layer as it was (`propagate = "before"`) or as `apply` left it."""
+    from optforge.passes.layer_checkpoints import assign_tensors
+
+    outputs = _run_layer(step.layer, step.inputs, kwargs) if algorithm.propagate == "before" else None
+    assign_tensors(step.layer, changed)
+    algorithm.restore_layer(step, results)
+    return outputs if outputs is not None else _run_layer(step.layer, step.inputs, kwargs)
 
 
 @torch.no_grad()

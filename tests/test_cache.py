@@ -125,3 +125,36 @@ def test_many_promotions_of_one_key_race_safely(tmp_path, n):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         results = pool.map(_build_entry, [(tmp_path, 0.0)] * n)
     assert results.count("x") == n
+
+
+def test_a_pass_resume_folder_goes_once_its_entry_is_cached(tmp_path):
+    cache = Cache(tmp_path)
+    folder = cache.resume_dir("k")
+    assert folder == tmp_path / "resume" / "k"
+
+    def build(tmp):
+        folder.mkdir(parents=True)
+        (folder / "layer-00000.safetensors").write_bytes(b"x")
+        (tmp / "model.bin").write_bytes(b"m")
+
+    cache.get_or_build_dir("passes", "k", build)
+    assert not folder.exists()
+    folder.mkdir(parents=True)  # left by a build killed while another one finished the entry
+    assert cache.get_or_build_dir("passes", "k", build)[1] is True and not folder.exists()
+
+
+def test_prune_removes_old_resume_folders_but_not_fresh_or_held_ones(tmp_path):
+    cache = Cache(tmp_path)
+    for key in ("old", "fresh", "held"):
+        cache.resume_dir(key).mkdir(parents=True)
+        (cache.resume_dir(key) / "index.json").write_text("{}")
+    week_ago = time.time() - 7 * 86400
+    for key in ("old", "held"):
+        for path in (cache.resume_dir(key), cache.resume_dir(key) / "index.json"):
+            os.utime(path, (week_ago, week_ago))
+    with cache._lock("passes", "held"):  # a build of that key is running
+        result = runner.invoke(app, ["cache", "prune", "--older-than", "3", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["fresh", "held"]
+    assert runner.invoke(app, ["cache", "clear", "--yes", "--cache-dir", str(tmp_path)]).exit_code == 0
+    assert list(tmp_path.iterdir()) == []

@@ -44,7 +44,7 @@ def prune(
     older_than: float = typer.Option(30.0, "--older-than", help="Remove entries not used for this many days."),
     cache_dir: Optional[Path] = CACHE_DIR,
 ):
-    """Remove entries not used recently, and staging folders left by interrupted builds."""
+    """Remove entries not used recently, and staging and resume folders left by interrupted builds."""
     from optforge.cache import Cache
 
     cache = Cache(cache_dir)

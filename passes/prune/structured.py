@@ -69,6 +69,7 @@ class ImportanceLayers(LayerAlgorithm):
     one module's inputs (`scored_input`), or from the layer's inputs and outputs."""
 
     propagate = "before"
+    resumable = True
 
     def __init__(self, prune: "_StructuredPrune"):
         self.prune = prune
@@ -86,6 +87,12 @@ class ImportanceLayers(LayerAlgorithm):
     def apply(self, step):
         norms = None if self.squares is None else self.squares.sqrt()
         self.scores.append(self.prune.importance(step, norms))
+
+    def layer_results(self, step):
+        return {"score": self.scores[step.index]}
+
+    def restore_layer(self, step, results):
+        self.scores.append(results["score"].to(next(step.layer.parameters()).device))
 
 
 class _StructuredPrune(Pass):
@@ -105,7 +112,7 @@ class _StructuredPrune(Pass):
         params_before = sum(p.numel() for p in model.parameters())
         ids = token_windows(tokenizer, ctx.calibration_texts(), num_samples=self.config.num_samples, seq_len=self.config.seq_len, pass_name=self.name)
         importance = ImportanceLayers(self)
-        calibrate(model, list(ids.split(8)), importance, pass_name=self.name, progress=ctx.progress)
+        calibrate(model, list(ids.split(8)), importance, pass_name=self.name, progress=ctx.progress, resume_dir=ctx.resume_dir)
         summary = self._shrink(model, layers, importance.scores)
         params_after = sum(p.numel() for p in model.parameters())
         log.info("%s: %s; parameters %d -> %d", self.name, summary, params_before, params_after)

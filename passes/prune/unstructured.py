@@ -114,6 +114,8 @@ class PruneLayers(LayerAlgorithm):
     """Per decoder layer: each target's input statistic, then its pruned weight; the next layer sees the pruned
     one (sequential, as in both papers)."""
 
+    resumable = True  # the pruned weights are the layer's changed tensors; `done` follows from the targets
+
     def __init__(self, prune: "_CalibratedPrune", nm: tuple[int, int] | None):
         self.prune, self.nm = prune, nm
         self.stats: dict[str, torch.Tensor] = {}
@@ -127,6 +129,9 @@ class PruneLayers(LayerAlgorithm):
             linear.weight.data = self.prune.pruned_weight(linear.weight.data, self.stats.pop(name), self.nm)
             self.done.append(name)
 
+    def restore_layer(self, step, results):
+        self.done.extend(step.targets)
+
 
 class _CalibratedPrune(_UnstructuredPrune):
     """Prunes the decoder layer by layer from input statistics of each target Linear (`PruneLayers`)."""
@@ -139,7 +144,7 @@ class _CalibratedPrune(_UnstructuredPrune):
         cfg = self.config
         ids = token_windows(tokenizer, ctx.calibration_texts(), num_samples=cfg.num_samples, seq_len=cfg.seq_len, pass_name=self.name)
         layers = PruneLayers(self, nm)
-        calibrate(model, list(ids.split(8)), layers, pass_name=self.name, targets=targets, progress=ctx.progress)
+        calibrate(model, list(ids.split(8)), layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir)
         return layers.done
 
     def accumulate(self, stat: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

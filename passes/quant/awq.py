@@ -55,6 +55,8 @@ def search_scale(linears: list[nn.Linear], grids: list, x: torch.Tensor, x_mean:
 class AWQLayers(FoldingLayers):
     """Per decoder layer: mean |x| per input channel of each group, the alpha search, the fold."""
 
+    resumable = True
+
     def __init__(self, folds, targets, grids, cfg: AWQConfig, rows_per_batch: int, pass_name: str):
         super().__init__(folds, targets, rows_per_batch, pass_name)
         self.grids, self.points = grids, cfg.grid_points
@@ -79,6 +81,17 @@ class AWQLayers(FoldingLayers):
             self.alphas[f"{step.name}.{op}"] = alpha
             self.scaled.update(full)
 
+    def layer_results(self, step):
+        alphas = {f"alpha.{op}": torch.tensor(self.alphas[f"{step.name}.{op}"], dtype=torch.float64) for op, _ in self.folds if f"{step.name}.{op}" in self.alphas}
+        return super().layer_results(step) | alphas
+
+    def restore_layer(self, step, results):
+        super().restore_layer(step, results)
+        for op, fed in self.folds:
+            if f"alpha.{op}" in results:
+                self.alphas[f"{step.name}.{op}"] = float(results[f"alpha.{op}"])
+                self.scaled.update(f"{step.name}.{n}" for n in fed)
+
 
 @register
 class AWQ(WeightOnlyPass):
@@ -96,7 +109,7 @@ class AWQ(WeightOnlyPass):
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
         layers = AWQLayers(folds, targets, grids, cfg, max(1, cfg.max_rows // len(samples)), self.name)
-        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress)
+        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir)
         results = {}
         for name, linear in targets.items():
             scale, zero = qparams(linear.weight, grids[name])

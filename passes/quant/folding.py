@@ -80,6 +80,12 @@ class FoldingLayers(LayerAlgorithm):
         self.counts[op] += x.shape[0]
         self.kept[op].append(x[torch.randperm(x.shape[0], generator=self.generator)[: self.rows].to(x.device)])
 
+    def layer_results(self, step):
+        return {"generator": self.generator.get_state()}  # the next layer's row sample continues from here
+
+    def restore_layer(self, step, results):
+        self.generator.set_state(results["generator"])
+
     def fold(self, layer: nn.Module, op: str, fed: tuple[str, ...], s: torch.Tensor) -> None:
         divide_output(layer.get_submodule(op), s, self.pass_name)
         for name in fed:

@@ -38,6 +38,7 @@ class InputAmax(LayerAlgorithm):
     """Max |x| each target Linear sees (a running max: memory does not grow with the samples); changes nothing."""
 
     propagate = "before"
+    resumable = True
 
     def __init__(self, targets: dict[str, torch.nn.Module]):
         self.amax = dict.fromkeys(targets, 0.0)
@@ -45,14 +46,20 @@ class InputAmax(LayerAlgorithm):
     def record(self, name, x):
         self.amax[name] = max(self.amax[name], float(x.abs().max()))
 
+    def layer_results(self, step):
+        return {name: torch.tensor(self.amax[name], dtype=torch.float64) for name in step.targets}
 
-def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samples: list[torch.Tensor], *, pass_name: str, progress=None) -> dict[str, float]:
+    def restore_layer(self, step, results):
+        self.amax.update({name: float(v) for name, v in results.items()})
+
+
+def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samples: list[torch.Tensor], *, pass_name: str, progress=None, resume_dir=None) -> dict[str, float]:
     """Max |x| of each Linear's inputs over the samples: layer by layer inside the decoder, and one whole-model
     forward for Linears outside it (an included output head, which then sees every position)."""
     from optforge.passes.calibration import calibrate, observe_forward
 
     observed = InputAmax(linears)
-    inside = calibrate(model, samples, observed, pass_name=pass_name, targets=linears, progress=progress)
+    inside = calibrate(model, samples, observed, pass_name=pass_name, targets=linears, progress=progress, resume_dir=resume_dir)
     outside = {n: m for n, m in linears.items() if n not in inside}
     if outside:
         observe_forward(model, samples, outside, observed.record)
@@ -87,7 +94,7 @@ class Fp8(Pass):
         amax: dict[str, float] = {}
         if not cfg.dynamic:
             samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
-            amax = input_amax(model, targets, samples, pass_name=self.name, progress=ctx.progress)
+            amax = input_amax(model, targets, samples, pass_name=self.name, progress=ctx.progress, resume_dir=ctx.resume_dir)
             silent = sorted(n for n, v in amax.items() if v <= 0.0)
             if silent:
                 raise PassError(self.name, f"{len(silent)} Linear(s) saw no calibration signal (e.g. {silent[0]}): a static scale would be zero; use dynamic: true or more calibration rows")

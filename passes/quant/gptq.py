@@ -75,6 +75,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, ac
 class GPTQLayers(LayerAlgorithm):
     """Per decoder layer: each target's H from its inputs, then `gptq_quantize`; the next layer sees the result."""
 
+    resumable = True
+    restores_layer = True  # the layer's weights are dequantize(q, scale, zero): checkpoints hold int8 q only
+
     def __init__(self, grids: dict[str, Grid], cfg: GPTQConfig):
         self.grids, self.cfg = grids, cfg
         self.results: dict = {}  # name -> (q, scale, zero)
@@ -102,6 +105,22 @@ class GPTQLayers(LayerAlgorithm):
             self.results[name] = (q, s, z)
             linear.weight.data = dequantize(q, s, z).to(linear.weight.dtype)
 
+    def layer_results(self, step):
+        kept = {}
+        for name in step.targets:
+            if name in self.results:
+                q, s, z = self.results[name]
+                kept |= {f"{name}.q": q, f"{name}.scale": s} | ({} if z is None else {f"{name}.zero": z})
+        return kept
+
+    def restore_layer(self, step, results):
+        for name, linear in step.targets.items():
+            if f"{name}.q" in results:
+                z = results.get(f"{name}.zero")
+                q, s, z = (None if t is None else t.to(linear.weight.device) for t in (results[f"{name}.q"], results[f"{name}.scale"], z))
+                self.results[name] = (q, s, z)
+                linear.weight.data = dequantize(q, s, z).to(linear.weight.dtype)
+
 
 @register
 class GPTQ(WeightOnlyPass):
@@ -118,7 +137,7 @@ class GPTQ(WeightOnlyPass):
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
         layers = GPTQLayers(grids, cfg)
-        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress)
+        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir)
         results = layers.results
         uncalibrated = sorted(set(targets) - set(results))
         for name in uncalibrated:

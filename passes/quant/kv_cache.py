@@ -38,6 +38,7 @@ class KvRange(LayerAlgorithm):
     by the observing attention implementation of `formats.kv_cache`; changes nothing."""
 
     propagate = "before"
+    resumable = True
 
     def __init__(self, attention: dict[int, torch.nn.Module]):
         self.attention = attention
@@ -56,14 +57,25 @@ class KvRange(LayerAlgorithm):
                 module.kv_quant = None
             model.config._attn_implementation = previous
 
+    def _inside(self, step) -> list[int]:
+        modules = {id(m) for m in step.layer.modules()}
+        return [idx for idx, module in self.attention.items() if id(module) in modules]
 
-def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor], *, pass_name: str = "quant.kv_cache", progress=None) -> dict[int, tuple[float, float]]:
+    def layer_results(self, step):
+        return {str(idx): torch.tensor(self.state[idx]["observed"], dtype=torch.float64) for idx in self._inside(step)}
+
+    def restore_layer(self, step, results):  # after the replay's forward, which observed the same values again
+        for idx in self._inside(step):
+            self.state[idx]["observed"] = tuple(float(v) for v in results[str(idx)])
+
+
+def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor], *, pass_name: str = "quant.kv_cache", progress=None, resume_dir=None) -> dict[int, tuple[float, float]]:
     """{layer index: (max |K|, max |V|)} over the samples, K after RoPE as the cache stores it."""
     from optforge.formats.kv_cache import attention_layers
     from optforge.passes.calibration import calibrate
 
     kv = KvRange(attention_layers(model))
-    calibrate(model, samples, kv, pass_name=pass_name, progress=progress)
+    calibrate(model, samples, kv, pass_name=pass_name, progress=progress, resume_dir=resume_dir)
     return {idx: s["observed"] for idx, s in kv.state.items()}
 
 
@@ -88,7 +100,7 @@ class KvCacheQuant(Pass):
         model, tokenizer = load_input(artifact, ctx, fused=True)  # calibrated as it will be served
         if not attention_layers(model):
             raise PassError(self.name, f"{type(model).__name__} has no attention modules with `layer_idx` and `k_proj`; KV-cache quantization supports HF decoder-only attention")
-        observed = calibrate_kv(model, calibration_samples(self.name, tokenizer, ctx, cfg.num_samples), pass_name=self.name, progress=ctx.progress)
+        observed = calibrate_kv(model, calibration_samples(self.name, tokenizer, ctx, cfg.num_samples), pass_name=self.name, progress=ctx.progress, resume_dir=ctx.resume_dir)
         silent = sorted(idx for idx, (k, v) in observed.items() if k <= 0.0 or v <= 0.0)
         if silent:
             raise PassError(self.name, f"attention layers {silent} saw no calibration signal; a zero KV scale would be wrong. Add calibration rows")
