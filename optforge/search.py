@@ -261,13 +261,21 @@ def search(recipe: Recipe | str | Path | dict, *, output: str | Path | None = No
         closest = _closest(done)
         raise SearchFailed(f"no candidate passed every gate; the closest was {closest.label}: {closest.reason}" if closest
                            else "no candidate could be built and judged; see each candidate's error above", table)
-    chosen = max(passed, key=lambda c: (c.score, -(c.weight_bytes or 0)))
+    chosen = max(passed, key=lambda c: (c.score, -_tightest_gate(c)))
     why = f"the largest objective score ({chosen.score:.4f}) among {len(passed)} passing candidate(s): {_describe_objective(weights)}"
+    ties = [c for c in passed if c is not chosen and c.score == chosen.score]
+    if ties:
+        why += f"; tied with {', '.join(c.label for c in ties)}, it keeps the most room under its tightest quality gate"
     log.info("chosen: %s (%s)", chosen.label, why)
     extra = search_extra(recipe, table, chosen.to_dict(), why, source_bytes=source_bytes)
     manifest = publish(job, dataclasses.replace(shared, recipe=candidate_recipe(recipe, chosen, spec.sequential)), source_info, chosen._artifact, chosen._records,
                        write_extra=extra)
     return SearchResult(job.out_path, chosen.to_dict(), table, time.perf_counter() - started, manifest)
+
+
+def _tightest_gate(cand: Candidate) -> float:
+    """The largest fraction of its allowed drop that any quality gate of the candidate uses (0 when none)."""
+    return max((g["drop"] / g["max_drop"] for g in cand.gates if "speedup" not in g and g.get("max_drop")), default=0.0)
 
 
 def _describe_objective(weights: dict[str, float]) -> str:

@@ -102,3 +102,24 @@ def test_the_loop_skips_what_cannot_win_and_falls_back_layer_by_layer(tiny_model
     assert result.chosen["int8_layers"] == [0, 1]
     skipped = [c for c in result.candidates if c["status"] == "not evaluated"]
     assert [c["label"] for c in skipped] == ["quant.int8_weight_only"]
+
+
+def test_a_tie_on_the_objective_goes_to_the_most_room_under_the_tightest_gate():
+    tight = search_mod.Candidate(0, [], gates=[{"metric": "perplexity", "drop": 0.1, "max_drop": 3.0}, {"metric": "arc", "drop": 1.6, "max_drop": 2.0}])
+    loose = search_mod.Candidate(1, [], gates=[{"metric": "perplexity", "drop": 0.9, "max_drop": 3.0}, {"metric": "arc", "drop": 0.4, "max_drop": 2.0},
+                                               {"metric": "decode_tok_s", "speedup": 1.1, "drop": 5.0, "max_drop": 1.0}])
+    assert search_mod._tightest_gate(tight) == pytest.approx(0.8) and search_mod._tightest_gate(loose) == pytest.approx(0.3)
+
+
+def test_a_candidate_the_speed_backend_cannot_run_is_reported_not_servable(tiny_model_dir, tmp_path, cache_dir):
+    from optforge.runtime.cpp import BUILD_HINT, is_available
+
+    if not is_available():
+        pytest.skip(f"C++ runtime extension not built: {BUILD_HINT}")
+    recipe = _recipe(tiny_model_dir, tmp_path / "out", {"quant": ["quant.fp8", "quant.int8_weight_only"]},
+                     PPL_GATE + [{"metric": "decode_tok_s", "min_speedup": 0.02}], exhaustive=True)  # any speed: the tiny model is noise
+    recipe["data"]["speed"] = {"input_len": 8, "output_len": 4, "num_requests": 2, "repeats": 3, "backend": "cpp", "threads": 1}
+    result = search(recipe, cache_dir=cache_dir)
+    fp8 = next(c for c in result.candidates if c["label"] == "quant.fp8")
+    assert fp8["status"] == "not servable" and "cpp" in fp8["reason"], fp8["reason"]
+    assert result.chosen["label"] == "quant.int8_weight_only"
