@@ -36,6 +36,8 @@ from optforge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
+# Bump when how layer sensitivity is measured changes: it keys the cached rankings.
+SENSITIVITY_VERSION = 1
 # Rough cost of a pass's calibration, for ordering candidates of equal bits (cheapest first).
 CALIBRATION_COST = {"quant.awq": 2, "quant.gptq": 3, "quant.smoothquant": 1}
 
@@ -173,18 +175,26 @@ def _fallback_candidates(shared, recipe: Recipe, failed: Candidate, memo: dict |
     from optforge.context import PassContext
     from optforge.model_io import load_model
     from optforge.passes.calibration import calibration_samples
-    from optforge.sensitivity import layer_exclude_patterns, layer_sensitivities, proxy_spec
+    from optforge.hashing import sha256_json
+    from optforge.sensitivity import LayerSensitivity, layer_exclude_patterns, layer_sensitivities, proxy_spec
 
     fb = recipe.search.fallback
     last = failed.passes[-1]
     spec = proxy_spec(last["name"], last["config"])
     key = repr(sorted(spec.items()))
     memo = {} if memo is None else memo
-    if key not in memo:
-        model, tokenizer = load_model(shared.source.path, dtype=recipe.model.dtype, device=shared.device)
-        ctx = PassContext(output_dir=shared.cache.root, model=recipe.model, calibration=recipe.data.calibration, device=shared.device, progress=shared.progress)
-        batches = calibration_samples("search.fallback", tokenizer, ctx, fb.rows)
-        memo[key] = layer_sensitivities(model, batches, spec, progress=shared.progress)
+    if key not in memo:  # cached like an eval: by the source, the scheme, the calibration rows and the dtype
+        cache_key = sha256_json({"sensitivity": SENSITIVITY_VERSION, "model": shared.source.digest, "spec": spec, "calibration": shared.calibration,
+                                 "rows": fb.rows, "dtype": recipe.model.dtype})
+        hit = shared.cache.get_json("evals", cache_key)
+        if hit is None:
+            model, tokenizer = load_model(shared.source.path, dtype=recipe.model.dtype, device=shared.device)
+            ctx = PassContext(output_dir=shared.cache.root, model=recipe.model, calibration=recipe.data.calibration, device=shared.device,
+                              progress=shared.progress)
+            batches = calibration_samples("search.fallback", tokenizer, ctx, fb.rows)
+            hit = {"layers": [s.to_dict() for s in layer_sensitivities(model, batches, spec, progress=shared.progress)]}
+            shared.cache.put_json("evals", cache_key, hit)
+        memo[key] = [LayerSensitivity(**s) for s in hit["layers"]]
     scores = memo[key]
     log.info("layer sensitivity to %s: %s", last["name"], ", ".join(f"{s.layer}: {s.loss_increase:+.4f}" for s in scores[:8]))
     out, k = [], 1

@@ -123,3 +123,21 @@ def test_a_candidate_the_speed_backend_cannot_run_is_reported_not_servable(tiny_
     fp8 = next(c for c in result.candidates if c["label"] == "quant.fp8")
     assert fp8["status"] == "not servable" and "cpp" in fp8["reason"], fp8["reason"]
     assert result.chosen["label"] == "quant.int8_weight_only"
+
+
+def test_fallback_candidates_rank_layers_once_and_cache_the_ranking(tiny_model_dir, tmp_path, cache_dir, monkeypatch):
+    import optforge.sensitivity as sensitivity
+    from optforge.pipeline import load_job, prepare
+
+    calls = []
+    real = sensitivity.layer_sensitivities
+    monkeypatch.setattr(sensitivity, "layer_sensitivities", lambda *a, **k: calls.append(1) or real(*a, **k))
+    recipe = _recipe(tiny_model_dir, tmp_path / "out", {"quant": [{"name": "quant.rtn", "config": {"bits": 4, "group_size": 32}}]}, PPL_GATE,
+                     fallback={"for": ["quant.rtn"], "max_layers": 2, "rows": 2})
+    job = load_job(recipe, output=None, cache_dir=cache_dir, device="cpu", progress=None, force=False)
+    failed = search_mod.Candidate(0, [{"name": "quant.rtn", "config": {"bits": 4, "group_size": 32}}])
+    shared, _ = prepare(job, search_mod.candidate_recipe(job.recipe, failed, sequential=True))
+    first = search_mod._fallback_candidates(shared, job.recipe, failed)
+    again = search_mod._fallback_candidates(shared, job.recipe, failed)  # a new search: the ranking comes from the cache
+    assert len(calls) == 1 and [c.int8_layers for c in first] == [c.int8_layers for c in again]
+    assert [len(c.int8_layers) for c in first] == [1, 2] and first[0].passes[0]["config"]["int8_layers"] == [rf"(^|\.)layers\.{first[0].int8_layers[0]}\."]
