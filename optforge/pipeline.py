@@ -84,8 +84,9 @@ class _Build:
     # Who asked for those evals, named when their data cannot be read.
     evals_for: str
 
-    def measure(self, artifact: ModelArtifact) -> dict:
-        return _measure(artifact, self.evals, self.evals_for, self.recipe.model.dtype, self.cache, self.device, self.progress)
+    def measure(self, artifact: ModelArtifact, evals: EvalSpec | None = None) -> dict:
+        """The artifact's metrics on the build's evals, or on `evals` (a part of them: a chunk, one eval)."""
+        return _measure(artifact, self.evals if evals is None else evals, self.evals_for, self.recipe.model.dtype, self.cache, self.device, self.progress)
 
 
 def eval_plan(recipe: Recipe) -> tuple[EvalSpec | None, str]:
@@ -130,7 +131,7 @@ def _judge_in_looks(shared: _Build, gates: list, result: ModelArtifact, current_
     counts = item_counts(shared.source_metrics)
 
     def measure_chunk(lo: float, hi: float) -> dict:
-        return _measure(result, chunk_spec(shared.evals, counts, lo, hi), shared.evals_for, shared.recipe.model.dtype, shared.cache, shared.device, shared.progress)
+        return shared.measure(result, chunk_spec(shared.evals, counts, lo, hi))
 
     def judge(gate, baseline, measured, confidence):
         return evaluate_gate(gate.model_copy(update={"confidence": confidence}), baseline, measured)
