@@ -16,8 +16,10 @@ Order and reuse:
 - A weight-only candidate that fails gets fallback candidates (`search.fallback`): its 1, 2, 4, ... most
   sensitive decoder layers at INT8 (optforge/sensitivity.py), tried in that order until one passes.
 
-Candidates run one at a time in this process. `evaluate_candidate` takes everything it needs as arguments and
-returns plain data, so an executor that fans candidates out (worker processes, Ray tasks) can call it as is.
+Candidates run one at a time in this process. `evaluate_candidate` depends only on its arguments (the shared
+build state, the recipe, the candidate) and its results are plain data (`Candidate.to_dict`); candidates share
+nothing but the cache folder, whose per-key locks make concurrent builds of one entry safe. That is the seam for
+an executor that fans candidates out to worker processes or Ray tasks; none is built in.
 """
 
 from __future__ import annotations
