@@ -37,15 +37,22 @@ def main() -> None:
     for spec in args.tasks:
         task, limit = spec.split(":")
         hits = rt.engine.block_manager.num_prefix_hits
-        t0 = time.perf_counter()
-        a = evaluate_task(hf, task, limit=int(limit))
-        t1 = time.perf_counter()
-        b = evaluate_task(rt, task, limit=int(limit))
-        t2 = time.perf_counter()
-        deltas = [abs(x - y) for ea, eb in zip(a.per_example, b.per_example) for x, y in zip(ea["logprobs"], eb["logprobs"])]
-        differ = sum(ea["pred"] != eb["pred"] for ea, eb in zip(a.per_example, b.per_example))
-        print(f"| {task} | {a.n} | {differ} | {max(deltas):.1e} | {a.metrics['acc']:.4f} / {b.metrics['acc']:.4f} | {t1 - t0:.0f} | {t2 - t1:.0f} | "
-              f"{rt.engine.block_manager.num_prefix_hits - hits:,} |", flush=True)
+        row = compare(hf, rt, task, int(limit))
+        print(f"| {task} | {row['n']} | {row['differ']} | {row['max_delta']:.1e} | {row['acc'][0]:.4f} / {row['acc'][1]:.4f} | {row['seconds'][0]:.0f} | "
+              f"{row['seconds'][1]:.0f} | {rt.engine.block_manager.num_prefix_hits - hits:,} |", flush=True)
+
+
+def compare(reference, other, task: str, limit: int) -> dict:
+    """Two eval LMs on a task's first `limit` items: choices that differ, the largest |delta log-likelihood| over
+    every choice, accuracy and seconds of each."""
+    t0 = time.perf_counter()
+    a = evaluate_task(reference, task, limit=limit)
+    t1 = time.perf_counter()
+    b = evaluate_task(other, task, limit=limit)
+    t2 = time.perf_counter()
+    deltas = [abs(x - y) for ea, eb in zip(a.per_example, b.per_example) for x, y in zip(ea["logprobs"], eb["logprobs"])]
+    return {"n": a.n, "differ": sum(ea["pred"] != eb["pred"] for ea, eb in zip(a.per_example, b.per_example)), "max_delta": max(deltas),
+            "acc": (a.metrics["acc"], b.metrics["acc"]), "seconds": (t1 - t0, t2 - t1)}
 
 
 if __name__ == "__main__":

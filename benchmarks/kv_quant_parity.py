@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -22,10 +22,12 @@ from optforge.evals.datasets import load_texts
 from optforge.evals.lm import HFLM
 from optforge.evals.perplexity import lm_perplexity, perplexity
 from optforge.evals.runtime_lm import RuntimeLM
-from optforge.evals.tasks import evaluate_task
 from optforge.model_io import load_model
 from optforge.recipe import DataSlice
 from optforge.sources import resolve_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_backends import compare  # noqa: E402
 
 
 def build(kv: str, out: Path) -> Path:
@@ -33,12 +35,6 @@ def build(kv: str, out: Path) -> Path:
               "data": {"calibration": {"dataset": "boolq", "rows": [2000, 2064], "max_length": 512}},
               "passes": [{"name": "quant.kv_cache", "config": {"dtype": kv}}], "output": str(out / f"kv-{kv}")}
     return optforge.build(recipe, force=True).output
-
-
-def timed(fn):
-    started = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - started
 
 
 def main() -> None:
@@ -60,12 +56,9 @@ def main() -> None:
         runner = rt.engine.runner
         ppl_rt = lm_perplexity(rt, texts, max_length=256).value
         ppl_hf = perplexity(model, tokenizer, texts, max_length=256).value
-        a, hf_s = timed(lambda: evaluate_task(hf, "arc_easy", limit=args.arc))
-        b, rt_s = timed(lambda: evaluate_task(rt, "arc_easy", limit=args.arc))
-        deltas = [abs(x - y) for ea, eb in zip(a.per_example, b.per_example) for x, y in zip(ea["logprobs"], eb["logprobs"])]
-        differ = sum(ea["pred"] != eb["pred"] for ea, eb in zip(a.per_example, b.per_example))
-        print(f"| {kv} ({runner.kv_cache.dtype}) | {runner.bytes_per_block:,} | {runner.num_blocks:,} | {ppl_rt:.4f} | {ppl_hf:.4f} | {a.n} | {differ} | "
-              f"{max(deltas):.2e} | {rt_s:.0f} | {hf_s:.0f} |", flush=True)
+        row = compare(hf, rt, "arc_easy", args.arc)
+        print(f"| {kv} ({runner.kv_cache.dtype}) | {runner.bytes_per_block:,} | {runner.num_blocks:,} | {ppl_rt:.4f} | {ppl_hf:.4f} | {row['n']} | "
+              f"{row['differ']} | {row['max_delta']:.2e} | {row['seconds'][1]:.0f} | {row['seconds'][0]:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

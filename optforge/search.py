@@ -88,31 +88,22 @@ class Candidate:
         return out
 
 
-def _decoder_weights(path: Path) -> int:
-    """Weights of the 2-D tensors under `model.layers.` in an HF folder's safetensors files (the Linear weights)."""
+def _decoder_tensors(path: Path) -> tuple[int, int]:
+    """Over the tensors under `model.layers.` in an HF folder's safetensors files: the weights of the 2-D `.weight`
+    tensors (the Linear weights of a float model), and the bytes of all of them (quantized weights with their
+    scales and zero points, norms)."""
     from safetensors import safe_open
 
-    total = 0
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                if name.startswith("model.layers.") and name.endswith(".weight") and len(shape := f.get_slice(name).get_shape()) == 2:
-                    total += math.prod(shape)
-    return total
-
-
-def _decoder_bytes(path: Path) -> int:
-    """Bytes of every tensor under `model.layers.` (quantized weights with their scales and zero points, norms)."""
-    from safetensors import safe_open
-
-    total = 0
+    weights = nbytes = 0
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             for name in f.keys():
                 if name.startswith("model.layers."):
                     t = f.get_slice(name)
-                    total += math.prod(t.get_shape()) * _itemsize(t.get_dtype())
-    return total
+                    shape = t.get_shape()
+                    nbytes += math.prod(shape) * _itemsize(t.get_dtype())
+                    weights += math.prod(shape) if name.endswith(".weight") and len(shape) == 2 else 0
+    return weights, nbytes
 
 
 def _itemsize(dtype: str) -> int:
@@ -166,7 +157,7 @@ def evaluate_candidate(shared, recipe: Recipe, cand: Candidate, *, sequential: b
         cand.weight_bytes, cand.gates, cand.looks = last.weight_bytes, last.gates, last.looks
         entry = shared.cache.root / "passes" / last.cache_key
         if entry.is_dir() and source_decoder_weights:
-            cand.bits_per_weight = 8.0 * _decoder_bytes(entry) / source_decoder_weights
+            cand.bits_per_weight = 8.0 * _decoder_tensors(entry)[1] / source_decoder_weights
     cand._artifact, cand._records = artifact, records  # not part of to_dict: the chosen one is published
     return cand
 
@@ -239,7 +230,7 @@ def search(recipe: Recipe | str | Path | dict, *, output: str | Path | None = No
     cands.sort(key=lambda c: (-c.nominal_bits if speed_objective else c.nominal_bits, cost(c)))
     shared, source_info = prepare(job, candidate_recipe(recipe, cands[0], spec.sequential))
     source_bytes = shared.source.weight_bytes()
-    source_weights = _decoder_weights(shared.source.path)
+    source_weights, _ = _decoder_tensors(shared.source.path)
     done: list[Candidate] = []
     queue = list(cands)
     sensitivity: dict = {}  # proxy scheme -> layer ranking, shared by fallback candidates
