@@ -14,7 +14,7 @@
       objective: weight_bytes      # or a speed metric of the gates, or weights: {weight_bytes: 1, decode_tok_s: 1}
       fallback: {for: [quant.rtn], max_layers: 8}   # int4 candidates that fail retry with their most sensitive layers at INT8
 
-Kept apart from `optforge.recipe` so that file stays small; imports nothing of optforge but the recipe types.
+Kept apart from `optforge.recipe` so that file stays small; of optforge it imports only `optforge.recipe_speed`.
 """
 
 from __future__ import annotations
