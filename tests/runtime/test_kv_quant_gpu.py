@@ -48,7 +48,7 @@ def llama_128(tiny_llama_factory):
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_decoding_follows_the_emulated_cache(llama_128, byte_tokenizer, kv_dtype, dtype):
+def test_greedy_decoding_follows_the_emulated_cache(llama_128, byte_tokenizer, hf_greedy, kv_dtype, dtype):
     from optforge.passes.quant.kv_cache import calibrate_kv
 
     model = copy.deepcopy(llama_128).to("cuda", dtype)
@@ -57,13 +57,7 @@ def test_greedy_decoding_follows_the_emulated_cache(llama_128, byte_tokenizer, k
     qmax = KV_QMAX[kv_dtype]
     apply_kv_cache_layout(model, {"dtype": kv_dtype, "scales": {str(i): {"k": k / qmax, "v": v / qmax} for i, (k, v) in amax.items()}})
     prompts = [[5 + (7 * i + j) % 250 for j in range(3 + 5 * i)] for i in range(5)]
-    expected, scores = [], []
-    with torch.inference_mode():
-        for p in prompts:
-            out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-            expected.append(out.sequences[0, len(p):].tolist())
-            scores.append([s[0].float().cpu() for s in out.logits])  # raw: min_new_tokens bans EOS only in the scores
+    expected, scores = hf_greedy(model, prompts)
     llm = LLM.from_model(model, byte_tokenizer, EngineConfig(device="cuda", dtype=str(dtype).removeprefix("torch."), num_blocks=64, block_size=16,
                                                              max_num_seqs=8, max_model_len=256))
     runner = llm.engine.runner

@@ -27,19 +27,13 @@ def llama_128(tiny_llama_factory):
 
 
 @pytest.mark.parametrize("scheme", list(SPECS))
-def test_quantized_runtime_matches_hf_generate(llama_128, byte_tokenizer, scheme):
+def test_quantized_runtime_matches_hf_generate(llama_128, byte_tokenizer, hf_greedy, scheme):
     if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability 8.9+")
     model = copy.deepcopy(llama_128).cuda()
     quantize_in_memory(model, SPECS[scheme])
     prompts = [[5 + (7 * i + j) % 250 for j in range(3 + 5 * i)] for i in range(5)]
-    expected, scores = [], []
-    with torch.inference_mode():
-        for p in prompts:
-            out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                                 pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-            expected.append(out.sequences[0, len(p):].tolist())
-            scores.append([s[0].float().cpu() for s in out.scores])
+    expected, scores = hf_greedy(model, prompts)
     llm = LLM.from_model(model, byte_tokenizer, EngineConfig(device="cuda", num_blocks=64, block_size=16, max_num_seqs=8, max_model_len=256))
     runner = llm.engine.runner
     assert runner.fused is not None and runner.graphs  # fused layer + CUDA graphs with quantized modules
