@@ -45,6 +45,8 @@ class DirEntry:
 
     path: Path
     files: list[dict]
+    # What the build that made the entry measured about itself (a pass's peak memory), where it said.
+    run: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,16 @@ class Cache:
         problem = self._problem(path, record)
         if problem is None:
             os.utime(record)  # last use, for `optforge cache prune --older-than`
-            return DirEntry(path, self._read_record(record)["files"])
+            saved = self._read_record(record)
+            return DirEntry(path, saved["files"], saved.get("run"))
         log.warning("cache entry %s/%s is corrupt (%s): discarding it and rebuilding", kind, key[:12], problem)
         self._discard(kind, key)
         return None
 
-    def get_or_build_dir(self, kind: str, key: str, build: Callable[[Path], None]) -> tuple[DirEntry, bool]:
-        """Return ((path, files), cached). On a miss, `build(staging_dir)` fills a staging folder that becomes
-        the entry only if it returns; concurrent callers of one key wait for the first and reuse its entry."""
+    def get_or_build_dir(self, kind: str, key: str, build: Callable[[Path], dict | None]) -> tuple[DirEntry, bool]:
+        """Return ((path, files, run), cached). On a miss, `build(staging_dir)` fills a staging folder that becomes
+        the entry only if it returns; what it returns (JSON, e.g. its peak memory) is kept in the entry's record
+        as `run`. Concurrent callers of one key wait for the first and reuse its entry."""
         with self._lock(kind, key):
             hit = self.dir_entry(kind, key)
             if hit is not None:
@@ -88,15 +92,15 @@ class Cache:
             final = self.root / kind / key
             tmp = staging_sibling(final)
             try:
-                build(tmp)
+                run = build(tmp)
                 files = file_table(tmp)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            self._write_json_atomic(self._record_path(kind, key), {"key": key, "files": files, "created": time.time()})
+            self._write_json_atomic(self._record_path(kind, key), {"key": key, "files": files, "created": time.time(), **({"run": run} if run else {})})
             publish_dir(tmp, final)
             self._remove_resume(key)
-            return DirEntry(final, files), False
+            return DirEntry(final, files, run), False
 
     def resume_dir(self, key: str) -> Path:
         """Where the build of entry `key` keeps partial progress until the entry exists (created by its user)."""

@@ -25,6 +25,12 @@ app = typer.Typer(
 
 CacheOpt = typer.Option(None, "--cache-dir", help="Cache of converted sources, pass outputs and eval results [default: ~/.cache/optforge].")
 DeviceOpt = typer.Option("cpu", "--device", help="Device for passes and evals: cpu or cuda.")
+MaxDeviceOpt = typer.Option(
+    None, "--max-device-memory", show_default=False,
+    help="GPU memory calibrated passes may hold, e.g. 20GiB: the model stays on the host and one decoder layer at a time visits the GPU; activations that do not fit wait on the host. Too small for one layer: exit 2 with the size that would do.")
+MaxHostOpt = typer.Option(
+    None, "--max-host-memory", show_default=False,
+    help="Host memory the build may hold, e.g. 64GiB: calibration activations beyond it are spilled to disk in the cache.")
 
 
 @app.command()
@@ -35,6 +41,8 @@ def build(
     device: str = DeviceOpt,
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write each gate as a JUnit XML test case to this file (written when a gate fails too)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder that is not an optforge artifact (an earlier artifact is replaced without it)."),
+    max_device_memory: Optional[str] = MaxDeviceOpt,
+    max_host_memory: Optional[str] = MaxHostOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Build RECIPE: load the model, run each pass with its gate, and write a verified artifact.
@@ -46,10 +54,12 @@ def build(
     """
     setup_logging(verbose)
     from optforge.pipeline import build as run_build
+    from optforge.resources import MemoryBudget
 
     try:
+        memory = MemoryBudget.parse(max_device_memory, max_host_memory)
         with progress_bars() as progress:
-            result = run_build(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, junit=junit, force=force)
+            result = run_build(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, junit=junit, force=force, memory=memory)
     except GateFailed as exc:
         stderr_console().print(f"[bold red]gate failed[/] in pass [bold]{exc.pass_name}[/]: {exc.result and _gate_line(exc.result)}", highlight=False)
         stderr_console().print("Nothing was written to the output path.")
@@ -79,13 +89,23 @@ def _print_summary(manifest: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{manifest['name']}: passes")
-    for col in ("pass", "seconds", "cached", "weight MB", "quality", "speed"):
+    for col in ("pass", "seconds", "cached", "weight MB", "peak memory", "quality", "speed"):
         table.add_column(col)
     for rec in manifest["passes"]:
         cells = ["\n".join(("[green]pass[/] " if g["passed"] else "[red]fail[/] ") + _gate_line(g) for g in rec["gates"] if (g.get("kind") == "speed") == speed) or "-"
                  for speed in (False, True)]
-        table.add_row(rec["name"], f"{rec['seconds']:.1f}", "yes" if rec["cached"] else "no", f"{rec['weight_bytes'] / 1e6:.1f}", *cells)
+        table.add_row(rec["name"], f"{rec['seconds']:.1f}", "yes" if rec["cached"] else "no", f"{rec['weight_bytes'] / 1e6:.1f}", _memory_cell(rec.get("memory")), *cells)
     stderr_console().print(table)
+
+
+def _memory_cell(memory: dict | None) -> str:
+    """'host 1.20 GiB' or 'cuda 3.10 GiB, host 1.20 GiB': the pass's peak, from the run that made its output."""
+    from optforge.resources import gib
+
+    if not memory:
+        return "-"
+    cell = f"host {gib(memory['host_peak_bytes'])}"
+    return f"{memory['device']} {gib(memory['device_peak_bytes'])}, {cell}" if "device_peak_bytes" in memory else cell
 
 
 @app.command()

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from optforge.resources import MemoryBudget
+
 if TYPE_CHECKING:
+    from optforge.passes.onload import Placement
     from optforge.recipe import CalibrationSpec, ModelSpec
 
 
@@ -24,6 +27,16 @@ class PassContext:
     # Folder where a calibrated pass checkpoints finished layers, keyed by the pass's cache key, so a build
     # killed midway resumes there (`<cache>/resume/<key>/`, removed once the output is cached); None: no resume.
     resume_dir: Path | None = None
+    # `--max-device-memory` / `--max-host-memory`: what a calibrated pass may hold (passes/onload.py).
+    memory: MemoryBudget = MemoryBudget()
+
+    @property
+    def placement(self) -> "Placement":
+        """Where calibration computes and what it may hold; activations over the budgets spill into the resume
+        folder (none: no spilling)."""
+        from optforge.passes.onload import Placement
+
+        return Placement.of(self.device, self.memory, None if self.resume_dir is None else self.resume_dir / "activations")
 
     @property
     def dtype(self) -> str:

@@ -19,6 +19,7 @@ from optforge.pass_ import Pass, plan_passes
 from optforge.recipe import EvalSpec, PassSpec, Recipe
 from optforge.recipe_speed import is_speed_metric
 from optforge.report import write_junit, write_reports
+from optforge.resources import MemoryBudget, PeakMemory
 from optforge.speed import check_workload_fits, speed_gates
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class PassRecord:
     speed: list[dict] = field(default_factory=list)
     # Sequential gates: looks taken and items scored per eval, beside what a fixed-n gate scores; None otherwise.
     looks: dict | None = None
+    # Peak device (CUDA) and host memory of the run that made the pass's output (a cached pass: the run that
+    # cached it); see optforge/resources.py.
+    memory: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +60,7 @@ class PassRecord:
             "weight_bytes": self.weight_bytes,
             "speed": self.speed,
             **({"looks": self.looks} if self.looks else {}),
+            **({"memory": self.memory} if self.memory else {}),
         }
 
 
@@ -83,6 +88,8 @@ class _Build:
     evals: EvalSpec | None
     # Who asked for those evals, named when their data cannot be read.
     evals_for: str
+    # What calibrated passes may hold (`--max-device-memory`, `--max-host-memory`).
+    memory: MemoryBudget = MemoryBudget()
 
     def measure(self, artifact: ModelArtifact, evals: EvalSpec | None = None) -> dict:
         """The artifact's metrics on the build's evals, or on `evals` (a part of them: a chunk, one eval)."""
@@ -155,11 +162,15 @@ class _Job:
     progress: Progress
     force: bool
     passes: list[Pass]  # the recipe's passes, planned (empty for a search, which plans each candidate)
+    memory: MemoryBudget = MemoryBudget()
 
 
 def load_job(recipe: Recipe | str | Path | dict, *, output: str | Path | None, cache_dir: str | Path | None, device: str, progress: Progress | None,
-             force: bool) -> _Job:
-    """Parse the recipe (object, dict or YAML path) and check its output path before any work."""
+             force: bool, memory: MemoryBudget | None = None) -> _Job:
+    """Parse the recipe (object, dict or YAML path) and check its output path and memory budget before any work."""
+    memory = memory or MemoryBudget()
+    if memory.device is not None and not device.startswith("cuda"):
+        raise UserInputError(f"--max-device-memory bounds what a build holds on a GPU, but the build runs on {device!r}: use --device cuda, or --max-host-memory for the host")
     from optforge.recipe import load_recipe, parse_recipe
 
     recipe_text, recipe_path = None, None
@@ -184,7 +195,7 @@ def load_job(recipe: Recipe | str | Path | dict, *, output: str | Path | None, c
     if recipe_path is not None:
         protected["the recipe file"] = recipe_path
     check_output_path(out_path, force=force, protected=protected)  # before any work, and again before publishing
-    return _Job(recipe, recipe_text, recipe_path, out_path, protected, cache, device, progress or (lambda desc, total: (lambda n=1: None)), force, passes)
+    return _Job(recipe, recipe_text, recipe_path, out_path, protected, cache, device, progress or (lambda desc, total: (lambda n=1: None)), force, passes, memory)
 
 
 def prepare(job: _Job, recipe: Recipe | None = None) -> tuple[_Build, "SourceInfo"]:
@@ -202,7 +213,7 @@ def prepare(job: _Job, recipe: Recipe | None = None) -> tuple[_Build, "SourceInf
         log.warning("no quality was measured (%s)", evals_for)
     source_metrics = _measure(source, evals, evals_for, recipe.model.dtype, job.cache, job.device, job.progress)
     shared = _Build(recipe=recipe, cache=job.cache, device=job.device, progress=job.progress, calibration=calibration, source_metrics=source_metrics,
-                    source=source, evals=evals, evals_for=evals_for)
+                    source=source, evals=evals, evals_for=evals_for, memory=job.memory)
     return shared, source_info
 
 
@@ -238,14 +249,16 @@ def publish(job: _Job, shared: _Build, source_info: "SourceInfo", artifact: Mode
     return json.loads((job.out_path / MANIFEST_FILE).read_text())  # JSON types
 
 
-def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None, junit: str | Path | None = None, force: bool = False) -> BuildResult:
+def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu", progress: Progress | None = None,
+          junit: str | Path | None = None, force: bool = False, memory: MemoryBudget | None = None) -> BuildResult:
     """Build a recipe (object, dict or YAML path). Raises GateFailed (nothing written) when a gate fails.
 
     `junit`: also write each gate as a JUnit test case to this file, whether the build passes or not.
     `force`: replace an output folder that is not an optforge artifact (never the source model, the cache,
-    the recipe, the working or home directory; see `artifact.check_output_path`)."""
+    the recipe, the working or home directory; see `artifact.check_output_path`).
+    `memory`: what calibrated passes may hold on the device and the host (passes/onload.py)."""
     started = time.perf_counter()
-    job = load_job(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force)
+    job = load_job(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force, memory=memory)
     if job.recipe.search is not None:
         raise RecipeError("this recipe has a search section: run it with `optforge search` (optforge.search), which builds every candidate")
     shared, source_info = prepare(job)
@@ -270,12 +283,15 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
     record = PassRecord(name=p.name, config=p.config_dict(), cache_key=key)
     started = time.perf_counter()
 
-    def run(tmp: Path) -> None:
+    def run(tmp: Path) -> dict:
         log.info("pass %s: running", p.name)
-        p.run(current, PassContext(output_dir=tmp, model=recipe.model, calibration=recipe.data.calibration, device=device, progress=progress,
-                                   resume_dir=cache.resume_dir(key)))
+        with PeakMemory(device) as peak:
+            p.run(current, PassContext(output_dir=tmp, model=recipe.model, calibration=recipe.data.calibration, device=device, progress=progress,
+                                       resume_dir=cache.resume_dir(key), memory=shared.memory))
+        return {"memory": peak.result()}
 
     entry, record.cached = cache.get_or_build_dir("passes", key, run)
+    record.memory = (entry.run or {}).get("memory")
     if record.cached:
         log.info("pass %s: cached (%s, files verified)", p.name, key[:12])
     result = ModelArtifact.open(entry.path, entry.files)

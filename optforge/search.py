@@ -209,13 +209,13 @@ class SearchResult:
 
 
 def search(recipe: Recipe | str | Path | dict, *, output: str | Path | None = None, cache_dir: str | Path | None = None, device: str = "cpu",
-           progress=None, force: bool = False) -> SearchResult:
+           progress=None, force: bool = False, memory=None) -> SearchResult:
     """Run a recipe's search; publish the chosen candidate at the output path. Raises SearchFailed (exit 3,
     nothing written) when no candidate passes, naming the closest one and the gate that stopped it."""
     from optforge.search_report import search_extra
 
     started = time.perf_counter()
-    job = load_job(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force)
+    job = load_job(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force, memory=memory)
     recipe = job.recipe
     spec = recipe.search
     if spec is None:

@@ -20,14 +20,13 @@ Resumable builds: given the pipeline's resume folder, `calibrate` checkpoints ea
 changed in it, and the algorithm's `layer_results`) and, after a crash, restores the finished layers and runs
 them forward again to rebuild the inputs of the first unfinished one (passes/layer_checkpoints.py).
 
-Memory holds one layer's inputs and outputs (num_batches x B x T x hidden), never every layer's activations.
+Memory: the model stays where the pass loaded it (the host, for the passes that calibrate); with a `Placement`
+on another device, each decoder layer moves there for its turn and back (passes/onload.py), and the hidden
+states between layers (num_batches x B x T x hidden, one layer's inputs and outputs, never every layer's) sit
+on the device, the host or disk as `--max-device-memory` and `--max-host-memory` allow.
 
-Where large models plug in (not done yet), each in this file alone: `held` in `calibrate` is the one place
-activations live between layers, a list of device tensors; a spilling store writes each batch to disk as
-`_run_layer` computes it and reads it back one batch at a time. Today the whole model sits on `ctx.device`;
-onloading moves `layer` there at the top of the layer loop in `calibrate` and back to the CPU at its end (the
-capture then needs only the embeddings on the device). Distributed calibration splits `batches` across ranks
-and all-reduces what `record` accumulated before `apply`.
+Where distributed calibration plugs in (not done yet): it splits `batches` across ranks and all-reduces what
+`record` accumulated before `apply`.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from torch import nn
 
 from optforge.errors import PassError
 from optforge.evals.perplexity import leading_bos
+from optforge.passes.onload import Activations, LayerMover, Placement, Tiers, activation_tiers, clear_spill, outer_modules
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,14 @@ class LayerStep:
     layer: nn.Module
     # The pass's target modules inside this layer, by qualified name (model order).
     targets: dict[str, nn.Module]
-    # Hidden states entering the layer, one (B, T, D) per batch.
-    inputs: list[torch.Tensor]
+    # Hidden states entering the layer, one (B, T, D) per batch, yielded on the compute device.
+    inputs: Activations
     # The layer's outputs in the observing run, before `apply`: kept for `propagate = "before"` only (else None,
     # so memory holds no third set of activations while the changed layer's outputs are computed).
-    outputs: list[torch.Tensor] | None = None
+    outputs: Activations | None = None
+    # Where the model lives between layers (the host while layers are onloaded): where results the algorithm
+    # keeps past this layer belong.
+    home: torch.device = torch.device("cpu")
 
 
 class LayerAlgorithm:
@@ -134,6 +137,11 @@ class LayerAlgorithm:
     def apply(self, step: LayerStep) -> None:
         """Change the layer from what was recorded (or only read it)."""
 
+    def working_bytes(self, layer: nn.Module, batch_tokens: int) -> int:
+        """About how much device memory calibrating `layer` takes beyond its weights and activations (statistics,
+        solver buffers), for the device budget; the default is the layer forward's own intermediates."""
+        return forward_bytes(layer, batch_tokens)
+
     # Whether `calibrate` may checkpoint finished layers and resume after them (passes/layer_checkpoints.py):
     # true when `apply` changes only tensors of the layer (never its modules) and `layer_results` holds
     # everything else a finished layer leaves in the algorithm that the pass or later layers read.
@@ -153,8 +161,12 @@ class LayerAlgorithm:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlgorithm, *, pass_name: str, targets: dict[str, nn.Module] | None = None, progress=None,
-              resume_dir: Path | None = None) -> set[str]:
+              resume_dir: Path | None = None, placement: Placement | None = None) -> set[str]:
     """Run `algorithm` over the decoder layers of `model`, one layer at a time, on token-id `batches` (B, T).
+
+    `placement` (the pass's `PassContext.placement`): where layers compute and what memory the run may hold; a
+    model on the host with a CUDA placement is onloaded layer by layer (passes/onload.py). Default: where the
+    model is, no budget.
 
     With `resume_dir` (the pipeline's `PassContext.resume_dir`) and a `resumable` algorithm, each finished
     layer is checkpointed there, and a run that finds checkpoints of the same pass restores those layers and
@@ -163,45 +175,61 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
     Returns the names of the `targets` inside decoder layers; the others (an included output head) are the
     caller's to handle (see `observe_forward`)."""
     layers = decoder_layers(model, pass_name)
+    home = next(model.parameters()).device
+    placement = placement or Placement.of(home)
     names = {id(m): n for n, m in model.named_modules()}
     targets = targets or {}
     covered: set[str] = set()
-    checkpoints = _checkpoints(resume_dir, algorithm, pass_name, len(layers), len(batches), model)
-    with algorithm.session(model):
-        held, kwargs = _capture(model, layers, batches)
-        advance = progress(pass_name, len(layers)) if progress else (lambda n=1: None)
-        restoring = checkpoints is not None
-        for index, layer in enumerate(layers):
-            prefix = names[id(layer)]
-            local = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
-            covered.update(local)
-            step = LayerStep(index, prefix, layer, local, held)
-            saved = checkpoints.load(index) if restoring else None
-            if saved is not None:
-                held = _restore_layer(step, algorithm, kwargs[index], *saved)
-            else:
-                if restoring and index:
-                    log.info("resuming %s at layer %d of %d (%s; %d finished layer(s) restored from checkpoints)", pass_name, index, len(layers), prefix, index)
-                restoring = False
-                held = _calibrate_layer(step, algorithm, kwargs[index], checkpoints)
-            kwargs[index] = []
-            advance(1)
+    checkpoints = _checkpoints(resume_dir, algorithm, pass_name, len(layers), len(batches), placement.device)
+    tokens = max(b.numel() for b in batches)
+    working = max(algorithm.working_bytes(layer, tokens) for layer in layers)
+    tiers = activation_tiers(placement, layers, batches, model.config.hidden_size, model.get_input_embeddings().weight.dtype, working, pass_name)
+    mover = LayerMover(layers, placement, home)
+    try:
+        with algorithm.session(model):
+            held, kwargs = _capture(model, layers, batches, placement.device, tiers)
+            advance = progress(pass_name, len(layers)) if progress else (lambda n=1: None)
+            restoring = checkpoints is not None
+            for index in range(len(layers)):
+                layer = mover.fetch(index)
+                prefix = names[id(layer)]
+                local = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
+                covered.update(local)
+                step = LayerStep(index, prefix, layer, local, held, home=home)
+                saved = checkpoints.load(index) if restoring else None
+                if saved is not None:
+                    held = _restore_layer(step, algorithm, kwargs[index], *saved)
+                else:
+                    if restoring and index:
+                        log.info("resuming %s at layer %d of %d (%s; %d finished layer(s) restored from checkpoints)", pass_name, index, len(layers), prefix, index)
+                    restoring = False
+                    held = _calibrate_layer(step, algorithm, kwargs[index], checkpoints)
+                step.inputs.release()
+                kwargs[index] = []
+                mover.release(index)
+                advance(1)
+            held.release()
+    finally:
+        mover.close()
+        clear_spill(placement)
+    if tiers.counts["host"] or tiers.counts["disk"]:
+        log.info("%s: activations held %d batch(es) on the device, %d on the host, %d spilled to disk", pass_name, tiers.counts["device"], tiers.counts["host"], tiers.counts["disk"])
     if restoring:
         log.info("%s: all %d layers restored from checkpoints", pass_name, len(layers))
     return covered
 
 
-def _checkpoints(resume_dir: Path | None, algorithm: LayerAlgorithm, pass_name: str, num_layers: int, num_batches: int, model: nn.Module):
+def _checkpoints(resume_dir: Path | None, algorithm: LayerAlgorithm, pass_name: str, num_layers: int, num_batches: int, device: torch.device):
     if resume_dir is None or not algorithm.resumable:
         return None
     from optforge.passes.layer_checkpoints import LayerCheckpoints
 
-    device = next(model.parameters()).device.type  # a layer calibrated on another kind of device rounds differently
-    identity = {"pass": pass_name, "algorithm": type(algorithm).__qualname__, "num_layers": num_layers, "num_batches": num_batches, "device_type": device}
+    # a layer calibrated on another kind of device rounds differently
+    identity = {"pass": pass_name, "algorithm": type(algorithm).__qualname__, "num_layers": num_layers, "num_batches": num_batches, "device_type": device.type}
     return LayerCheckpoints.open(resume_dir, identity)
 
 
-def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict], checkpoints) -> list[torch.Tensor]:
+def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict], checkpoints) -> Activations:
     """Observe, apply and (with `checkpoints`) save one layer; returns the next layer's inputs."""
     from optforge.passes.layer_checkpoints import changed_tensors, snapshot
 
@@ -218,7 +246,7 @@ def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[di
     return step.outputs if before else _run_layer(step.layer, step.inputs, kwargs)
 
 
-def _restore_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict], changed: dict, results: dict) -> list[torch.Tensor]:
+def _restore_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict], changed: dict, results: dict) -> Activations:
     """A finished layer from its checkpoint; returns the next layer's inputs, computed as `_calibrate_layer` did:
     by the layer as it was (`propagate = "before"`) or as `apply` left it."""
     from optforge.passes.layer_checkpoints import assign_tensors
@@ -229,10 +257,15 @@ def _restore_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict
     return outputs if outputs is not None else _run_layer(step.layer, step.inputs, kwargs)
 
 
+class _Captured(Exception):
+    """Raised by the last layer's stub: the capture has what it needs, the rest of the forward is skipped."""
+
+
 @torch.no_grad()
-def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Hidden states entering layer 0 per batch, and each layer's keyword arguments per batch."""
-    first: list[torch.Tensor] = []
+def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device, tiers: Tiers) -> tuple[Activations, list[list[dict]]]:
+    """Hidden states entering layer 0 per batch, and each layer's keyword arguments per batch (the modules
+    around the layers run on `device` for it, and go back where they were)."""
+    first = Activations(tiers)
     kwargs: list[list[dict]] = [[] for _ in layers]
 
     def stub(index: int):
@@ -241,30 +274,48 @@ def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor
                 first.append(hidden_states)
             kw.pop("past_key_values", None)
             kwargs[index].append(kw)
+            if index == len(layers) - 1:
+                raise _Captured
             return hidden_states
 
         return forward
 
-    device = model.get_input_embeddings().weight.device
+    outer = outer_modules(model, layers)
+    home = model.get_input_embeddings().weight.device
+    for module in outer:
+        module.to(device)
     for i, layer in enumerate(layers):
         layer.forward = stub(i)
     try:
         for ids in batches:
-            calibration_forward(model, ids.to(device))  # the stubbed layers pass hidden states through
+            try:
+                calibration_forward(model, ids.to(device))  # the stubbed layers pass hidden states through
+            except _Captured:
+                pass
     finally:
         for layer in layers:
             del layer.forward  # back to the class's forward
+        for module in outer:
+            module.to(home)
     return first, kwargs
 
 
-def _run_layer(layer: nn.Module, held: list[torch.Tensor], kwargs: list[dict], keep: bool = True) -> list[torch.Tensor] | None:
+def _run_layer(layer: nn.Module, held: Activations, kwargs: list[dict], keep: bool = True) -> Activations | None:
     """The layer's outputs (B, T, D) per batch; with `keep=False` each is dropped as soon as it is computed."""
-    outputs = []
+    outputs = Activations(held.tiers) if keep else None
     for hidden, kw in zip(held, kwargs):
         out = layer(hidden, **kw)
         if keep:
             outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs if keep else None
+    return outputs
+
+
+def forward_bytes(layer: nn.Module, batch_tokens: int) -> int:
+    """About the intermediates of one layer's forward on one batch: a few tensors as wide as its widest Linear
+    (the MLP's), one of them a float32 copy for the input hooks."""
+    widest = max((max(m.in_features, m.out_features) for m in layer.modules() if isinstance(m, nn.Linear)), default=0)
+    element = next(layer.parameters()).element_size()
+    return batch_tokens * widest * (3 * element + 4)
 
 
 def decoder_layers(model: nn.Module, pass_name: str) -> nn.ModuleList:
@@ -299,6 +350,7 @@ def observe_forward(model: nn.Module, batches: list[torch.Tensor], modules: dict
     included output head, which then computes logits at every position)."""
     head = model.get_output_embeddings()
     all_logits = any(m is head for m in modules.values())
+    device = model.get_input_embeddings().weight.device  # where the model is (the host, after onloaded calibration)
     with watch_inputs(modules, fn):
         for ids in batches:
-            calibration_forward(model, ids, all_logits=all_logits)
+            calibration_forward(model, ids.to(device), all_logits=all_logits)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 from optforge.errors import UserInputError
@@ -19,17 +18,6 @@ from optforge.errors import UserInputError
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 4096
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MiB', '1.5GB' or a plain number of bytes -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
-        raise UserInputError(f"--kv-cache-memory {text!r}: expected a size such as 2GiB, 512MiB or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def model_context_length(model_dir: Path) -> int | None:

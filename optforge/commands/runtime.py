@@ -138,7 +138,8 @@ def serve(
     try:
         require("aiohttp", "optforge serve", "pip install aiohttp")
         from optforge.runtime.async_engine import AsyncEngine
-        from optforge.runtime.serve_options import fit_max_model_len, initial_max_model_len, model_context_length, parse_bytes
+        from optforge.resources import parse_bytes
+        from optforge.runtime.serve_options import fit_max_model_len, initial_max_model_len, model_context_length
         from optforge.runtime.server import serve as run_server
 
         kv_cache_bytes = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else None

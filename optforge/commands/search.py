@@ -19,6 +19,8 @@ def search(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache of converted sources, pass outputs and eval results [default: ~/.cache/optforge]."),
     device: str = typer.Option("cpu", "--device", help="Device for passes and evals: cpu or cuda."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder that is not an optforge artifact."),
+    max_device_memory: Optional[str] = typer.Option(None, "--max-device-memory", show_default=False, help="GPU memory calibrated passes may hold (see `optforge build --help`)."),
+    max_host_memory: Optional[str] = typer.Option(None, "--max-host-memory", show_default=False, help="Host memory the build may hold (see `optforge build --help`)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Find the candidate to ship: build each combination of the search's steps, judge it with the search's gates
@@ -30,12 +32,14 @@ def search(
     """
     setup_logging(verbose)
     from optforge.errors import OptforgeError
+    from optforge.resources import MemoryBudget
     from optforge.search import SearchFailed
     from optforge.search import search as run_search
 
     try:
+        memory = MemoryBudget.parse(max_device_memory, max_host_memory)
         with progress_bars() as progress:
-            result = run_search(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force)
+            result = run_search(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force, memory=memory)
     except SearchFailed as exc:
         _print_candidates(exc.candidates)
         stderr_console().print(f"[bold red]search failed[/]: {exc}", highlight=False)

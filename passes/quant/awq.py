@@ -18,10 +18,10 @@ import time
 import torch
 from torch import nn
 
-from optforge.formats.grid import dequantize, fake_quantize, qparams, quantize
+from optforge.formats.grid import dequantize, fake_quantize
 from optforge.pass_ import config, option, register
 from optforge.passes.quant.folding import FoldingLayers, model_folds
-from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
+from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass, round_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class AWQLayers(FoldingLayers):
 
     def __init__(self, folds, targets, grids, cfg: AWQConfig, rows_per_batch: int, pass_name: str):
         super().__init__(folds, targets, rows_per_batch, pass_name)
-        self.grids, self.points = grids, cfg.grid_points
+        self.grids, self.points, self.max_rows = grids, cfg.grid_points, cfg.max_rows
         self.alphas: dict[str, float] = {}
         self.scaled: set[str] = set()
 
@@ -109,11 +109,9 @@ class AWQ(WeightOnlyPass):
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
         layers = AWQLayers(folds, targets, grids, cfg, max(1, cfg.max_rows // len(samples)), self.name)
-        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir)
-        results = {}
+        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir, placement=ctx.placement)
+        results = round_weights(targets, grids, ctx.device)
         for name, linear in targets.items():
-            scale, zero = qparams(linear.weight, grids[name])
-            results[name] = (quantize(linear.weight, scale, zero, grids[name]), scale, zero)
             linear.weight.data = dequantize(*results[name]).to(linear.weight.dtype)
         report = {
             "method": "awq",

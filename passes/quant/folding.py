@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from optforge.errors import PassError
-from optforge.passes.calibration import LayerAlgorithm, decoder_layers
+from optforge.passes.calibration import LayerAlgorithm, decoder_layers, forward_bytes
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
@@ -59,6 +59,15 @@ class FoldingLayers(LayerAlgorithm):
         self.kept: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+
+    # Rows of each group's input kept for the scale search, over all batches (the subclass's max_rows).
+    max_rows: int = 4096
+
+    def working_bytes(self, layer, batch_tokens):  # the kept rows, and the search's float32 weights and outputs
+        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        kept = sum(self.max_rows * m.in_features * 4 for m in linears)
+        search = max(m.out_features * (2 * m.in_features + 2 * self.max_rows) * 4 for m in linears)
+        return forward_bytes(layer, batch_tokens) + kept + search
 
     def watches(self, prefix: str, fed: tuple[str, ...]) -> bool:
         """Whether the group's inputs are recorded in layer `prefix`."""

@@ -53,13 +53,14 @@ class InputAmax(LayerAlgorithm):
         self.amax.update({name: float(v) for name, v in results.items()})
 
 
-def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samples: list[torch.Tensor], *, pass_name: str, progress=None, resume_dir=None) -> dict[str, float]:
+def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samples: list[torch.Tensor], *, pass_name: str, progress=None, resume_dir=None,
+               placement=None) -> dict[str, float]:
     """Max |x| of each Linear's inputs over the samples: layer by layer inside the decoder, and one whole-model
     forward for Linears outside it (an included output head, which then sees every position)."""
     from optforge.passes.calibration import calibrate, observe_forward
 
     observed = InputAmax(linears)
-    inside = calibrate(model, samples, observed, pass_name=pass_name, targets=linears, progress=progress, resume_dir=resume_dir)
+    inside = calibrate(model, samples, observed, pass_name=pass_name, targets=linears, progress=progress, resume_dir=resume_dir, placement=placement)
     outside = {n: m for n, m in linears.items() if n not in inside}
     if outside:
         observe_forward(model, samples, outside, observed.record)
@@ -87,20 +88,22 @@ class Fp8(Pass):
         from optforge.passes.targets import pass_targets
 
         cfg = self.config
-        model, tokenizer = load_input(artifact, ctx)
+        model, tokenizer = load_input(artifact, ctx, onload=True)  # on the host; layers and weights visit ctx.device
         targets = pass_targets(self.name, model, cfg.include, cfg.exclude)
         started = time.perf_counter()
         report: dict = {"method": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
         amax: dict[str, float] = {}
         if not cfg.dynamic:
             samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
-            amax = input_amax(model, targets, samples, pass_name=self.name, progress=ctx.progress, resume_dir=ctx.resume_dir)
+            amax = input_amax(model, targets, samples, pass_name=self.name, progress=ctx.progress, resume_dir=ctx.resume_dir, placement=ctx.placement)
             silent = sorted(n for n, v in amax.items() if v <= 0.0)
             if silent:
                 raise PassError(self.name, f"{len(silent)} Linear(s) saw no calibration signal (e.g. {silent[0]}): a static scale would be zero; use dynamic: true or more calibration rows")
             report.update(samples=len(samples), input_amax={n: round(v, 4) for n, v in amax.items()})
         spec = {"scheme": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
         for name, linear in targets.items():
-            swap_linear(model, name, spec).set_float(linear.weight, input_amax=amax.get(name))
+            module = swap_linear(model, name, spec)
+            module.set_float(linear.weight.to(ctx.device), input_amax=amax.get(name))  # rounded on the device, kept on the host
+            module.to("cpu")
         report["calibration_seconds"] = round(time.perf_counter() - started, 2)
         return write_quantized(model, tokenizer, artifact, self, ctx, dict.fromkeys(targets, spec), report)

@@ -18,8 +18,8 @@ import torch
 
 from optforge.formats.grid import Grid, dequantize, qparams, quantize
 from optforge.pass_ import config, option, register
-from optforge.passes.calibration import LayerAlgorithm
-from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
+from optforge.passes.calibration import LayerAlgorithm, forward_bytes
+from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass, round_weights
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,12 @@ class GPTQLayers(LayerAlgorithm):
         self.counts = dict.fromkeys(step.targets, 0)
         return step.targets
 
+    def working_bytes(self, layer, batch_tokens):  # Hessians of every Linear, and the solver's buffers for the largest
+        linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        hessians = sum(m.in_features**2 * 4 for m in linears)
+        solve = max(3 * m.in_features**2 * 4 + 3 * m.out_features * m.in_features * 4 for m in linears)
+        return forward_bytes(layer, batch_tokens) + hessians + solve
+
     def record(self, name, x):  # running mean of 2 x^T x over tokens
         t = x.shape[0]
         self.hessians[name] *= self.counts[name] / (self.counts[name] + t)
@@ -102,8 +108,8 @@ class GPTQLayers(LayerAlgorithm):
             if self.counts[name] == 0:
                 continue  # left for the RTN fallback, reported as uncalibrated
             q, s, z = gptq_quantize(linear.weight, hessian, self.grids[name], act_order=cfg.act_order, damp=cfg.damp, block_size=cfg.block_size)
-            self.results[name] = (q, s, z)
             linear.weight.data = dequantize(q, s, z).to(linear.weight.dtype)
+            self.results[name] = tuple(None if t is None else t.to(step.home) for t in (q, s, z))  # kept where the model lives
 
     def layer_results(self, step):
         kept = {}
@@ -118,8 +124,8 @@ class GPTQLayers(LayerAlgorithm):
             if f"{name}.q" in results:
                 z = results.get(f"{name}.zero")
                 q, s, z = (None if t is None else t.to(linear.weight.device) for t in (results[f"{name}.q"], results[f"{name}.scale"], z))
-                self.results[name] = (q, s, z)
                 linear.weight.data = dequantize(q, s, z).to(linear.weight.dtype)
+                self.results[name] = tuple(None if t is None else t.to(step.home) for t in (q, s, z))
 
 
 @register
@@ -137,12 +143,10 @@ class GPTQ(WeightOnlyPass):
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
         layers = GPTQLayers(grids, cfg)
-        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir)
+        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir, placement=ctx.placement)
         results = layers.results
         uncalibrated = sorted(set(targets) - set(results))
-        for name in uncalibrated:
-            s, z = qparams(targets[name].weight, grids[name])
-            results[name] = (quantize(targets[name].weight, s, z, grids[name]), s, z)
+        results |= round_weights({name: targets[name] for name in uncalibrated}, grids, ctx.device)
         if uncalibrated:
             log.warning("%s: %d Linear(s) saw no calibration tokens and got RTN: %s", self.name, len(uncalibrated), uncalibrated[:5])
         report = {"method": "gptq", "act_order": cfg.act_order, "samples": len(samples), "tokens": sum(s.shape[1] for s in samples), "calibration_seconds": round(time.perf_counter() - started, 2), "uncalibrated": uncalibrated}

@@ -36,12 +36,14 @@ class Int8WeightOnly(Pass):
         from optforge.passes.quant.output import write_quantized
         from optforge.passes.targets import pass_targets
 
-        model, tokenizer = load_input(artifact, ctx)
+        model, tokenizer = load_input(artifact, ctx, onload=True)
         targets = pass_targets(self.name, model, self.config.include, self.config.exclude)
         spec = {"scheme": "int8_weight_only", "bits": 8, "symmetric": True, "granularity": "channel"}
         advance = ctx.progress("int8 weight-only", len(targets))
         for name, linear in targets.items():
-            swap_linear(model, name, spec).set_float(linear.weight)
+            module = swap_linear(model, name, spec)
+            module.set_float(linear.weight.to(ctx.device))  # rounded on the device, kept on the host
+            module.to("cpu")
             advance(1)
         modules = {name: spec for name in targets}
         return write_quantized(model, tokenizer, artifact, self, ctx, modules, {"method": "rtn", "calibrated": False})

@@ -69,13 +69,14 @@ class KvRange(LayerAlgorithm):
             self.state[idx]["observed"] = tuple(float(v) for v in results[str(idx)])
 
 
-def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor], *, pass_name: str = "quant.kv_cache", progress=None, resume_dir=None) -> dict[int, tuple[float, float]]:
+def calibrate_kv(model: torch.nn.Module, samples: list[torch.Tensor], *, pass_name: str = "quant.kv_cache", progress=None, resume_dir=None,
+                 placement=None) -> dict[int, tuple[float, float]]:
     """{layer index: (max |K|, max |V|)} over the samples, K after RoPE as the cache stores it."""
     from optforge.formats.kv_cache import attention_layers
     from optforge.passes.calibration import calibrate
 
     kv = KvRange(attention_layers(model))
-    calibrate(model, samples, kv, pass_name=pass_name, progress=progress, resume_dir=resume_dir)
+    calibrate(model, samples, kv, pass_name=pass_name, progress=progress, resume_dir=resume_dir, placement=placement)
     return {idx: s["observed"] for idx, s in kv.state.items()}
 
 
@@ -97,10 +98,11 @@ class KvCacheQuant(Pass):
         if cfg.margin < 1.0:
             raise PassError(self.name, f"margin must be >= 1 (it widens the calibrated range), found {cfg.margin}")
         started = time.perf_counter()
-        model, tokenizer = load_input(artifact, ctx, fused=True)  # calibrated as it will be served
+        model, tokenizer = load_input(artifact, ctx, fused=True, onload=True)  # calibrated as it will be served
         if not attention_layers(model):
             raise PassError(self.name, f"{type(model).__name__} has no attention modules with `layer_idx` and `k_proj`; KV-cache quantization supports HF decoder-only attention")
-        observed = calibrate_kv(model, calibration_samples(self.name, tokenizer, ctx, cfg.num_samples), pass_name=self.name, progress=ctx.progress, resume_dir=ctx.resume_dir)
+        samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
+        observed = calibrate_kv(model, samples, pass_name=self.name, progress=ctx.progress, resume_dir=ctx.resume_dir, placement=ctx.placement)
         silent = sorted(idx for idx, (k, v) in observed.items() if k <= 0.0 or v <= 0.0)
         if silent:
             raise PassError(self.name, f"attention layers {silent} saw no calibration signal; a zero KV scale would be wrong. Add calibration rows")

@@ -6,9 +6,8 @@ AWQ and GPTQ must beat at the same grid. Limits: outlier weights stretch their g
 
 from __future__ import annotations
 
-from optforge.formats.grid import qparams, quantize
 from optforge.pass_ import register
-from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
+from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass, round_weights
 
 
 @register
@@ -22,7 +21,6 @@ class RoundToNearest(WeightOnlyPass):
         results = {}
         advance = ctx.progress("rtn", len(targets))
         for name, linear in targets.items():
-            scale, zero = qparams(linear.weight, grids[name])
-            results[name] = (quantize(linear.weight, scale, zero, grids[name]), scale, zero)
+            results |= round_weights({name: linear}, grids, ctx.device)
             advance(1)
         return results, {"method": "rtn", "calibrated": False}

@@ -82,7 +82,7 @@ class SmoothQuantLayers(FoldingLayers):
 
     def __init__(self, model, folds, targets, cfg: SmoothQuantConfig, rows_per_batch: int, pass_name: str, report: dict):
         super().__init__(folds, targets, rows_per_batch, pass_name)
-        self.model, self.report, self.done = model, report, []
+        self.model, self.report, self.done, self.max_rows = model, report, [], cfg.max_rows
         self.alphas = (cfg.alpha,) if cfg.alpha is not None else cfg.alpha_grid
 
     def accumulate(self, stat, x):
@@ -128,14 +128,14 @@ class SmoothQuant(Pass):
         cfg = self.config
         if cfg.alpha is not None and not 0.0 <= cfg.alpha <= 1.0:
             raise PassError(self.name, f"alpha must be in [0, 1] or null (searched), found {cfg.alpha}")
-        model, tokenizer = load_input(artifact, ctx)
+        model, tokenizer = load_input(artifact, ctx, onload=True)
         folds = model_folds(model, self.name)
         targets = pass_targets(self.name, model, cfg.include, cfg.exclude)
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
         report = {"method": "smoothquant", "samples": len(samples), "alphas": {}, "errors": {}, "unsmoothed": [], "uncalibrated": []}
         layers = SmoothQuantLayers(model, folds, targets, cfg, max(1, cfg.max_rows // len(samples)), self.name, report)
-        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress)
+        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, placement=ctx.placement)
         for name in sorted(set(targets) - set(layers.done)):
             swap_w8a8(model, name, SPEC)  # outside the decoder layers (e.g. an included lm_head)
             report["unsmoothed"].append(name)

@@ -43,6 +43,20 @@ def check_grid(pass_name: str, cfg) -> None:
         raise PassError(pass_name, f"group_size must be a power of two >= 8 or null, found {cfg.group_size}")
 
 
+def round_weights(linears: dict[str, nn.Linear], grids: dict[str, Grid], device: str | torch.device) -> dict[str, Quantized]:
+    """RTN (q, scale, zero) of each Linear's weight, computed on `device` one weight at a time (a model on the
+    host is never on the device whole) and kept where the weight is."""
+    from optforge.formats.grid import qparams, quantize
+
+    results = {}
+    for name, linear in linears.items():
+        w = linear.weight.to(device)
+        scale, zero = qparams(w, grids[name])
+        q = quantize(w, scale, zero, grids[name])
+        results[name] = tuple(None if t is None else t.to(linear.weight.device) for t in (q, scale, zero))
+    return results
+
+
 def plan_grids(targets: dict[str, nn.Linear], cfg) -> dict[str, Grid]:
     main = Grid(cfg.bits, cfg.group_size, cfg.symmetric, cfg.full_range and cfg.symmetric)
     high = [re.compile(p) for p in cfg.int8_layers]
@@ -73,7 +87,7 @@ class WeightOnlyPass(Pass):
         from optforge.passes.targets import pass_targets
 
         check_grid(self.name, self.config)
-        model, tokenizer = load_input(artifact, ctx)
+        model, tokenizer = load_input(artifact, ctx, onload=True)  # on the host; the methods compute on ctx.device
         targets = pass_targets(self.name, model, self.config.include, self.config.exclude)
         grids = plan_grids(targets, self.config)
         results, report = self.quantize(model, tokenizer, targets, grids, ctx)

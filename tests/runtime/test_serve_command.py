@@ -73,6 +73,6 @@ def test_api_key_from_the_environment_and_allowed_origins(tiny_model_dir, served
 
 @pytest.mark.parametrize("text,expected", [("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("4096", 4096), ("64 kib", 65536)])
 def test_parse_bytes(text, expected):
-    from optforge.runtime.serve_options import parse_bytes
+    from optforge.resources import parse_bytes
 
     assert parse_bytes(text) == expected

@@ -1,0 +1,102 @@
+"""Memory a build may use and memory it did use: sizes as users write them, the budgets of `--max-device-memory`
+and `--max-host-memory`, and the peak device and host memory of a pass.
+
+Peak device memory is what torch's CUDA allocator handed out (`torch.cuda.max_memory_allocated`, reset when
+the pass starts); peak host memory is the process's resident set, sampled every 20 ms while the pass runs
+(interpreter and libraries included), so short spikes between samples can be missed by a few milliseconds'
+worth of allocation, never by a whole model copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from optforge.errors import UserInputError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str, option: str = "--kv-cache-memory") -> int:
+    """'2GiB', '512MiB', '1.5GB' or a plain number of bytes -> bytes; `option` names the flag in the error."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise UserInputError(f"{option} {text!r}: expected a size such as 2GiB, 512MiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def gib(n: float) -> str:
+    """Bytes as users read them: '1.73 GiB', '512 MiB'."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What a build may hold: on the device (torch's allocations) and on the host (the process's resident set).
+    None: no limit."""
+
+    device: int | None = None
+    host: int | None = None
+
+    @classmethod
+    def parse(cls, device: str | None, host: str | None) -> "MemoryBudget":
+        return cls(None if device is None else parse_bytes(device, "--max-device-memory"), None if host is None else parse_bytes(host, "--max-host-memory"))
+
+
+def resident_bytes() -> int:
+    """The process's resident set now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Context manager measuring the peak device and host memory of what runs inside it.
+
+    `result()` -> {"device": "cuda", "device_peak_bytes": ..., "host_peak_bytes": ...} (the device entry only
+    where the device is a CUDA device)."""
+
+    def __init__(self, device: str, interval: float = 0.02):
+        self.cuda = device.startswith("cuda")
+        self.device, self.interval = device, interval
+        self.host_peak = 0
+        self.device_peak: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.host_peak = max(self.host_peak, resident_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.host_peak = resident_bytes()
+        self._thread = threading.Thread(target=self._sample, name="optforge-peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.host_peak = max(self.host_peak, resident_bytes())
+        if self.cuda:
+            import torch
+
+            self.device_peak = int(torch.cuda.max_memory_allocated(self.device))
+
+    def result(self) -> dict:
+        out: dict = {"host_peak_bytes": self.host_peak}
+        if self.device_peak is not None:
+            out |= {"device": self.device, "device_peak_bytes": self.device_peak}
+        return out
