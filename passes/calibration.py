@@ -328,18 +328,26 @@ def decoder_layers(model: nn.Module, pass_name: str) -> nn.ModuleList:
 
 @contextlib.contextmanager
 def watch_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Call fn(key, x (tokens, in) float32) with every input the modules see inside the block."""
+    """Call fn(key, x (tokens, in) float32) with every input the modules see inside the block.
+
+    Modules that read the same tensor one after the other (q, k and v; gate and up) get the same `x` object, so
+    an algorithm can tell them apart from modules that only happen to see equal values (`x is previous_x`)."""
     handles = []
+    last: list = [None, None]  # the latest raw input and its float32 rows (held until the next one)
+
     for key, module in modules.items():
 
         def hook(mod, args, key=key):
             x = args[0]
-            fn(key, x.reshape(-1, x.shape[-1]).float())
+            if last[0] is not x:
+                last[0], last[1] = x, x.reshape(-1, x.shape[-1]).float()
+            fn(key, last[1])
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
         yield
     finally:
+        last.clear()
         for h in handles:
             h.remove()
 

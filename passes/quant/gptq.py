@@ -2,7 +2,9 @@
 error, using the layer-input Hessian H = 2 X^T X (Frantar et al., 2022, "GPTQ").
 
 Calibration goes layer by layer (`passes/calibration.py`): each decoder layer's inputs come from the
-already-quantized layers before it. `act_order` quantizes columns in order of decreasing H diagonal, with
+already-quantized layers before it. Linears that read the same input (q, k and v; gate and up) share one
+Hessian, and those on the same grid are solved as one matrix (their rows stacked: GPTQ treats rows
+independently, so only float rounding in the lazy block update can differ from solving them one by one). `act_order` quantizes columns in order of decreasing H diagonal, with
 group scales fixed up front from the unquantized weights ("static" groups, so the checkpoint needs no
 g_idx and stays a plain compressed-tensors group checkpoint). Limits: the Linears of one layer are solved
 from the same layer inputs (no intra-layer sequencing); Linears outside the decoder layers get RTN and are
@@ -81,21 +83,35 @@ class GPTQLayers(LayerAlgorithm):
     def __init__(self, grids: dict[str, Grid], cfg: GPTQConfig):
         self.grids, self.cfg = grids, cfg
         self.results: dict = {}  # name -> (q, scale, zero)
-        self.hessians: dict[str, torch.Tensor] = {}
+        self.hessians: dict[str, torch.Tensor] = {}  # by the first Linear of each group that reads one input
         self.counts: dict[str, int] = {}
+        self.leader: dict[str, str] = {}  # Linear -> the first Linear reading the same input
+        self._last: tuple[str, torch.Tensor | None] = ("", None)
 
     def watch(self, step):
-        self.hessians = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in step.targets.items()}
-        self.counts = dict.fromkeys(step.targets, 0)
+        self.hessians, self.counts, self.leader, self._last = {}, {}, {}, ("", None)
         return step.targets
 
-    def working_bytes(self, layer, batch_tokens):  # Hessians of every Linear, and the solver's buffers for the largest
+    def working_bytes(self, layer, batch_tokens):  # Hessians, and the solver's buffers for the widest stack of rows
         linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
         hessians = sum(m.in_features**2 * 4 for m in linears)
-        solve = max(3 * m.in_features**2 * 4 + 3 * m.out_features * m.in_features * 4 for m in linears)
+        rows = {n: sum(m.out_features for m in linears if m.in_features == n) for n in {m.in_features for m in linears}}
+        solve = max(3 * n**2 * 4 + 3 * r * n * 4 for n, r in rows.items())
         return forward_bytes(layer, batch_tokens) + hessians + solve
 
-    def record(self, name, x):  # running mean of 2 x^T x over tokens
+    def record(self, name, x):  # running mean of 2 x^T x over tokens, once per input
+        previous, seen = self._last
+        self._last = (name, x)
+        if name in self.leader:
+            if self.leader[name] != name:
+                return  # a follower: its leader saw this x
+        elif x is seen and previous in self.leader:
+            self.leader[name] = self.leader[previous]
+            return
+        else:
+            self.leader[name] = name
+            self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.counts[name] = 0
         t = x.shape[0]
         self.hessians[name] *= self.counts[name] / (self.counts[name] + t)
         self.counts[name] += t
@@ -103,13 +119,23 @@ class GPTQLayers(LayerAlgorithm):
 
     def apply(self, step):
         cfg = self.cfg
-        for name, linear in step.targets.items():
-            hessian = self.hessians.pop(name)
-            if self.counts[name] == 0:
-                continue  # left for the RTN fallback, reported as uncalibrated
-            q, s, z = gptq_quantize(linear.weight, hessian, self.grids[name], act_order=cfg.act_order, damp=cfg.damp, block_size=cfg.block_size)
-            linear.weight.data = dequantize(q, s, z).to(linear.weight.dtype)
-            self.results[name] = tuple(None if t is None else t.to(step.home) for t in (q, s, z))  # kept where the model lives
+        self._last = ("", None)
+        groups: dict[tuple[str, Grid], list[str]] = {}
+        for name in step.targets:
+            if name in self.leader:  # else it saw no tokens: left for the RTN fallback, reported as uncalibrated
+                groups.setdefault((self.leader[name], self.grids[name]), []).append(name)
+        for (leader, grid), names in groups.items():
+            linears = [step.targets[n] for n in names]
+            weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
+            q, s, z = gptq_quantize(weight, self.hessians[leader], grid, act_order=cfg.act_order, damp=cfg.damp, block_size=cfg.block_size)
+            start = 0
+            for name, linear in zip(names, linears):
+                rows = slice(start, start + linear.out_features)
+                start = rows.stop
+                parts = (q[rows], s[rows], None if z is None else z[rows])
+                linear.weight.data = dequantize(*parts).to(linear.weight.dtype)
+                self.results[name] = tuple(None if t is None else t.to(step.home).contiguous() for t in parts)  # kept where the model lives
+        self.hessians = {}
 
     def layer_results(self, step):
         kept = {}
@@ -131,7 +157,7 @@ class GPTQLayers(LayerAlgorithm):
 @register
 class GPTQ(WeightOnlyPass):
     name = "quant.gptq"
-    version = 1
+    version = 2  # 2: Linears reading one input share a Hessian and are solved stacked
     Config = GPTQConfig
     uses_calibration = True
     method = "gptq"

@@ -102,3 +102,49 @@ def test_row_sampling_passes_build_the_same_bytes_every_time(tiny_model_dir, tmp
         recipe = make_recipe(tiny_model_dir, tmp_path / f"out{run}", gate_pct=None, passes=[{"name": name, "config": config}])
         outputs.append(optforge.build(recipe, cache_dir=tmp_path / f"cache{run}").output)
     assert (outputs[0] / "model.safetensors").read_bytes() == (outputs[1] / "model.safetensors").read_bytes()
+
+
+def test_gptq_linears_reading_one_input_share_a_hessian_and_equal_solving_each_alone(tiny_model_dir):
+    """q/k/v and gate/up are solved stacked on one Hessian; each Linear's integers and scales equal those of
+    solving it alone on its own Hessian (mixed grids inside a group are solved apart)."""
+    from transformers import LlamaForCausalLM
+
+    from optforge.formats.grid import dequantize
+    from optforge.passes.calibration import LayerAlgorithm, calibrate
+    from optforge.passes.quant.gptq import GPTQConfig, GPTQLayers
+    from optforge.passes.targets import select_linears
+
+    batches = [torch.arange(3 + i, 35 + i).view(1, 32) for i in range(4)]
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    targets = select_linears(model, (r".*",), (r"lm_head",))
+    grids = {n: Grid(8, None, True) if n.endswith("v_proj") else Grid(4, 32, True) for n in targets}  # v on its own grid
+    stacked = GPTQLayers(grids, GPTQConfig(bits=4, group_size=32))
+    calibrate(model, batches, stacked, pass_name="quant.gptq", targets=targets)
+    assert stacked.leader["model.layers.1.self_attn.v_proj"] == "model.layers.1.self_attn.q_proj"
+    assert stacked.leader["model.layers.1.mlp.up_proj"] == "model.layers.1.mlp.gate_proj"
+    assert stacked.leader["model.layers.1.self_attn.o_proj"] == "model.layers.1.self_attn.o_proj"
+
+    class OneByOne(LayerAlgorithm):
+        results: dict = {}
+
+        def watch(self, step):
+            self.h = {n: torch.zeros(m.in_features, m.in_features) for n, m in step.targets.items()}
+            self.n = dict.fromkeys(step.targets, 0)
+            return step.targets
+
+        def record(self, name, x):
+            t = x.shape[0]
+            self.h[name] *= self.n[name] / (self.n[name] + t)
+            self.n[name] += t
+            self.h[name] += (2 / self.n[name]) * (x.T @ x)
+
+        def apply(self, step):
+            for name, linear in step.targets.items():
+                self.results[name] = gptq_quantize(linear.weight, self.h[name], grids[name], act_order=False, damp=0.01, block_size=128)
+                linear.weight.data = dequantize(*self.results[name])
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    alone = OneByOne()
+    calibrate(model, batches, alone, pass_name="quant.gptq", targets=select_linears(model, (r".*",), (r"lm_head",)))
+    for name, (q, s, _) in alone.results.items():
+        assert torch.equal(q, stacked.results[name][0]) and torch.equal(s, stacked.results[name][1]), name
