@@ -204,7 +204,7 @@ def prepare(job: _Job, recipe: Recipe | None = None) -> tuple[_Build, "SourceInf
     from optforge.sources import resolve_source
 
     recipe = recipe or job.recipe
-    calibration = recipe.data.calibration.model_dump(mode="json") if recipe.data.calibration else None
+    calibration = recipe.data.calibration.cache_identity() if recipe.data.calibration else None
     source, source_info = resolve_source(recipe.model, job.cache)
     if recipe.data.speed is not None:
         check_workload_fits(recipe.data.speed, source.path)

@@ -61,6 +61,16 @@ class DataSlice(_Strict):
 class CalibrationSpec(DataSlice):
     # Tokens per calibration sample (longer passages are truncated).
     max_length: int = Field(default=512, gt=0)
+    # Join the passages (EOS between) and cut them into samples of exactly max_length tokens, instead of one
+    # sample per passage: long samples from a data set of short passages (e.g. 128 x 2048 tokens of BoolQ).
+    pack: bool = False
+
+    def cache_identity(self) -> dict:
+        """What the cache keys of calibrated passes hash: every field, `pack` only when on."""
+        spec = self.model_dump(mode="json")
+        if not spec["pack"]:
+            del spec["pack"]
+        return spec
 
 
 class PerplexitySpec(DataSlice):

@@ -53,13 +53,17 @@ log = logging.getLogger(__name__)
 
 def calibration_samples(pass_name: str, tokenizer, ctx, num_samples: int | None) -> list[torch.Tensor]:
     """Token ids (1, T) per calibration passage (BOS first where the tokenizer adds one), truncated to the
-    recipe's max_length: the batches of the quantization passes."""
+    recipe's max_length: the batches of the quantization passes. With `data.calibration.pack`, the passages
+    are joined and cut into `num_samples` samples (null: as many as they give) of exactly max_length tokens."""
     texts = ctx.calibration_texts()
     if not texts:
         raise PassError(pass_name, "needs calibration text: set data.calibration in the recipe (e.g. {dataset: boolq, rows: [2000, 2128]})")
-    texts = texts[:num_samples] if num_samples else texts
     max_length = ctx.calibration.max_length
     bos = leading_bos(tokenizer)
+    if ctx.calibration.pack:
+        windows = token_windows(tokenizer, texts, num_samples=num_samples, seq_len=max_length - len(bos), pass_name=pass_name)
+        return [torch.tensor([bos + w.tolist()], device=ctx.device) for w in windows]
+    texts = texts[:num_samples] if num_samples else texts
     samples = [torch.tensor([(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length]], device=ctx.device) for t in texts]
     return [s for s in samples if s.shape[1] > 1]
 

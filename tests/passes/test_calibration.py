@@ -90,3 +90,21 @@ def test_token_windows_cut_joined_text(tiny):
     assert ids.shape == (3, 8)
     joined = (tokenizer(texts[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) * len(texts)
     assert ids.flatten().tolist() == joined[:24]
+
+
+def test_packed_calibration_gives_samples_of_exactly_max_length(tiny, tmp_path):
+    from optforge.context import PassContext
+    from optforge.passes.calibration import calibration_samples
+    from optforge.recipe import CalibrationSpec, ModelSpec
+
+    _, tokenizer = tiny
+    spec = CalibrationSpec(rows=(2000, 2040), max_length=64, pack=True)
+    ctx = PassContext(output_dir=tmp_path, model=ModelSpec(source="x"), calibration=spec)
+    samples = calibration_samples("quant.gptq", tokenizer, ctx, 5)
+    assert [s.shape for s in samples] == [(1, 64)] * 5
+    joined = sum((s[0].tolist() for s in samples), [])  # this tokenizer adds no BOS: every token is text
+    texts = ctx.calibration_texts()
+    assert tokenizer.decode(joined).startswith(texts[0][:200])
+    assert "pack" not in CalibrationSpec(rows=(0, 4)).cache_identity() and spec.cache_identity()["pack"] is True
+    with pytest.raises(Exception, match="windows of 64 tokens, 1000 requested"):
+        calibration_samples("quant.gptq", tokenizer, ctx, 1000)
