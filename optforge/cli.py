@@ -43,6 +43,7 @@ def build(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder that is not an optforge artifact (an earlier artifact is replaced without it)."),
     max_device_memory: Optional[str] = MaxDeviceOpt,
     max_host_memory: Optional[str] = MaxHostOpt,
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes that calibrate together (torch.distributed: gloo on the CPU, NCCL with one GPU each): runs `torchrun --nproc-per-node N -m optforge build ...`."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Build RECIPE: load the model, run each pass with its gate, and write a verified artifact.
@@ -53,6 +54,8 @@ def build(
     the working directory and the home directory are never replaced.
     """
     setup_logging(verbose)
+    if nproc > 1:
+        raise typer.Exit(_torchrun(nproc))
     from optforge.pipeline import build as run_build
     from optforge.resources import MemoryBudget
 
@@ -66,8 +69,31 @@ def build(
         raise typer.Exit(exc.exit_code)
     except OptforgeError as exc:
         fail(exc)
+    if not result.manifest:
+        return  # a rank other than 0 of a torchrun build: rank 0 reports
     _print_summary(result.manifest)
     typer.echo(f"artifact: {result.output}  ({result.seconds:.1f}s)")
+
+
+def _torchrun(nproc: int) -> int:
+    """This command line under `torchrun --standalone --nproc-per-node N` (without --nproc); rank 0's exit code."""
+    import os
+    import subprocess
+    import tempfile
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            args.append(arg)
+    with tempfile.TemporaryDirectory() as tmp:
+        exit_file = Path(tmp) / "exit"
+        env = {**os.environ, EXIT_FILE: str(exit_file)}
+        rc = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "optforge", *args], env=env)
+        return int(exit_file.read_text()) if exit_file.is_file() else rc
 
 
 def _gate_line(gate: dict) -> str:
@@ -168,12 +194,29 @@ def _register_commands() -> None:
 _register_commands()
 
 
+# Set by `optforge build --nproc`: where rank 0 of the torchrun group leaves its exit code (torchrun's own is 1
+# for any failure, and a failing gate must still exit 3).
+EXIT_FILE = "OPTFORGE_EXIT_FILE"
+
+
 def main() -> None:
     try:
         app()
     except OptforgeError as exc:  # errors raised outside a command body (e.g. while parsing)
         stderr_console().print(f"[bold red]error[/]: {exc}")
+        _leave_exit_code(exc.exit_code)
         sys.exit(exc.exit_code)
+    except SystemExit as exc:
+        _leave_exit_code(exc.code if isinstance(exc.code, int) else 1)
+        raise
+
+
+def _leave_exit_code(code: int | None) -> None:
+    import os
+
+    path = os.environ.get(EXIT_FILE)
+    if path and os.environ.get("RANK", "0") == "0":
+        Path(path).write_text(str(code or 0))
 
 
 if __name__ == "__main__":

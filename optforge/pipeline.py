@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from optforge import distributed
 from optforge.artifact import MANIFEST_FILE, ModelArtifact, check_output_path, copy_model_files, staging_dir
 from optforge.cache import Cache
 from optforge.context import PassContext
@@ -258,10 +259,14 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     the recipe, the working or home directory; see `artifact.check_output_path`).
     `memory`: what calibrated passes may hold on the device and the host (passes/onload.py)."""
     started = time.perf_counter()
+    device = distributed.init(device)  # under torchrun: this rank's device (cuda:LOCAL_RANK), the process group joined
     job = load_job(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force, memory=memory)
     if job.recipe.search is not None:
         raise RecipeError("this recipe has a search section: run it with `optforge search` (optforge.search), which builds every candidate")
-    shared, source_info = prepare(job)
+    if not distributed.is_leader():
+        return _follow(job, started)
+    with distributed.leader_first():
+        shared, source_info = prepare(job)
     try:
         artifact, records = run_passes(shared, job.recipe.passes, job.passes)
     except GateFailed as exc:
@@ -271,6 +276,7 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     if junit:
         write_junit(junit, job.recipe.name, [r.to_dict() for r in records])
     manifest = publish(job, shared, source_info, artifact, records)
+    distributed.barrier()  # the other ranks end with the published build
     return BuildResult(output=job.out_path, manifest=manifest, seconds=time.perf_counter() - started)
 
 
@@ -284,13 +290,15 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
     started = time.perf_counter()
 
     def run(tmp: Path) -> dict:
-        log.info("pass %s: running", p.name)
+        log.info("pass %s: running%s", p.name, f" on {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
         with PeakMemory(device) as peak:
             p.run(current, PassContext(output_dir=tmp, model=recipe.model, calibration=recipe.data.calibration, device=device, progress=progress,
                                        resume_dir=cache.resume_dir(key), memory=shared.memory))
         return {"memory": peak.result()}
 
+    distributed.broadcast({"run": cache.dir_entry("passes", key) is None})  # the other ranks run the pass with this one, or not
     entry, record.cached = cache.get_or_build_dir("passes", key, run)
+    distributed.broadcast({"entry": str(entry.path)})
     record.memory = (entry.run or {}).get("memory")
     if record.cached:
         log.info("pass %s: cached (%s, files verified)", p.name, key[:12])
@@ -328,3 +336,27 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
     for gate in results:
         log.info("gate after %s %s: %s", p.name, "passed" if gate.verdict == "pass" else "passed (undecided, on_undecided: pass)", gate.describe())
     return result, metrics, record
+
+
+def _follow(job: _Job, started: float) -> BuildResult:
+    """A rank other than 0 of a torchrun build: run every pass that rank 0 runs (its share of the calibration),
+    into a scratch folder, and take rank 0's cached output as the next pass's input. Rank 0 converts the source,
+    measures, gates and publishes; a failing gate there ends this process with it (torchrun stops the group)."""
+    import shutil
+    import tempfile
+
+    from optforge.sources import resolve_source
+
+    with distributed.leader_first():  # rank 0 has converted the source into the cache
+        current, _ = resolve_source(job.recipe.model, job.cache)
+    for spec, p in zip(job.recipe.passes, job.passes):
+        if distributed.broadcast(None)["run"]:
+            scratch = Path(tempfile.mkdtemp(prefix=f"optforge-rank{distributed.rank()}-"))
+            try:
+                p.run(current, PassContext(output_dir=scratch, model=job.recipe.model, calibration=job.recipe.data.calibration, device=job.device,
+                                           memory=job.memory))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        current = ModelArtifact.open(distributed.broadcast(None)["entry"])
+    distributed.barrier()  # rank 0 has published
+    return BuildResult(output=job.out_path, manifest={}, seconds=time.perf_counter() - started)

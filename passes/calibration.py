@@ -25,8 +25,8 @@ on another device, each decoder layer moves there for its turn and back (passes/
 states between layers (num_batches x B x T x hidden, one layer's inputs and outputs, never every layer's) sit
 on the device, the host or disk as `--max-device-memory` and `--max-host-memory` allow.
 
-Where distributed calibration plugs in (not done yet): it splits `batches` across ranks and all-reduces what
-`record` accumulated before `apply`.
+Several processes (torchrun; optforge/distributed.py): each rank calibrates on its share of `batches`, and
+`algorithm.reduce` all-reduces what `record` accumulated before every rank runs the same `apply`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import Callable, ClassVar, Iterator, Literal
 import torch
 from torch import nn
 
+from optforge import distributed
 from optforge.errors import PassError
 from optforge.evals.perplexity import leading_bos
 from optforge.passes.onload import Activations, LayerMover, Placement, Tiers, activation_tiers, clear_spill, outer_modules
@@ -141,6 +142,13 @@ class LayerAlgorithm:
     def apply(self, step: LayerStep) -> None:
         """Change the layer from what was recorded (or only read it)."""
 
+    # Whether `reduce` combines what `record` accumulated on several ranks (distributed calibration).
+    distributed: ClassVar[bool] = False
+
+    def reduce(self, step: LayerStep) -> None:
+        """Several ranks: turn this rank's statistics of the layer into those of every rank's batches together
+        (optforge.distributed.all_reduce), identically on every rank, before `apply`."""
+
     def working_bytes(self, layer: nn.Module, batch_tokens: int) -> int:
         """About how much device memory calibrating `layer` takes beyond its weights and activations (statistics,
         solver buffers), for the device budget; the default is the layer forward's own intermediates."""
@@ -179,6 +187,12 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
     Returns the names of the `targets` inside decoder layers; the others (an included output head) are the
     caller's to handle (see `observe_forward`)."""
     layers = decoder_layers(model, pass_name)
+    if distributed.world_size() > 1:
+        if not algorithm.distributed:
+            raise PassError(pass_name, f"{type(algorithm).__name__} does not calibrate over several processes; run this pass without torchrun / --nproc")
+        if len(batches) < distributed.world_size():
+            raise PassError(pass_name, f"{len(batches)} calibration batch(es) cannot be split over {distributed.world_size()} processes; use more calibration samples or fewer processes")
+        batches, resume_dir = distributed.shard(batches), None  # each rank its share; checkpoints are one process's
     home = next(model.parameters()).device
     placement = placement or Placement.of(home)
     names = {id(m): n for n, m in model.named_modules()}
@@ -243,6 +257,8 @@ def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[di
     if watched or before:
         with watch_inputs(watched, algorithm.record):
             step.outputs = _run_layer(step.layer, step.inputs, kwargs, keep=before)
+    if distributed.world_size() > 1:
+        algorithm.reduce(step)
     algorithm.apply(step)
     if checkpoints is not None:
         changed = changed_tensors(step.layer, untouched) if untouched is not None else {}

@@ -77,6 +77,20 @@ class FoldingLayers(LayerAlgorithm):
         """The group's per-channel statistic (in,) after rows x (tokens, in)."""
         raise NotImplementedError
 
+    # How `accumulate`'s statistics of several ranks combine ("sum" or "max").
+    combine: str = "sum"
+    distributed = True
+
+    def reduce(self, step):  # statistics combined, counts summed, every rank's row sample joined (rank order)
+        from optforge.distributed import all_gather_rows, all_reduce
+
+        for op in sorted(self.stats):
+            self.stats[op] = all_reduce(self.stats[op], self.combine)
+            self.counts[op] = int(all_reduce(torch.tensor([self.counts[op]], dtype=torch.int64))[0])
+            rows = torch.cat(self.kept[op]) if self.kept[op] else self.stats[op].new_zeros((0, self.stats[op].shape[0]))
+            joined = all_gather_rows(rows)
+            self.kept[op] = [joined] if joined.shape[0] else []
+
     def watch(self, step):
         heads = {op: step.layer.get_submodule(fed[0]) for op, fed in self.folds if self.watches(step.name, fed)}
         self.kept = {op: [] for op in heads}

@@ -46,6 +46,14 @@ class InputAmax(LayerAlgorithm):
     def record(self, name, x):
         self.amax[name] = max(self.amax[name], float(x.abs().max()))
 
+    distributed = True
+
+    def reduce(self, step):
+        from optforge.distributed import all_reduce_float
+
+        for name in step.targets:
+            self.amax[name] = all_reduce_float(self.amax[name], "max")
+
     def layer_results(self, step):
         return {name: torch.tensor(self.amax[name], dtype=torch.float64) for name in step.targets}
 
@@ -63,7 +71,11 @@ def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samp
     inside = calibrate(model, samples, observed, pass_name=pass_name, targets=linears, progress=progress, resume_dir=resume_dir, placement=placement)
     outside = {n: m for n, m in linears.items() if n not in inside}
     if outside:
-        observe_forward(model, samples, outside, observed.record)
+        from optforge.distributed import all_reduce_float, shard
+
+        observe_forward(model, shard(samples), outside, observed.record)
+        for name in outside:
+            observed.amax[name] = all_reduce_float(observed.amax[name], "max")
     return observed.amax
 
 

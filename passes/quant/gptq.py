@@ -117,6 +117,16 @@ class GPTQLayers(LayerAlgorithm):
         self.counts[name] += t
         self.hessians[name] += (2 / self.counts[name]) * (x.T @ x)
 
+    distributed = True
+
+    def reduce(self, step):  # the mean over every rank's tokens: sum of n_r H_r, over the sum of n_r
+        from optforge.distributed import all_reduce
+
+        for name in sorted(self.hessians):
+            total = int(all_reduce(torch.tensor([self.counts[name]], dtype=torch.int64))[0])
+            self.hessians[name] = all_reduce(self.hessians[name] * self.counts[name]) / max(total, 1)
+            self.counts[name] = total
+
     def apply(self, step):
         cfg = self.cfg
         self._last = ("", None)

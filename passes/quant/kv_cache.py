@@ -57,6 +57,14 @@ class KvRange(LayerAlgorithm):
                 module.kv_quant = None
             model.config._attn_implementation = previous
 
+    distributed = True
+
+    def reduce(self, step):
+        from optforge.distributed import all_reduce
+
+        for idx in self._inside(step):
+            self.state[idx]["observed"] = tuple(float(v) for v in all_reduce(torch.tensor(self.state[idx]["observed"], dtype=torch.float64), "max"))
+
     def _inside(self, step) -> list[int]:
         modules = {id(m) for m in step.layer.modules()}
         return [idx for idx, module in self.attention.items() if id(module) in modules]

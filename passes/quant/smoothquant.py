@@ -85,6 +85,8 @@ class SmoothQuantLayers(FoldingLayers):
         self.model, self.report, self.done, self.max_rows = model, report, [], cfg.max_rows
         self.alphas = (cfg.alpha,) if cfg.alpha is not None else cfg.alpha_grid
 
+    combine = "max"
+
     def accumulate(self, stat, x):
         return torch.maximum(stat, x.abs().amax(0))
 
