@@ -162,9 +162,10 @@ def test_the_core_and_the_cli_have_no_import_cycle_even_inside_functions():
 
 
 def test_nothing_imports_the_cli():
-    """The CLI loads its command modules by name (`cli.COMMAND_MODULES`); they share `commands/console.py`."""
-    bad = [e for e in EDGES if _under(e.target, ("optforge.cli",))]
-    assert not bad, "optforge.cli is the entry point, imported by nothing:\n" + "\n".join(map(str, bad))
+    """The CLI loads its command modules by name (`cli.COMMAND_MODULES`); they share `commands/console.py`. Only
+    `python -m optforge` (optforge/__main__.py, what torchrun starts) runs it."""
+    bad = [e for e in EDGES if _under(e.target, ("optforge.cli",)) and e.source != "optforge.__main__"]
+    assert not bad, "optforge.cli is the entry point, imported by nothing but optforge.__main__:\n" + "\n".join(map(str, bad))
 
 
 def test_the_checks_catch_a_bad_edge():

@@ -206,7 +206,7 @@ def test_calibration_puts_bos_first_only_when_the_tokenizer_does(tiny_gemma_dir,
 
     from optforge.passes.calibration import calibration_samples
 
-    ctx = SimpleNamespace(calibration_texts=lambda: ["The quick brown fox jumps over the lazy dog."], calibration=SimpleNamespace(max_length=6), device="cpu")
+    ctx = SimpleNamespace(calibration_texts=lambda: ["The quick brown fox jumps over the lazy dog."], calibration=SimpleNamespace(max_length=6, pack=False), device="cpu")
     _, gemma_tok = load_model(tiny_gemma_dir)
     _, llama_tok = load_model(tiny_model_dir)
     (gemma_ids,) = calibration_samples("quant.gptq", gemma_tok, ctx, None)
