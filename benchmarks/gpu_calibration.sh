@@ -19,13 +19,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 free -g | tee -a "$OUT/gpu.txt"
 case "${1:-8b}" in
   8b)
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/passes/test_onload_gpu.py tests/runtime/test_kv_quant_gpu.py \
+    timeout 240 python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider tests/passes/test_onload_gpu.py tests/runtime/test_kv_quant_gpu.py \
       tests/runtime/test_quantized_runtime_gpu.py 2>&1 | tail -30 | tee "$OUT/pytest.txt"
     timeout 420 python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int8-rtn fp8-static smoothquant-w8a8 int4-awq-g128 "${COMMON[@]}" 2>&1 \
       | grep -v -E "Warning|it/s\]" | tee "$OUT/8b.log"
     ;;
   8b-gptq)
-    timeout 560 python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int4-gptq-g128 "${COMMON[@]}" 2>&1 | grep -v -E "Warning|it/s\]" | tee "$OUT/8b-gptq.log"
+    timeout 90 python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider tests/passes/test_onload_gpu.py 2>&1 | tail -40 | tee "$OUT/pytest-onload.txt"
+    timeout 480 python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int4-gptq-g128 "${COMMON[@]}" 2>&1 | grep -v -E "Warning|it/s\]" | tee "$OUT/8b-gptq.log"
     ;;
   70b)
     for n in 4 12; do
