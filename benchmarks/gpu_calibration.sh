@@ -6,7 +6,8 @@
 #   8b        GPU tests of onloaded calibration, then the Llama-3.1-8B shape: int8 RTN, FP8 static, SmoothQuant
 #             W8A8, int4 AWQ g128 (128 x 2048 tokens)
 #   8b-gptq   the 8B shape with int4 GPTQ g128
-#   70b       the Llama-3.1-70B layer shape with 4, then 12 decoder layers, int4 GPTQ g128, --max-device-memory 32GiB
+#   70b       the onload GPU tests, then the Llama-3.1-70B layer shape with 4, then 12 decoder layers, int4 AWQ g128,
+#             --max-device-memory 12GiB
 # build/gpu-carry: tokenizer/ (any tokenizer folder, e.g. the SmolLM2 source's tokenizer files) and calib.json.gz
 # (python -c "from optforge.evals.datasets import export_splits; export_splits('build/gpu-carry/calib.json.gz',
 # [('boolq', 'validation')])"). Models and the build cache live in build/gpu-work (kept while the machine is warm).
@@ -29,8 +30,10 @@ case "${1:-8b}" in
     timeout 480 python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int4-gptq-g128 "${COMMON[@]}" 2>&1 | grep -v -E "Warning|it/s\]" | tee "$OUT/8b-gptq.log"
     ;;
   70b)
+    timeout 60 python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider tests/passes/test_onload_gpu.py 2>&1 | tail -40 | tee "$OUT/pytest-onload.txt"
+    rm -rf build/gpu-work/model-8b  # disk
     for n in 4 12; do
-      timeout 280 python3 benchmarks/calibration_scale_gpu.py --shape 70b-layers --layers $n --schemes int4-gptq-g128 --max-device-memory 32GiB "${COMMON[@]}" 2>&1 \
+      timeout 250 python3 benchmarks/calibration_scale_gpu.py --shape 70b-layers --layers $n --schemes int4-awq-g128 --max-device-memory 12GiB "${COMMON[@]}" 2>&1 \
         | grep -v -E "Warning|it/s\]" | tee "$OUT/70b-$n.log"
       rm -rf build/gpu-work/model-70b-layers-$n  # disk: the next stack needs the room
     done
