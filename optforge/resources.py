@@ -60,14 +60,16 @@ def resident_bytes() -> int:
 class PeakMemory:
     """Context manager measuring the peak device and host memory of what runs inside it.
 
-    `result()` -> {"device": "cuda", "device_peak_bytes": ..., "host_peak_bytes": ...} (the device entry only
-    where the device is a CUDA device)."""
+    `result()` -> {"device": "cuda", "device_peak_bytes": ..., "device_start_bytes": ..., "host_peak_bytes": ...}
+    (the device entries only where the device is a CUDA device; the peak is what torch held at most, the start
+    what it already held when the block began)."""
 
     def __init__(self, device: str, interval: float = 0.02):
         self.cuda = device.startswith("cuda")
         self.device, self.interval = device, interval
         self.host_peak = 0
         self.device_peak: int | None = None
+        self.device_start = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,6 +82,7 @@ class PeakMemory:
             import torch
 
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.device_start = int(torch.cuda.memory_allocated(self.device))
         self.host_peak = resident_bytes()
         self._thread = threading.Thread(target=self._sample, name="optforge-peak-memory", daemon=True)
         self._thread.start()
@@ -98,5 +101,5 @@ class PeakMemory:
     def result(self) -> dict:
         out: dict = {"host_peak_bytes": self.host_peak}
         if self.device_peak is not None:
-            out |= {"device": self.device, "device_peak_bytes": self.device_peak}
+            out |= {"device": self.device, "device_peak_bytes": self.device_peak, "device_start_bytes": self.device_start}
         return out

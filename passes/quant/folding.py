@@ -63,11 +63,16 @@ class FoldingLayers(LayerAlgorithm):
     # Rows of each group's input kept for the scale search, over all batches (the subclass's max_rows).
     max_rows: int = 4096
 
-    def working_bytes(self, layer, batch_tokens):  # the kept rows, and the search's float32 weights and outputs
+    def working_bytes(self, layer, batch_tokens):
+        """The kept rows; the search's float32 weights (a group's together, and the rounding's intermediates of the
+        largest: four copies) and its reference and trial outputs over the kept rows."""
         linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        widths = {m.in_features for m in linears}
         kept = sum(self.max_rows * m.in_features * 4 for m in linears)
-        search = max(m.out_features * (2 * m.in_features + 2 * self.max_rows) * 4 for m in linears)
-        return forward_bytes(layer, batch_tokens) + kept + search
+        group = max(sum(m.out_features * m.in_features * 4 for m in linears if m.in_features == n) for n in widths)
+        rounding = max(4 * m.out_features * m.in_features * 4 for m in linears)
+        outputs = max(2 * self.max_rows * sum(m.out_features for m in linears if m.in_features == n) * 4 for n in widths)
+        return forward_bytes(layer, batch_tokens) + kept + group + rounding + outputs
 
     def watches(self, prefix: str, fed: tuple[str, ...]) -> bool:
         """Whether the group's inputs are recorded in layer `prefix`."""
