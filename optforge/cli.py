@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from optforge.commands.console import fail, progress_bars, setup_logging, stderr_console
+from optforge.commands.console import EXIT_FILE, fail, progress_bars, run_under_torchrun, setup_logging, stderr_console
 from optforge.errors import GateFailed, OptforgeError
 
 app = typer.Typer(
@@ -55,7 +55,7 @@ def build(
     """
     setup_logging(verbose)
     if nproc > 1:
-        raise typer.Exit(_torchrun(nproc))
+        raise typer.Exit(run_under_torchrun(nproc, "--nproc"))
     from optforge.pipeline import build as run_build
     from optforge.resources import MemoryBudget
 
@@ -73,27 +73,6 @@ def build(
         return  # a rank other than 0 of a torchrun build: rank 0 reports
     _print_summary(result.manifest)
     typer.echo(f"artifact: {result.output}  ({result.seconds:.1f}s)")
-
-
-def _torchrun(nproc: int) -> int:
-    """This command line under `torchrun --standalone --nproc-per-node N` (without --nproc); rank 0's exit code."""
-    import os
-    import subprocess
-    import tempfile
-
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip or arg.startswith("--nproc="):
-            skip = False
-            continue
-        skip = arg == "--nproc"
-        if not skip:
-            args.append(arg)
-    with tempfile.TemporaryDirectory() as tmp:
-        exit_file = Path(tmp) / "exit"
-        env = {**os.environ, EXIT_FILE: str(exit_file)}
-        rc = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "optforge", *args], env=env)
-        return int(exit_file.read_text()) if exit_file.is_file() else rc
 
 
 def _gate_line(gate: dict) -> str:
@@ -192,11 +171,6 @@ def _register_commands() -> None:
 
 
 _register_commands()
-
-
-# Set by `optforge build --nproc`: where rank 0 of the torchrun group leaves its exit code (torchrun's own is 1
-# for any failure, and a failing gate must still exit 3).
-EXIT_FILE = "OPTFORGE_EXIT_FILE"
 
 
 def main() -> None:

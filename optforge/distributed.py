@@ -93,11 +93,12 @@ def _comm_device(t: torch.Tensor) -> torch.device:
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """`t` reduced over the ranks ("sum" or "max"), on t's device and dtype; the same bits on every rank."""
+    """`t` reduced over the ranks ("sum", "max" or "min"), on t's device and dtype; the same bits on every rank."""
     if not _active():
         return t
     work = t.to(_comm_device(t), copy=True)
-    torch.distributed.all_reduce(work, op={"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op])
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX, "min": torch.distributed.ReduceOp.MIN}
+    torch.distributed.all_reduce(work, op=ops[op])
     return work.to(t.device)
 
 

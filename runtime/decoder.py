@@ -44,9 +44,10 @@ class Decoder:
         self.layers = list(self.base.layers)
         self.device = self.base.embed_tokens.weight.device
         self.dtype = self.base.embed_tokens.weight.dtype
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        tp = getattr(model, "tensor_parallel", 1)  # this rank's share of the heads (runtime/tensor_parallel.py)
+        self.num_heads = cfg.num_attention_heads // tp
+        self.num_kv_heads = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // tp
         self.scale = self.head_dim**-0.5
         self.kv = stored_kv(model)  # the artifact's FP8/INT8 KV cache, or None: K/V in the model dtype
         self.fused: list[dict] | None = None

@@ -140,6 +140,19 @@ class ModelRunner:
         tokens = self.sampler(logits, sampled_seqs, greedy)
         return {seq.seq_id: token for seq, token in zip(sampled_seqs, tokens)}
 
+    @torch.inference_mode()
+    def forward_only(self, batch) -> None:
+        """One step's forward without logits or sampling: the other ranks under tensor parallelism, which write their
+        KV heads and join the all-reduces of rank 0's step (runtime/tensor_parallel.py)."""
+        self._copy_blocks(batch)
+        ids, positions, slots = [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(slot(seq.block_table, pos, self.block_size) for pos in range(start, start + n))
+        self._forward_eager(batch, ids, positions, slots, [])
+
     # ---- overlapped decode: launch a step before the previous one's tokens reach the host ----------------
     def can_launch(self, batch: ScheduledBatch) -> bool:
         """Whether `launch` takes this batch: decode rows only, and within the largest CUDA graph where graphs run."""

@@ -7,7 +7,9 @@ on first use, so `optforge --help` stays fast.
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 
@@ -46,3 +48,30 @@ def fail(exc: OptforgeError) -> None:
     """Print a typed error and exit with its code (2 bad input, 3 gate failed, 1 otherwise)."""
     stderr_console().print(f"[bold red]error[/]: {exc}", highlight=False)
     raise typer.Exit(exc.exit_code)
+
+
+# Set by `run_under_torchrun`: where rank 0 of the torchrun group leaves its exit code (torchrun's own is 1 for any
+# failure, and a failing gate must still exit 3). `optforge.cli.main` writes it.
+EXIT_FILE = "OPTFORGE_EXIT_FILE"
+
+
+def run_under_torchrun(nproc: int, flag: str) -> int:
+    """This command line under `torchrun --standalone --nproc-per-node N`, without `flag N` (the option that asked
+    for it); returns rank 0's exit code."""
+    import os
+    import subprocess
+    import tempfile
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith(flag + "="):
+            skip = False
+            continue
+        skip = arg == flag
+        if not skip:
+            args.append(arg)
+    with tempfile.TemporaryDirectory() as tmp:
+        exit_file = Path(tmp) / "exit"
+        env = {**os.environ, EXIT_FILE: str(exit_file)}
+        rc = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "optforge", *args], env=env)
+        return int(exit_file.read_text()) if exit_file.is_file() else rc

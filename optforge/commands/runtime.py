@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from optforge.commands.console import run_under_torchrun
+
 DTYPE = typer.Option("float32", "--dtype", help="Weights and KV cache dtype: float32, bfloat16 or float16.")
 DEVICE = typer.Option("cpu", "--device", help="cpu or cuda.")
 NO_PREFIX = typer.Option(False, "--no-prefix-caching", help="Do not reuse KV blocks of earlier prompts.")
@@ -48,6 +50,21 @@ def _resolve(model: str, config, cache_dir: Optional[Path]) -> Path:
     return resolve_model(model, cache_dir=cache_dir, dtype=config.dtype, verify=config.verify)
 
 
+def _launched_degree() -> int:
+    """The tensor-parallel degree torchrun started this process with (1 outside torchrun)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_degree(path: Path, n: int) -> None:
+    from transformers import AutoConfig
+
+    from optforge.runtime.tensor_parallel import check_degree
+
+    check_degree(AutoConfig.from_pretrained(path), n)
+
+
 def _load(path: Path, config):
     from optforge.runtime.llm import LLM
 
@@ -72,6 +89,7 @@ def generate(
     threads: int = THREADS,
     no_verify: bool = NO_VERIFY,
     cache_dir: Optional[Path] = CACHE_DIR,
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, help="Processes sharing each layer (attention heads and MLP split, torch.distributed: gloo on the CPU, NCCL with one GPU each); runs `torchrun --nproc-per-node N -m optforge generate ...`."),
 ):
     """Generate completions for PROMPTS with the runtime (continuous batching, paged KV cache)."""
     from optforge.commands.console import fail as _fail, setup_logging as _setup_logging
@@ -80,12 +98,19 @@ def generate(
 
     _setup_logging(False)
     try:
-        config = _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify)
-        llm = _load(_resolve(model, config, cache_dir), config)
+        config = _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify, tensor_parallel=_launched_degree())
+        path = _resolve(model, config, cache_dir)
+        if tensor_parallel > 1 and config.tensor_parallel == 1:  # asked for, not yet launched: check, then start the group
+            _check_degree(path, tensor_parallel)
+            raise typer.Exit(run_under_torchrun(tensor_parallel, "--tensor-parallel"))
+        llm = _load(path, config)
+        if llm.engine is None:
+            return  # a rank other than 0 of a tensor-parallel group: rank 0 prints
         if chat:
             prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         outputs = llm.generate(list(prompts), params)
+        llm.close()
     except OptforgeError as exc:
         _fail(exc)
     except ValueError as exc:
