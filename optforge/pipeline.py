@@ -352,9 +352,10 @@ def _follow(job: _Job, started: float) -> BuildResult:
     for spec, p in zip(job.recipe.passes, job.passes):
         if distributed.broadcast(None)["run"]:
             scratch = Path(tempfile.mkdtemp(prefix=f"optforge-rank{distributed.rank()}-"))
+            (scratch / "out").mkdir()
             try:
-                p.run(current, PassContext(output_dir=scratch, model=job.recipe.model, calibration=job.recipe.data.calibration, device=job.device,
-                                           memory=job.memory))
+                p.run(current, PassContext(output_dir=scratch / "out", model=job.recipe.model, calibration=job.recipe.data.calibration, device=job.device,
+                                           resume_dir=scratch / "resume", memory=job.memory))
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         current = ModelArtifact.open(distributed.broadcast(None)["entry"])

@@ -193,6 +193,8 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
         if len(batches) < distributed.world_size():
             raise PassError(pass_name, f"{len(batches)} calibration batch(es) cannot be split over {distributed.world_size()} processes; use more calibration samples or fewer processes")
         batches, resume_dir = distributed.shard(batches), None  # each rank its share; checkpoints are one process's
+        if placement is not None and placement.spill_dir is not None:  # each rank spills into a folder of its own
+            placement = Placement(placement.device, placement.budget, placement.spill_dir / f"rank{distributed.rank()}")
     home = next(model.parameters()).device
     placement = placement or Placement.of(home)
     names = {id(m): n for n, m in model.named_modules()}
