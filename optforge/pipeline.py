@@ -296,9 +296,12 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
                                        resume_dir=cache.resume_dir(key), memory=shared.memory))
         return {"memory": peak.result()}
 
-    distributed.broadcast({"run": cache.dir_entry("passes", key) is None})  # the other ranks run the pass with this one, or not
+    ranks = distributed.world_size() > 1
+    if ranks:  # the other ranks run the pass with this one (their share of the calibration), or not
+        distributed.broadcast({"run": cache.dir_entry("passes", key) is None})
     entry, record.cached = cache.get_or_build_dir("passes", key, run)
-    distributed.broadcast({"entry": str(entry.path)})
+    if ranks:
+        distributed.broadcast({"entry": str(entry.path)})
     record.memory = (entry.run or {}).get("memory")
     if record.cached:
         log.info("pass %s: cached (%s, files verified)", p.name, key[:12])
