@@ -160,8 +160,8 @@ def activation_tiers(placement: Placement, layers: nn.ModuleList, batches: list[
             raise UserInputError(f"--max-host-memory {gib(budget.host)} is below what {held} already take ({gib(now)}){'' if placement.onloads else ' plus one layer of calibration work'}; "
                                  f"set --max-host-memory {_round_up(need + 2 * batch)} or more")
         host_free = budget.host - need
-    if not placement.onloads:
-        device_free, host_free = host_free, 0 if placement.spill_dir is not None else host_free  # the host is the device
+    if not placement.onloads:  # the host is the device: one budget, then disk
+        device_free, host_free = host_free, None if host_free is None else 0
     return Tiers(placement.device, device_free, host_free, placement.spill_dir)
 
 
