@@ -86,9 +86,40 @@ class SmoothQuantLayers(FoldingLayers):
         self.alphas = (cfg.alpha,) if cfg.alpha is not None else cfg.alpha_grid
 
     combine = "max"
+    resumable = True
+    restores_layer = True  # a checkpoint holds the whole finished layer: its Linears become W8A8 modules
 
     def accumulate(self, stat, x):
         return torch.maximum(stat, x.abs().amax(0))
+
+    def layer_results(self, step):
+        report, ops = self.report, [op for op, _ in self.folds]
+        found = {f"{key}.{op}": torch.tensor(report[key + "s"][f"{step.name}.{op}"], dtype=torch.float64)
+                 for key in ("alpha", "error") for op in ops if f"{step.name}.{op}" in report[key + "s"]}
+        skipped = {f"uncalibrated.{op}": torch.ones(1) for op in ops if f"{step.name}.{op}" in report["uncalibrated"]}
+        state = {f"layer.{k}": v for k, v in step.layer.state_dict().items()}
+        return super().layer_results(step) | found | skipped | state
+
+    def restore_layer(self, step, results):
+        from optforge.formats import swap_linear
+        from optforge.passes.layer_checkpoints import assign_tensors
+
+        super().restore_layer(step, results)
+        report = self.report
+        for op, _ in self.folds:
+            for key in ("alpha", "error"):
+                if f"{key}.{op}" in results:
+                    report[key + "s"][f"{step.name}.{op}"] = float(results[f"{key}.{op}"])
+            if f"uncalibrated.{op}" in results:
+                report["uncalibrated"].append(f"{step.name}.{op}")
+        smoothed = {f"{step.name}.{n}" for op, fed in self.folds if f"{step.name}.{op}" in report["alphas"] for n in fed}
+        device = next(step.layer.parameters()).device
+        for name in step.targets:
+            if name not in smoothed:
+                report["unsmoothed"].append(name)
+            swap_linear(self.model, name, SPEC).to(device)  # empty W8A8 buffers, filled from the checkpoint below
+            self.done.append(name)
+        assign_tensors(step.layer, {k[len("layer."):]: v for k, v in results.items() if k.startswith("layer.")})
 
     def apply(self, step):
         report = self.report
@@ -137,7 +168,7 @@ class SmoothQuant(Pass):
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
         report = {"method": "smoothquant", "samples": len(samples), "alphas": {}, "errors": {}, "unsmoothed": [], "uncalibrated": []}
         layers = SmoothQuantLayers(model, folds, targets, cfg, max(1, cfg.max_rows // len(samples)), self.name, report)
-        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, placement=ctx.placement)
+        calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir, placement=ctx.placement)
         for name in sorted(set(targets) - set(layers.done)):
             swap_w8a8(model, name, SPEC)  # outside the decoder layers (e.g. an included lm_head)
             report["unsmoothed"].append(name)

@@ -95,6 +95,17 @@ def _awq(model):
     return alg, targets, lambda a: (a.alphas, sorted(a.scaled), a.generator.get_state())
 
 
+def _smoothquant(model):
+    from optforge.passes.quant.folding import model_folds
+    from optforge.passes.quant.smoothquant import SmoothQuantConfig, SmoothQuantLayers
+    from optforge.passes.targets import select_linears
+
+    targets = select_linears(model, (r"model\.layers\.",), ())
+    report = {"alphas": {}, "errors": {}, "unsmoothed": [], "uncalibrated": []}
+    alg = SmoothQuantLayers(model, model_folds(model, "quant.smoothquant"), targets, SmoothQuantConfig(), 7, "quant.smoothquant", report)
+    return alg, targets, lambda a: (a.report, a.done, a.generator.get_state())
+
+
 def _amax(model):
     from optforge.passes.quant.fp8 import InputAmax
     from optforge.passes.targets import select_linears
@@ -141,7 +152,8 @@ def _tensors(obj):
     return obj
 
 
-@pytest.mark.parametrize("make", [_gptq, _awq, _amax, _kv, _sparsegpt, _head_scores], ids=["gptq", "awq", "input-amax", "kv-range", "sparsegpt", "head-scores"])
+@pytest.mark.parametrize("make", [_gptq, _awq, _smoothquant, _amax, _kv, _sparsegpt, _head_scores],
+                         ids=["gptq", "awq", "smoothquant", "input-amax", "kv-range", "sparsegpt", "head-scores"])
 def test_interrupted_calibration_resumes_with_identical_results(tiny_model_dir, tmp_path, make, caplog):
     from transformers import LlamaForCausalLM
 
