@@ -165,9 +165,9 @@ def run_round(path: Path, speed: SpeedSpec, dtype: str) -> dict[str, float]:
                               max_model_len=speed.input_len + speed.output_len + 16, num_blocks=speed.concurrency * per_seq + 8, verify=False)
         _reset_peak_memory(speed.device)
         llm = LLM.from_resolved(path, config)
-        bench_runtime(llm.engine, Workload(input_len=speed.input_len, output_len=2, num_requests=1, concurrency=1, seed=1))  # warm-up
+        bench_runtime(llm.engine, Workload(input_len=speed.input_len, output_len=2, num_requests=1, concurrency=1, seed=1), warmup=False)  # warm-up
         workload = Workload(input_len=speed.input_len, output_len=speed.output_len, num_requests=speed.num_requests, concurrency=speed.concurrency)
-        result = bench_runtime(llm.engine, workload)
+        result = bench_runtime(llm.engine, workload, warmup=False)
         peak = _peak_memory_gb(speed.device)
         del llm
     finally:

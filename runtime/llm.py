@@ -115,6 +115,7 @@ class Engine:
         self.vocab_size: int | None = getattr(getattr(self.runner, "config", None), "vocab_size", None)  # model's embedding rows
         self._inflight: tuple[ScheduledBatch, object] | None = None  # a launched step whose tokens are not read yet
         self._failed: list[Sequence] = []  # requests ended with "error" since the last `take_failed()`
+        self.last_step_prefilled = False  # whether the last step ran prompt tokens (benchmarks time decode steps apart)
 
     @property
     def kv_capacity(self) -> int:
@@ -206,6 +207,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        self.last_step_prefilled = not batch.is_decode_only
         if self._overlappable(batch):
             with _runner_call():
                 self._inflight = (batch, self.runner.launch(batch, [None] * len(batch)))
@@ -266,6 +268,7 @@ class Engine:
     def _step_overlapped(self) -> list[tuple[Sequence, int]]:
         batch, launched = self._inflight
         self._inflight = None
+        self.last_step_prefilled = False  # only decode steps are launched ahead
         following = self.scheduler.schedule_following(batch)
         if following is not None:
             rows = {seq.seq_id: r for r, seq in enumerate(batch.seqs)}

@@ -238,12 +238,14 @@ def bench(
         rows.append((f"HF generate, batch {concurrency}", bench_hf(hf_model, workload, batch_size=concurrency)))
     console = _console()
     console.print(f"{num_requests} requests, {input_len} in / {output_len} out, concurrency {concurrency}, {device} {dtype}, backend {backend}")
-    console.print("| engine | output tok/s | seconds | TTFT p50/p90/p99 s | ITL p50/p90/p99 ms |")
-    console.print("| --- | --- | --- | --- | --- |")
+    console.print(f"(after an untimed warm-up of {ours['warmup_s']:.1f} s; decode tok/s counts the steps that ran no prompt tokens)")
+    console.print("| engine | output tok/s | decode tok/s | seconds | TTFT p50/p90/p99 s | ITL p50/p90/p99 ms |")
+    console.print("| --- | --- | --- | --- | --- | --- |")
     for name, r in rows:
         ttft = "/".join(f"{v:.3f}" for v in r["ttft_s"].values()) if "ttft_s" in r else "-"
         itl = "/".join(f"{1e3 * v:.1f}" for v in r["itl_s"].values()) if "itl_s" in r else "-"
-        console.print(f"| {name} | {r['output_tok_s']:.1f} | {r['seconds']:.2f} | {ttft} | {itl} |", highlight=False)
+        decode = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
+        console.print(f"| {name} | {r['output_tok_s']:.1f} | {decode} | {r['seconds']:.2f} | {ttft} | {itl} |", highlight=False)
     if hf:
         console.print(f"ratio runtime / HF: {ours['output_tok_s'] / rows[1][1]['output_tok_s']:.2f}x")
 
