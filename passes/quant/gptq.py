@@ -50,15 +50,19 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, ac
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W, dtype=torch.int8)
+    order = perm.tolist()  # column numbers on the host once: reading them per column would wait for the GPU each time
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = order[i1 + i]
             gi = col // g
-            if not static and col % g == 0:
-                s, z = qparams(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g], Grid(grid.bits, None, grid.symmetric, grid.full_range))
+            if not static and col % g == 0:  # the group's g columns as they stand: the rest of this block, then the next
+                group = W1[:, i : i + g]
+                if group.shape[1] < g:
+                    group = torch.cat([group, W[:, i2 : i2 + g - group.shape[1]]], dim=1)
+                s, z = qparams(group, Grid(grid.bits, None, grid.symmetric, grid.full_range))
                 scale[:, gi] = s[:, 0]
                 if zero is not None:
                     zero[:, gi] = z[:, 0]
