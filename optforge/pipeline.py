@@ -297,8 +297,8 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
         return {"memory": peak.result()}
 
     ranks = distributed.world_size() > 1
-    if ranks:  # the other ranks run the pass with this one (their share of the calibration), or not
-        distributed.broadcast({"run": cache.dir_entry("passes", key) is None})
+    if ranks:  # the other ranks run the pass with this one (their share of the calibration, resuming from its checkpoints), or not
+        distributed.broadcast({"run": cache.dir_entry("passes", key) is None, "resume": str(cache.resume_dir(key))})
     entry, record.cached = cache.get_or_build_dir("passes", key, run)
     if ranks:
         distributed.broadcast({"entry": str(entry.path)})
@@ -353,12 +353,13 @@ def _follow(job: _Job, started: float) -> BuildResult:
     with distributed.leader_first():  # rank 0 has converted the source into the cache
         current, _ = resolve_source(job.recipe.model, job.cache)
     for spec, p in zip(job.recipe.passes, job.passes):
-        if distributed.broadcast(None)["run"]:
+        order = distributed.broadcast(None)
+        if order["run"]:
             scratch = Path(tempfile.mkdtemp(prefix=f"optforge-rank{distributed.rank()}-"))
             (scratch / "out").mkdir()
             try:
                 p.run(current, PassContext(output_dir=scratch / "out", model=job.recipe.model, calibration=job.recipe.data.calibration, device=job.device,
-                                           resume_dir=scratch / "resume", memory=job.memory))
+                                           resume_dir=Path(order["resume"]), memory=job.memory))
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         current = ModelArtifact.open(distributed.broadcast(None)["entry"])

@@ -192,7 +192,8 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
             raise PassError(pass_name, f"{type(algorithm).__name__} does not calibrate over several processes; run this pass without torchrun / --nproc")
         if len(batches) < distributed.world_size():
             raise PassError(pass_name, f"{len(batches)} calibration batch(es) cannot be split over {distributed.world_size()} processes; use more calibration samples or fewer processes")
-        batches, resume_dir = distributed.shard(batches), None  # each rank its share; checkpoints are one process's
+        total = len(batches)
+        batches = distributed.shard(batches)  # each rank its share; rank 0 writes the checkpoints, every rank reads them
         if placement is not None and placement.spill_dir is not None:  # each rank spills into a folder of its own
             placement = Placement(placement.device, placement.budget, placement.spill_dir / f"rank{distributed.rank()}")
     home = next(model.parameters()).device
@@ -200,7 +201,7 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
     names = {id(m): n for n, m in model.named_modules()}
     targets = targets or {}
     covered: set[str] = set()
-    checkpoints = _checkpoints(resume_dir, algorithm, pass_name, len(layers), len(batches), placement.device)
+    checkpoints = _checkpoints(resume_dir, algorithm, pass_name, len(layers), total if distributed.world_size() > 1 else len(batches), placement.device)
     tokens = max(b.numel() for b in batches)
     working = max(algorithm.working_bytes(layer, tokens) for layer in layers)
     tiers = activation_tiers(placement, layers, batches, model.config.hidden_size, model.get_input_embeddings().weight.dtype, working, pass_name)
@@ -217,6 +218,8 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
                 covered.update(local)
                 step = LayerStep(index, prefix, layer, local, held, home=home)
                 saved = checkpoints.load(index) if restoring else None
+                if distributed.world_size() > 1 and restoring:
+                    _agree(saved is not None, pass_name, index)
                 if saved is not None:
                     held = _restore_layer(step, algorithm, kwargs[index], *saved)
                 else:
@@ -232,6 +235,7 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
     finally:
         mover.close()
         clear_spill(placement)
+    distributed.barrier()  # no rank leaves while another still reads files in the resume folder
     if tiers.counts["host"] or tiers.counts["disk"]:
         log.info("%s: activations held %d batch(es) on the device, %d on the host, %d spilled to disk", pass_name, tiers.counts["device"], tiers.counts["host"], tiers.counts["disk"])
     if restoring:
@@ -244,9 +248,20 @@ def _checkpoints(resume_dir: Path | None, algorithm: LayerAlgorithm, pass_name: 
         return None
     from optforge.passes.layer_checkpoints import LayerCheckpoints
 
-    # a layer calibrated on another kind of device rounds differently
+    # a layer calibrated on another kind of device, or over another number of processes, rounds differently
     identity = {"pass": pass_name, "algorithm": type(algorithm).__qualname__, "num_layers": num_layers, "num_batches": num_batches, "device_type": device.type}
-    return LayerCheckpoints.open(resume_dir, identity)
+    if distributed.world_size() == 1:
+        return LayerCheckpoints.open(resume_dir, identity)
+    identity["processes"] = distributed.world_size()
+    with distributed.leader_first():  # rank 0 empties a folder left by another run before the others read it
+        return LayerCheckpoints.open(resume_dir, identity, writer=distributed.is_leader())
+
+
+def _agree(restored: bool, pass_name: str, index: int) -> None:
+    """Every rank restores layer `index`, or every rank calibrates it (its collectives need them all)."""
+    flag = torch.tensor([int(restored)])
+    if distributed.all_reduce(flag, "min") != distributed.all_reduce(flag, "max"):
+        raise PassError(pass_name, f"the processes disagree on whether layer {index}'s checkpoint can be used; delete the resume folder in the cache and build again")
 
 
 def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict], checkpoints) -> Activations:
@@ -254,7 +269,7 @@ def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[di
     from optforge.passes.layer_checkpoints import changed_tensors, snapshot
 
     before = algorithm.propagate == "before"
-    untouched = snapshot(step.layer) if checkpoints is not None and not algorithm.restores_layer else None
+    untouched = snapshot(step.layer) if checkpoints is not None and checkpoints.writer and not algorithm.restores_layer else None
     watched = algorithm.watch(step)
     if watched or before:
         with watch_inputs(watched, algorithm.record):
@@ -262,7 +277,7 @@ def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[di
     if distributed.world_size() > 1:
         algorithm.reduce(step)
     algorithm.apply(step)
-    if checkpoints is not None:
+    if checkpoints is not None and checkpoints.writer:
         changed = changed_tensors(step.layer, untouched) if untouched is not None else {}
         checkpoints.save(step.index, changed, algorithm.layer_results(step))
     return step.outputs if before else _run_layer(step.layer, step.inputs, kwargs)

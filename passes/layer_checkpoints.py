@@ -43,18 +43,20 @@ TEST_KILL_AFTER_LAYER = "OPTFORGE_TEST_KILL_AFTER_LAYER"
 class LayerCheckpoints:
     """The checkpoints of one calibrated pass run, in `folder`; `identity` must match for any to be reused."""
 
-    def __init__(self, folder: Path, identity: dict):
-        self.folder, self.identity = Path(folder), identity
+    def __init__(self, folder: Path, identity: dict, writer: bool = True):
+        self.folder, self.identity, self.writer = Path(folder), identity, writer
         self.layers: dict[int, dict] = {}  # layer index -> {"file", "sha256"}
         self._reusable = True  # False after the first layer that had to be calibrated again
 
     @classmethod
-    def open(cls, folder: Path, identity: dict) -> "LayerCheckpoints":
-        """The checkpoints in `folder` written for `identity`; a folder left by anything else is emptied."""
-        store = cls(folder, identity)
+    def open(cls, folder: Path, identity: dict, *, writer: bool = True) -> "LayerCheckpoints":
+        """The checkpoints in `folder` written for `identity`; a folder left by anything else is emptied. A reader
+        (`writer=False`: the ranks other than 0 of a distributed calibration) neither empties nor writes."""
+        store = cls(folder, identity, writer)
         if not store.folder.is_dir():
             return store
-        remove_stale_staging(store.folder)  # a layer file whose writer was killed mid-write
+        if writer:
+            remove_stale_staging(store.folder)  # a layer file whose writer was killed mid-write
         try:
             index = json.loads((store.folder / INDEX).read_text())
         except FileNotFoundError:
@@ -65,9 +67,10 @@ class LayerCheckpoints:
         if isinstance(index, dict) and index.get("identity") == identity and isinstance(index.get("layers"), dict):
             store.layers = {int(k): v for k, v in index["layers"].items()}
         else:
-            if index is not None:
+            if index is not None and writer:
                 log.warning("layer checkpoints in %s were written for %s, not %s: discarding them", store.folder, index.get("identity") if isinstance(index, dict) else "?", identity)
-            store.clear()
+            if writer:
+                store.clear()
         return store
 
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:

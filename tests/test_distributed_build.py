@@ -51,3 +51,21 @@ def test_a_failing_gate_over_two_processes_exits_3_and_writes_nothing(tmp_path, 
     result = _build(recipe, tmp_path / "out", tmp_path / "cache", "--nproc", "2")
     assert result.returncode == 3, result.stderr[-3000:]
     assert "gate failed" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_killed_two_process_build_resumes_and_builds_the_same_artifact(tmp_path, make_recipe, tiny_model_dir):
+    import os
+
+    from optforge.passes.layer_checkpoints import TEST_KILL_AFTER_LAYER
+
+    recipe = _recipe(tmp_path, make_recipe, tiny_model_dir, {"name": "quant.gptq", "config": {"group_size": 32}}, gate_pct=50)
+    whole = _build(recipe, tmp_path / "whole", tmp_path / "cache-whole", "--nproc", "2")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cmd = [sys.executable, "-m", "optforge", "build", recipe, "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--nproc", "2"]
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, TEST_KILL_AFTER_LAYER: "0"})
+    assert killed.returncode != 0 and not (tmp_path / "out").exists()
+    resumed = subprocess.run([*cmd, "-v"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming quant.gptq at layer 1 of 2" in resumed.stderr
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
