@@ -33,10 +33,12 @@ import torch
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
     "70b-layers": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),  # a smoke test
 }
 SCHEMES = {
     "int8-rtn": {"name": "quant.int8_weight_only"},
+    "int4-rtn-g128": {"name": "quant.rtn", "config": {"bits": 4, "group_size": 128}},
     "int4-awq-g128": {"name": "quant.awq", "config": {"bits": 4, "group_size": 128}},
     "int4-gptq-g128": {"name": "quant.gptq", "config": {"bits": 4, "group_size": 128}},
     "fp8-static": {"name": "quant.fp8", "config": {"dynamic": False, "strategy": "channel"}},

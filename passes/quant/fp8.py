@@ -113,9 +113,11 @@ class Fp8(Pass):
                 raise PassError(self.name, f"{len(silent)} Linear(s) saw no calibration signal (e.g. {silent[0]}): a static scale would be zero; use dynamic: true or more calibration rows")
             report.update(samples=len(samples), input_amax={n: round(v, 4) for n, v in amax.items()})
         spec = {"scheme": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
-        for name, linear in targets.items():
+        modules = dict.fromkeys(targets, spec)
+        for name in list(targets):  # each float Linear freed as soon as it is swapped
+            linear = targets.pop(name)
             module = swap_linear(model, name, spec)
             module.set_float(linear.weight.to(ctx.device), input_amax=amax.get(name))  # rounded on the device, kept on the host
             module.to("cpu")
         report["calibration_seconds"] = round(time.perf_counter() - started, 2)
-        return write_quantized(model, tokenizer, artifact, self, ctx, dict.fromkeys(targets, spec), report)
+        return write_quantized(model, tokenizer, artifact, self, ctx, modules, report)

@@ -40,10 +40,11 @@ class Int8WeightOnly(Pass):
         targets = pass_targets(self.name, model, self.config.include, self.config.exclude)
         spec = {"scheme": "int8_weight_only", "bits": 8, "symmetric": True, "granularity": "channel"}
         advance = ctx.progress("int8 weight-only", len(targets))
-        for name, linear in targets.items():
+        modules = dict.fromkeys(targets, spec)
+        for name in list(targets):  # each float Linear freed as soon as it is swapped
+            linear = targets.pop(name)
             module = swap_linear(model, name, spec)
             module.set_float(linear.weight.to(ctx.device))  # rounded on the device, kept on the host
             module.to("cpu")
             advance(1)
-        modules = {name: spec for name in targets}
         return write_quantized(model, tokenizer, artifact, self, ctx, modules, {"method": "rtn", "calibrated": False})

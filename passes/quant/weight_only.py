@@ -92,7 +92,8 @@ class WeightOnlyPass(Pass):
         grids = plan_grids(targets, self.config)
         results, report = self.quantize(model, tokenizer, targets, grids, ctx)
         modules = {}
-        for name in targets:
+        for name in list(targets):  # each float Linear and its unpacked integers freed as soon as it is swapped
             modules[name] = self.spec(grids[name])
-            swap_linear(model, name, modules[name]).set_quantized(*results[name])
+            swap_linear(model, name, modules[name]).set_quantized(*results.pop(name))
+            del targets[name]
         return write_quantized(model, tokenizer, artifact, self, ctx, modules, report)
