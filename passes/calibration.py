@@ -44,6 +44,7 @@ from torch import nn
 from optforge import distributed
 from optforge.errors import PassError
 from optforge.evals.perplexity import leading_bos
+from optforge.passes.layer_checkpoints import agree_on_restore, open_checkpoints
 from optforge.passes.onload import Activations, LayerMover, Placement, Tiers, activation_tiers, clear_spill, outer_modules
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
     names = {id(m): n for n, m in model.named_modules()}
     targets = targets or {}
     covered: set[str] = set()
-    checkpoints = _checkpoints(resume_dir, algorithm, pass_name, len(layers), total if distributed.world_size() > 1 else len(batches), placement.device)
+    checkpoints = open_checkpoints(resume_dir, algorithm, pass_name, len(layers), total if distributed.world_size() > 1 else len(batches), placement.device)
     tokens = max(b.numel() for b in batches)
     working = max(algorithm.working_bytes(layer, tokens) for layer in layers)
     tiers = activation_tiers(placement, layers, batches, model.config.hidden_size, model.get_input_embeddings().weight.dtype, working, pass_name)
@@ -219,7 +220,7 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
                 step = LayerStep(index, prefix, layer, local, held, home=home)
                 saved = checkpoints.load(index) if restoring else None
                 if distributed.world_size() > 1 and restoring:
-                    _agree(saved is not None, pass_name, index)
+                    agree_on_restore(saved is not None, pass_name, index)
                 if saved is not None:
                     held = _restore_layer(step, algorithm, kwargs[index], *saved)
                 else:
@@ -241,27 +242,6 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
     if restoring:
         log.info("%s: all %d layers restored from checkpoints", pass_name, len(layers))
     return covered
-
-
-def _checkpoints(resume_dir: Path | None, algorithm: LayerAlgorithm, pass_name: str, num_layers: int, num_batches: int, device: torch.device):
-    if resume_dir is None or not algorithm.resumable:
-        return None
-    from optforge.passes.layer_checkpoints import LayerCheckpoints
-
-    # a layer calibrated on another kind of device, or over another number of processes, rounds differently
-    identity = {"pass": pass_name, "algorithm": type(algorithm).__qualname__, "num_layers": num_layers, "num_batches": num_batches, "device_type": device.type}
-    if distributed.world_size() == 1:
-        return LayerCheckpoints.open(resume_dir, identity)
-    identity["processes"] = distributed.world_size()
-    with distributed.leader_first():  # rank 0 empties a folder left by another run before the others read it
-        return LayerCheckpoints.open(resume_dir, identity, writer=distributed.is_leader())
-
-
-def _agree(restored: bool, pass_name: str, index: int) -> None:
-    """Every rank restores layer `index`, or every rank calibrates it (its collectives need them all)."""
-    flag = torch.tensor([int(restored)])
-    if distributed.all_reduce(flag, "min") != distributed.all_reduce(flag, "max"):
-        raise PassError(pass_name, f"the processes disagree on whether layer {index}'s checkpoint can be used; delete the resume folder in the cache and build again")
 
 
 def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict], checkpoints) -> Activations:

@@ -158,3 +158,33 @@ def assign_tensors(layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> 
         module_name, _, attr = key.rpartition(".")
         current = getattr(layer.get_submodule(module_name), attr)
         current.data = value.to(current.device)
+
+
+# ------------------------------------------------------------------------------------- for calibrate
+
+
+def open_checkpoints(resume_dir: Path | None, algorithm, pass_name: str, num_layers: int, num_batches: int, device: torch.device) -> LayerCheckpoints | None:
+    """The checkpoints of a `calibrate` run (None where it has no resume folder or the algorithm cannot resume).
+    Over several processes rank 0 opens them first (and may empty the folder), then the others open them to read."""
+    from optforge import distributed
+
+    if resume_dir is None or not algorithm.resumable:
+        return None
+    # a layer calibrated on another kind of device, or over another number of processes, rounds differently
+    identity = {"pass": pass_name, "algorithm": type(algorithm).__qualname__, "num_layers": num_layers, "num_batches": num_batches, "device_type": device.type}
+    if distributed.world_size() == 1:
+        return LayerCheckpoints.open(resume_dir, identity)
+    identity["processes"] = distributed.world_size()
+    with distributed.leader_first():
+        return LayerCheckpoints.open(resume_dir, identity, writer=distributed.is_leader())
+
+
+def agree_on_restore(restored: bool, pass_name: str, index: int) -> None:
+    """Over several processes: every rank restores layer `index`, or every rank calibrates it (its all-reduces
+    need them all); a disagreement stops the pass instead of hanging it."""
+    from optforge import distributed
+    from optforge.errors import PassError
+
+    flag = torch.tensor([int(restored)])
+    if distributed.all_reduce(flag, "min") != distributed.all_reduce(flag, "max"):
+        raise PassError(pass_name, f"the processes disagree on whether layer {index}'s checkpoint can be used; delete the resume folder in the cache and build again")

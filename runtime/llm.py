@@ -20,6 +20,7 @@ to be recomputed and each runs one step on its own; those that fail alone end wi
 
 from __future__ import annotations
 
+import atexit
 import logging
 import operator
 import time
@@ -362,48 +363,15 @@ class LLM:
             return
         from optforge.model_io import load_model
 
-        if config.tensor_parallel > 1:
-            self._load_sharded(path, config)
+        if config.tensor_parallel > 1:  # rank 0 gets the engine; the others run its steps and end with engine None
+            from optforge.runtime.tensor_parallel import load_sharded
+
+            self.engine, self.tokenizer = load_sharded(path, config)
+            atexit.register(self.close)
             return
         hf_model, tokenizer = load_model(path, dtype=config.dtype, device=config.device)
         self.engine = Engine(hf_model, tokenizer, config)
         self.tokenizer = tokenizer
-
-    def _load_sharded(self, path: Path, config: EngineConfig) -> None:
-        """Tensor parallelism (runtime/tensor_parallel.py): rank 0 gets the engine; the others run its steps until
-        it closes, and are left with `engine = None`."""
-        import atexit
-        import os
-
-        import torch
-
-        from optforge import distributed
-        from optforge.model_io import load_model
-        from optforge.runtime.model_runner import ModelRunner
-        from optforge.runtime.tensor_parallel import LeaderRunner, follow, shard
-
-        if config.backend != "torch":
-            raise UserInputError("--tensor-parallel runs the torch backend; drop --backend cpp")
-        if not distributed.launched() or int(os.environ.get("WORLD_SIZE", "1")) != config.tensor_parallel:
-            raise UserInputError(f"tensor_parallel={config.tensor_parallel} needs as many processes: start it with `optforge generate|serve|bench --tensor-parallel {config.tensor_parallel}` "
-                                 f"or `torchrun --nproc-per-node {config.tensor_parallel} -m optforge ...`")
-        device = distributed.init(config.device)
-        hf_model, tokenizer = load_model(path, dtype=config.dtype, device=device)
-        shard(hf_model, distributed.rank(), distributed.world_size())
-        kv_bytes = config.kv_cache_bytes
-        if kv_bytes is None and device.startswith("cuda"):  # every rank the same number of blocks: the least free memory decides
-            kv_bytes = int(distributed.all_reduce(torch.tensor([torch.cuda.mem_get_info(device)[0] // 2], dtype=torch.int64), "min")[0])
-        config = replace(config, device=device, kv_cache_bytes=kv_bytes, use_cuda_graphs=False, async_scheduling=False)
-        self.tokenizer = tokenizer
-        if not distributed.is_leader():
-            runner = ModelRunner(hf_model, block_size=config.block_size, num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
-                                 max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, use_cuda_graphs=False)
-            follow(runner)
-            self.engine = None
-            return
-        self.engine = Engine(hf_model, tokenizer, config)
-        self.engine.runner = LeaderRunner(self.engine.runner)
-        atexit.register(self.close)
 
     def close(self) -> None:
         """Under tensor parallelism, let the other ranks finish (rank 0; also at exit). Otherwise nothing."""

@@ -167,3 +167,34 @@ def follow(runner) -> int:
         steps += 1
     log.info("rank %d: %d steps run for rank 0", distributed.rank(), steps)
     return steps
+
+
+def load_sharded(path, config):
+    """(engine, tokenizer) of this rank under tensor parallelism: rank 0's Engine with a `LeaderRunner`; on the
+    other ranks the engine is None, and this returns once rank 0 has closed (after running its steps)."""
+    import os
+    from dataclasses import replace
+
+    from optforge.model_io import load_model
+    from optforge.runtime.llm import Engine
+    from optforge.runtime.model_runner import ModelRunner
+
+    if config.backend != "torch":
+        raise UserInputError("--tensor-parallel runs the torch backend; drop --backend cpp")
+    if not distributed.launched() or int(os.environ.get("WORLD_SIZE", "1")) != config.tensor_parallel:
+        raise UserInputError(f"tensor_parallel={config.tensor_parallel} needs as many processes: start it with `optforge generate|serve|bench --tensor-parallel "
+                             f"{config.tensor_parallel}` or `torchrun --nproc-per-node {config.tensor_parallel} -m optforge ...`")
+    device = distributed.init(config.device)
+    model, tokenizer = load_model(path, dtype=config.dtype, device=device)
+    shard(model, distributed.rank(), distributed.world_size())
+    kv_bytes = config.kv_cache_bytes
+    if kv_bytes is None and device.startswith("cuda"):  # every rank the same number of blocks: the least free memory decides
+        kv_bytes = int(distributed.all_reduce(torch.tensor([torch.cuda.mem_get_info(device)[0] // 2], dtype=torch.int64), "min")[0])
+    config = replace(config, device=device, kv_cache_bytes=kv_bytes, use_cuda_graphs=False, async_scheduling=False)
+    if not distributed.is_leader():
+        follow(ModelRunner(model, block_size=config.block_size, num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
+                           max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, use_cuda_graphs=False))
+        return None, tokenizer
+    engine = Engine(model, tokenizer, config)
+    engine.runner = LeaderRunner(engine.runner)
+    return engine, tokenizer
