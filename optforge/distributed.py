@@ -63,11 +63,6 @@ def init(device: str) -> str:
     return device
 
 
-def shutdown() -> None:
-    if _active():
-        torch.distributed.destroy_process_group()
-
-
 def barrier() -> None:
     if _active():
         torch.distributed.barrier()

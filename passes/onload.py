@@ -61,7 +61,6 @@ class Tiers:
     def __init__(self, device: torch.device, device_free: int | None, host_free: int | None, spill_dir: Path | None):
         self.device, self.spill_dir = device, spill_dir
         self.free = {"device": device_free, "host": host_free}
-        self.spilled = 0  # files written, for the log
         self.counts = {"device": 0, "host": 0, "disk": 0}
 
     def take(self, nbytes: int) -> str:
