@@ -39,9 +39,14 @@ def _active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def launched_size() -> int:
+    """How many processes torchrun (or another launcher setting WORLD_SIZE) started this one among; 1 outside."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
-    """Whether torchrun (or another launcher setting WORLD_SIZE > 1) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one of several that a launcher started."""
+    return launched_size() > 1
 
 
 def init(device: str) -> str:

@@ -289,18 +289,21 @@ def _run_pass(shared: _Build, spec: PassSpec, p: Pass, current: ModelArtifact, c
     record = PassRecord(name=p.name, config=p.config_dict(), cache_key=key)
     started = time.perf_counter()
 
+    ranks = distributed.world_size() > 1
+
     def run(tmp: Path) -> dict:
+        if ranks:  # the other ranks run the pass with this one (their share of the calibration, resuming from its checkpoints)
+            distributed.broadcast({"run": True, "resume": str(cache.resume_dir(key))})
         log.info("pass %s: running%s", p.name, f" on {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
         with PeakMemory(device) as peak:
             p.run(current, PassContext(output_dir=tmp, model=recipe.model, calibration=recipe.data.calibration, device=device, progress=progress,
                                        resume_dir=cache.resume_dir(key), memory=shared.memory))
         return {"memory": peak.result()}
 
-    ranks = distributed.world_size() > 1
-    if ranks:  # the other ranks run the pass with this one (their share of the calibration, resuming from its checkpoints), or not
-        distributed.broadcast({"run": cache.dir_entry("passes", key) is None, "resume": str(cache.resume_dir(key))})
     entry, record.cached = cache.get_or_build_dir("passes", key, run)
     if ranks:
+        if record.cached:
+            distributed.broadcast({"run": False})  # the pass's output was cached: nothing for the other ranks to run
         distributed.broadcast({"entry": str(entry.path)})
     record.memory = (entry.run or {}).get("memory")
     if record.cached:

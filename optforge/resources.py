@@ -2,16 +2,15 @@
 and `--max-host-memory`, and the peak device and host memory of a pass.
 
 Peak device memory is what torch's CUDA allocator handed out (`torch.cuda.max_memory_allocated`, reset when
-the pass starts); peak host memory is the process's resident set, sampled every 20 ms while the pass runs
-(interpreter and libraries included), so short spikes between samples can be missed by a few milliseconds'
-worth of allocation, never by a whole model copy.
+the block starts); peak host memory is the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs when the block starts; interpreter and libraries included).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +56,17 @@ def resident_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def _host_peak_bytes() -> int:
+    """The process's peak resident set (VmHWM) since the last reset, or since it started; 0 where unreadable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class PeakMemory:
     """Context manager measuring the peak device and host memory of what runs inside it.
 
@@ -64,35 +74,29 @@ class PeakMemory:
     (the device entries only where the device is a CUDA device; the peak is what torch held at most, the start
     what it already held when the block began)."""
 
-    def __init__(self, device: str, interval: float = 0.02):
+    def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
-        self.device, self.interval = device, interval
+        self.device = device
         self.host_peak = 0
         self.device_peak: int | None = None
         self.device_start = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.host_peak = max(self.host_peak, resident_bytes())
 
     def __enter__(self) -> "PeakMemory":
+        gc.collect()  # what earlier work left unreachable is not this block's
         if self.cuda:
             import torch
 
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             self.device_start = int(torch.cuda.memory_allocated(self.device))
-        self.host_peak = resident_bytes()
-        self._thread = threading.Thread(target=self._sample, name="optforge-peak-memory", daemon=True)
-        self._thread.start()
+        try:  # Linux: writing 5 resets the process's peak resident set (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.host_peak = max(self.host_peak, resident_bytes())
+        self.host_peak = max(_host_peak_bytes(), resident_bytes())
         if self.cuda:
             import torch
 

@@ -32,6 +32,7 @@ from optforge.gate import GateOutcome
 from optforge.hashing import sha256_json
 from optforge.recipe import GateSpec
 from optforge.recipe_speed import SPEED_METRICS, SpeedSpec
+from optforge.resources import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -163,47 +164,17 @@ def run_round(path: Path, speed: SpeedSpec, dtype: str) -> dict[str, float]:
         per_seq = -(-(speed.input_len + speed.output_len + 16) // 16)
         config = EngineConfig(dtype=dtype, device=speed.device, backend=speed.backend, num_threads=speed.threads, max_num_seqs=speed.concurrency,
                               max_model_len=speed.input_len + speed.output_len + 16, num_blocks=speed.concurrency * per_seq + 8, verify=False)
-        _reset_peak_memory(speed.device)
-        llm = LLM.from_resolved(path, config)
-        bench_runtime(llm.engine, Workload(input_len=speed.input_len, output_len=2, num_requests=1, concurrency=1, seed=1), warmup=False)  # warm-up
-        workload = Workload(input_len=speed.input_len, output_len=speed.output_len, num_requests=speed.num_requests, concurrency=speed.concurrency)
-        result = bench_runtime(llm.engine, workload, warmup=False)
-        peak = _peak_memory_gb(speed.device)
+        with PeakMemory(speed.device) as peak:  # CUDA: torch's allocations; CPU: the process's resident set (all of it)
+            llm = LLM.from_resolved(path, config)
+            bench_runtime(llm.engine, Workload(input_len=speed.input_len, output_len=2, num_requests=1, concurrency=1, seed=1), warmup=False)  # warm-up
+            workload = Workload(input_len=speed.input_len, output_len=speed.output_len, num_requests=speed.num_requests, concurrency=speed.concurrency)
+            result = bench_runtime(llm.engine, workload, warmup=False)
         del llm
     finally:
         torch.set_num_threads(threads)
         gc.collect()
-    return round_metrics(result, peak, speed)
-
-
-def _reset_peak_memory(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:  # Linux: writing 5 resets the process's peak resident set (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_memory_gb(device: str) -> float:
-    """CUDA: peak allocated by torch; CPU: the process's peak resident set since the reset (interpreter and
-    libraries included, so ratios understate a model's own saving); NaN where it cannot be read."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 2**30
-    except (OSError, ValueError):
-        pass
-    return float("nan")
+    measured = peak.result()
+    return round_metrics(result, measured.get("device_peak_bytes", measured["host_peak_bytes"]) / 2**30, speed)
 
 
 def measure_pair(baseline: Path, candidate: Path, speed: SpeedSpec, dtype: str, *, run: RoundFn | None = None) -> dict:

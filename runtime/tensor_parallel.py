@@ -172,7 +172,6 @@ def follow(runner) -> int:
 def load_sharded(path, config):
     """(engine, tokenizer) of this rank under tensor parallelism: rank 0's Engine with a `LeaderRunner`; on the
     other ranks the engine is None, and this returns once rank 0 has closed (after running its steps)."""
-    import os
     from dataclasses import replace
 
     from optforge.model_io import load_model
@@ -181,7 +180,7 @@ def load_sharded(path, config):
 
     if config.backend != "torch":
         raise UserInputError("--tensor-parallel runs the torch backend; drop --backend cpp")
-    if not distributed.launched() or int(os.environ.get("WORLD_SIZE", "1")) != config.tensor_parallel:
+    if distributed.launched_size() != config.tensor_parallel:
         raise UserInputError(f"tensor_parallel={config.tensor_parallel} needs as many processes: start it with `optforge generate|serve|bench --tensor-parallel "
                              f"{config.tensor_parallel}` or `torchrun --nproc-per-node {config.tensor_parallel} -m optforge ...`")
     device = distributed.init(config.device)

@@ -56,9 +56,9 @@ def _resolve(model: str, config, cache_dir: Optional[Path]) -> Path:
 
 def _launched_degree() -> int:
     """The tensor-parallel degree torchrun started this process with (1 outside torchrun)."""
-    import os
+    from optforge.distributed import launched_size
 
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launched_size()
 
 
 def _load_parallel(path: Path, config, tensor_parallel: int):
