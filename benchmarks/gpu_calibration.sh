@@ -6,6 +6,8 @@
 #   8b        GPU tests of onloaded calibration, then the Llama-3.1-8B shape: int8 RTN, FP8 static, SmoothQuant
 #             W8A8, int4 AWQ g128 (128 x 2048 tokens)
 #   8b-gptq   the 8B shape with int4 GPTQ g128
+#   kernels   GPU tests of calibration and quantized kernels, GPTQ's column loop against its Triton block kernel
+#             on the 8B layer's Linear shapes, then the 8B shape with int4 GPTQ g128 and SmoothQuant W8A8
 #   70b       the onload GPU tests, then the Llama-3.1-70B layer shape with 4, then 12 decoder layers, int4 AWQ g128,
 #             --max-device-memory 12GiB
 # build/gpu-carry: tokenizer/ (any tokenizer folder, e.g. the SmolLM2 source's tokenizer files) and calib.json.gz
@@ -24,6 +26,13 @@ case "${1:-8b}" in
       tests/runtime/test_quantized_runtime_gpu.py 2>&1 | tail -30 | tee "$OUT/pytest.txt"
     timeout 420 python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int8-rtn fp8-static smoothquant-w8a8 int4-awq-g128 "${COMMON[@]}" 2>&1 \
       | grep -v -E "Warning|it/s\]" | tee "$OUT/8b.log"
+    ;;
+  kernels)
+    timeout 150 python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider tests/passes/quant/test_gptq_block.py tests/passes/test_onload_gpu.py \
+      tests/runtime/test_kv_quant_gpu.py tests/runtime/test_quantized_runtime_gpu.py tests/formats/test_kernels_gpu.py 2>&1 | tail -30 | tee "$OUT/pytest.txt"
+    timeout 90 python3 benchmarks/gptq_kernel_gpu.py --out "$OUT" 2>&1 | tee "$OUT/gptq_kernel.log"
+    timeout 300 python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int4-gptq-g128 smoothquant-w8a8 "${COMMON[@]}" 2>&1 \
+      | grep -v -E "Warning|it/s\]" | tee "$OUT/8b-kernels.log"
     ;;
   8b-gptq)
     timeout 90 python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider tests/passes/test_onload_gpu.py 2>&1 | tail -40 | tee "$OUT/pytest-onload.txt"

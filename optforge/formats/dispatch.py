@@ -9,6 +9,10 @@ import torch
 
 # Above this many rows the FP8 / W8A8 layers use the vendor GEMMs (compute-bound); below, our Triton kernel.
 TRITON_MAX_ROWS = 64
+# A large batch goes to the vendor GEMM this many rows at a time, so its int32/float32 temporaries stay bounded
+# (4096 rows x 28672 outputs x 12 bytes: 1.3 GiB) whatever the batch: a calibration forward of 32k tokens
+# through a W8A8 MLP would otherwise hold several copies of a (tokens x intermediate) float32 matrix.
+ROWS_PER_GEMM = 4096
 
 
 def triton_w8(x2: torch.Tensor, weight: torch.Tensor):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optforge.formats.dispatch import TRITON_MAX_ROWS, triton_w8
+from optforge.formats.dispatch import ROWS_PER_GEMM, TRITON_MAX_ROWS, triton_w8
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +114,11 @@ class W8A8Linear(ChannelInt8Linear):
             self.kernel = "triton w8_matmul (int8 activations)"
             y = kernel.w8_matmul(x2, self.weight, self.weight_scale, act=kernel.ACT_INT8_TOKEN, bias=self.bias)
             return y.reshape(*shape[:-1], self.out_features)
-        xq, x_scale = quantize_rows_int8(x2)
-        acc = self._int_mm(xq)  # (M, N) int32
-        y = (acc.float() * x_scale * self.weight_scale.reshape(1, -1)).to(x.dtype)
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for rows in range(0, x2.shape[0], ROWS_PER_GEMM):  # bounded float32/int32 temporaries, whatever the batch
+            xq, x_scale = quantize_rows_int8(x2[rows : rows + ROWS_PER_GEMM])
+            acc = self._int_mm(xq)  # (rows, N) int32
+            y[rows : rows + ROWS_PER_GEMM] = acc.float().mul_(x_scale).mul_(self.weight_scale.reshape(1, -1))
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y += self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

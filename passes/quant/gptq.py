@@ -50,32 +50,59 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, ac
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W, dtype=torch.int8)
+    kernel = _block_kernel(W, static=static, g=g, block_size=block_size)
     order = perm.tolist()  # column numbers on the host once: reading them per column would wait for the GPU each time
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = order[i1 + i]
-            gi = col // g
-            if not static and col % g == 0:  # the group's g columns as they stand: the rest of this block, then the next
-                group = W1[:, i : i + g]
-                if group.shape[1] < g:
-                    group = torch.cat([group, W[:, i2 : i2 + g - group.shape[1]]], dim=1)
-                s, z = qparams(group, Grid(grid.bits, None, grid.symmetric, grid.full_range))
-                scale[:, gi] = s[:, 0]
-                if zero is not None:
-                    zero[:, gi] = z[:, 0]
-            w = W1[:, i]
-            s_col = scale[:, gi : gi + 1]
-            z_col = None if zero is None else zero[:, gi : gi + 1]
-            q = quantize(w.unsqueeze(1), s_col, z_col, grid)
-            Q[:, i1 + i] = q[:, 0]
-            err = (w - dequantize(q, s_col, z_col)[:, 0]) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        if kernel is None:
+            Err1 = _round_block(W, Hinv, Q, scale, zero, grid, order, i1, i2, g=g, static=static)
+        elif static:
+            cols = perm[i1:i2] // g
+            Err1 = kernel.quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], Q[:, i1:i2], grid, scale_cols=scale[:, cols], zero_cols=None if zero is None else zero[:, cols])
+        else:  # groups lie inside the block: the kernel fills their parameters as it reaches them
+            groups = slice(i1 // g, i2 // g)
+            Err1 = kernel.quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], Q[:, i1:i2], grid, group_scale=scale[:, groups], group_zero=None if zero is None else zero[:, groups])
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q[:, torch.argsort(perm)].contiguous(), scale, zero
+
+
+def _block_kernel(W: torch.Tensor, *, static: bool, g: int, block_size: int):
+    """The Triton block kernel (`gptq_block.py`) where it runs: CUDA with Triton, blocks of at most 256 columns,
+    and groups that lie inside blocks (always so for static groups)."""
+    if not W.is_cuda or block_size > 256 or not (static or block_size % g == 0):
+        return None
+    try:
+        from optforge.passes.quant import gptq_block
+    except ImportError:  # no Triton
+        return None
+    return gptq_block
+
+
+def _round_block(W, Hinv, Q, scale, zero, grid: Grid, order: list[int], i1: int, i2: int, *, g: int, static: bool) -> torch.Tensor:
+    """Columns i1:i2 one at a time (the torch loop): round each, spread its error over the block's later
+    columns; returns the block's errors for the caller's lazy update of the columns after it."""
+    W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+    Err1 = torch.zeros_like(W1)
+    for i in range(i2 - i1):
+        col = order[i1 + i]
+        gi = col // g
+        if not static and col % g == 0:  # the group's g columns as they stand: the rest of this block, then the next
+            group = W1[:, i : i + g]
+            if group.shape[1] < g:
+                group = torch.cat([group, W[:, i2 : i2 + g - group.shape[1]]], dim=1)
+            s, z = qparams(group, Grid(grid.bits, None, grid.symmetric, grid.full_range))
+            scale[:, gi] = s[:, 0]
+            if zero is not None:
+                zero[:, gi] = z[:, 0]
+        w = W1[:, i]
+        s_col = scale[:, gi : gi + 1]
+        z_col = None if zero is None else zero[:, gi : gi + 1]
+        q = quantize(w.unsqueeze(1), s_col, z_col, grid)
+        Q[:, i1 + i] = q[:, 0]
+        err = (w - dequantize(q, s_col, z_col)[:, 0]) / Hinv1[i, i]
+        W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Err1
 
 
 class GPTQLayers(LayerAlgorithm):

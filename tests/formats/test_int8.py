@@ -53,3 +53,19 @@ def test_w8a8_zero_tokens_and_zero_weight_rows_give_exact_zeros():
     y = layer(x)
     assert layer.kernel == "torch._int_mm"
     assert not y[1].any() and not y[:, 5].any() and torch.isfinite(y).all()
+
+
+def test_w8a8_large_batch_in_row_blocks_equals_one_gemm(monkeypatch):
+    """A batch larger than ROWS_PER_GEMM goes through the GEMM in row blocks: the same values as one GEMM
+    over every row (each row's scale is its own), the last block shorter, the bias added once."""
+    import optforge.formats.int8 as int8
+
+    torch.manual_seed(0)
+    layer = W8A8Linear(64, 24, bias=True)
+    layer.set_float(torch.randn(24, 64))
+    layer.bias.data = torch.randn(24)
+    x = torch.randn(3, 9, 64)  # 27 rows: blocks of 8, 8, 8, 3
+    xq, xs = quantize_rows_int8(x.reshape(-1, 64))
+    expected = ((torch._int_mm(xq, layer.weight.T).float() * xs * layer.weight_scale.reshape(1, -1)) + layer.bias).reshape(3, 9, 24)
+    monkeypatch.setattr(int8, "ROWS_PER_GEMM", 8)
+    assert torch.equal(layer(x), expected)
