@@ -44,7 +44,8 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
     from safetensors.torch import load_file
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    with _no_init_weights():  # every weight comes from the file: random init would cost minutes at 8B on a CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     for name, spec in modules.items():
         swap_linear(model, name, spec)
     state = load_file(path / WEIGHTS_FILE)
@@ -58,6 +59,18 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
     if missing or unexpected:
         raise ArtifactError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return _apply_layout(model, layout, fusions).to(device).eval(), tokenizer
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialization (buffers computed in __init__, such as rotary
+    frequencies, are still computed); a no-op context where the installed transformers lacks it."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _apply_layout(model, layout: dict, fusions: bool = True):

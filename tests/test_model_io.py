@@ -37,6 +37,18 @@ def test_loaded_artifact_runs(int8_artifact):
     assert torch.isfinite(model(ids).logits).all() and not model.training
 
 
+def test_a_quantized_artifact_loads_without_initializing_weights(int8_artifact, monkeypatch):
+    """Every weight comes from the file, so none is drawn at random first (at 8B that costs minutes on a CPU);
+    buffers computed in __init__ (rotary frequencies) are still right: the logits match the built model's."""
+    reference, _ = load_model(open_artifact(int8_artifact).path)
+    draws = []
+    original = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda *a, **k: draws.append(1) or original(*a, **k))
+    model, _ = load_model(open_artifact(int8_artifact).path)
+    assert draws == []
+    assert torch.equal(_logits(model), _logits(reference))
+
+
 def test_save_then_load_is_exact_and_stores_tied_weights_once(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(tiny_model_dir)
     save_model(model, tokenizer, tmp_path / "copy")
