@@ -9,8 +9,10 @@ head are whole on every rank. Each rank's KV cache holds its KV heads for the sa
 tables: `StepView`) to the others, which run the same forward (`follow`). Sums reduce in the same order on every
 rank, so every rank computes the same hidden states.
 
-Layers take dense Linears and per-channel INT8 (weight-only and W8A8); other quantized formats and the fused
-batch-1 decode path and CUDA graphs are not used under tensor parallelism.
+Layers take dense Linears, INT8 (weight-only and W8A8), group-wise or per-channel INT4/INT8 weight-only (a
+row-parallel split must fall on group boundaries) and FP8. Activations that are rounded per token (W8A8, dynamic
+FP8) are rounded per rank in a row-parallel Linear, from the rank's slice of the row: close to one process's
+numbers, not equal to them. The fused batch-1 decode path and CUDA graphs are not used under tensor parallelism.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from torch import nn
 
 from optforge import distributed
 from optforge.errors import UserInputError
+from optforge.formats.fp8 import Fp8Linear
 from optforge.formats.int8 import ChannelInt8Linear
+from optforge.formats.weight_only import WeightOnlyLinear
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +57,47 @@ def _slice(module: nn.Module, dim: int, part: slice, keep_bias: bool = True) -> 
         if out.bias is not None:
             out.bias = nn.Parameter((module.bias.detach()[part] if dim == 0 else module.bias.detach()).contiguous(), requires_grad=False)
         return out
-    if isinstance(module, ChannelInt8Linear):  # int8 (out, in) with one scale per output row
-        out = copy.copy(module)
-        out._parameters, out._buffers = dict(module._parameters), dict(module._buffers)
+    if isinstance(module, (ChannelInt8Linear, Fp8Linear)):  # 8-bit (out, in), one scale per output row or per tensor
+        out = _shallow_copy(module)
+        per_row = module.weight_scale.numel() > 1
         if dim == 0:
-            out.weight, out.weight_scale = module.weight[part].contiguous(), module.weight_scale[part].contiguous()
-            out.bias = None if module.bias is None else nn.Parameter(module.bias.detach()[part].contiguous(), requires_grad=False)
+            out.weight = module.weight[part].contiguous()
+            out.weight_scale = module.weight_scale[part].contiguous() if per_row else module.weight_scale
         else:
             out.weight = module.weight[:, part].contiguous()
-            out.bias = module.bias if keep_bias else None
         out.out_features, out.in_features = out.weight.shape
-        return out
-    raise UserInputError(f"tensor parallelism runs dense and per-channel INT8 Linears; this model has {type(module).__name__} layers. Serve it with --tensor-parallel 1")
+    elif isinstance(module, WeightOnlyLinear):  # int4/int8 codes with a scale (and zero) per row and group
+        q, scale, zero = module.quantized()
+        out = _shallow_copy(module)
+        if dim == 0:
+            q, scale, zero = q[part], scale[part], None if zero is None else zero[part]
+        else:
+            g = module.group_size or module.in_features
+            if part.start % g and module.group_size:
+                raise UserInputError(f"tensor parallelism splits {module.in_features} input columns at {part.start}, inside a group of {g}: serve this artifact with a degree whose split falls on group boundaries")
+            groups = slice(part.start // g, part.stop // g) if module.group_size else slice(None)
+            q, scale, zero = q[:, part], scale[:, groups], None if zero is None else zero[:, groups]
+        out.out_features, out.in_features = q.shape
+        if module.bits == 4:
+            out.weight_shape = torch.tensor(list(q.shape), dtype=torch.int64)
+        out.set_quantized(q.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous())
+    else:
+        raise UserInputError(f"tensor parallelism runs dense, INT8, INT4 and FP8 Linears; this model has {type(module).__name__} layers. Serve it with --tensor-parallel 1")
+    if dim == 0:
+        out.bias = None if module.bias is None else nn.Parameter(module.bias.detach()[part].contiguous(), requires_grad=False)
+    else:
+        out.bias = module.bias if keep_bias else None
+    return out
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """The module with its own parameter and buffer tables (so replacing one leaves the original whole)."""
+    out = copy.copy(module)
+    out._parameters, out._buffers = dict(module._parameters), dict(module._buffers)
+    for cache in ("_prepared", "_dense", "_w_scale_rows"):  # derived from the old tensors
+        if hasattr(out, cache):
+            setattr(out, cache, None)
+    return out
 
 
 class RowParallel(nn.Module):
