@@ -1,9 +1,11 @@
-"""The forward of a Llama-family decoder over the paged KV cache.
+"""The forward of a Llama-family or Gemma-3 decoder over the paged KV cache.
 
 The forward is ours; the weights and modules are the HF model's (q/k/v/o projections, which may be the
 quantized Linear modules of an artifact, MLP, norms, and HF's rotary module, so rope scaling follows the
-config). A layer runs in one of three forms:
-- the HF modules one by one (CPU, and models the fused forms do not take);
+config). What differs by model family (attention windows, rotary per layer type, attention scale, logit cap)
+is read by runtime/architectures.py. A layer runs in one of three forms:
+- the HF modules one by one (CPU, Gemma-3's norms around attention and MLP, sliding-window models, and
+  models the fused forms do not take);
 - fused (CUDA with Triton): q/k/v and gate/up as one matmul each, dense or quantized with per-row scales,
   residual+RMSNorm, rotary+KV write and SiLU*up as Triton kernels;
 - batch-1 decode in six launches per layer (`kernels/fused_decode.py`), where every projection is dense in
@@ -16,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optforge.errors import UserInputError
 from optforge.formats.kv_cache import kv_kernel_args, stored_kv
+from optforge.runtime.architectures import SUPPORTED_MODEL_TYPES, binding_windows, read_architecture
 from optforge.runtime.kernels.decode_options import DecodeKernelOptions
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+__all__ = ["Decoder", "SUPPORTED_MODEL_TYPES"]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -34,21 +36,19 @@ class Decoder:
 
     def __init__(self, model: nn.Module):
         cfg = model.config
-        if cfg.model_type not in SUPPORTED_MODEL_TYPES or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            raise UserInputError(
-                f"the runtime runs {', '.join(SUPPORTED_MODEL_TYPES)} decoders without sliding windows; this model is "
-                f"'{cfg.model_type}'. Evaluate it with HF transformers instead (`optforge eval`)."
-            )
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.arch = read_architecture(cfg, self.head_dim)  # UserInputError for a model the runtime cannot run
         self.model, self.config = model, cfg
         self.base = model.model
         self.layers = list(self.base.layers)
         self.device = self.base.embed_tokens.weight.device
         self.dtype = self.base.embed_tokens.weight.dtype
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         tp = getattr(model, "tensor_parallel", 1)  # this rank's share of the heads (runtime/tensor_parallel.py)
         self.num_heads = cfg.num_attention_heads // tp
         self.num_kv_heads = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // tp
-        self.scale = self.head_dim**-0.5
+        self.scale = self.arch.scale
+        # Gemma: a norm on the attention output and one before and after the MLP, each before its residual add
+        self.has_sandwich_norms = hasattr(self.layers[0], "pre_feedforward_layernorm")
         self.kv = stored_kv(model)  # the artifact's FP8/INT8 KV cache, or None: K/V in the model dtype
         self.fused: list[dict] | None = None
         self.decode_weights: dict | None = None
@@ -56,7 +56,11 @@ class Decoder:
     # ---- weights ------------------------------------------------------------------------------------
     def fuse(self, max_model_len: int) -> None:
         """Build the fused forms where they apply (CUDA with Triton). The runner calls this after allocating the
-        KV cache, whose size may follow the free memory: stacking the weights moves memory around."""
+        KV cache, whose size may follow the free memory: stacking the weights moves memory around. A model with
+        a window that hides keys within `max_model_len` keeps the HF modules: the fused forms attend to every key."""
+        if any(binding_windows(self.arch.windows, max_model_len)):
+            self.fused = self.decode_weights = None
+            return
         self.fused = self._fuse_weights()
         self.decode_weights = self._decode_weights(max_model_len) if self.fused is not None else None
 
@@ -65,11 +69,13 @@ class Decoder:
         views into the stacked tensors, so no second copy of the weights stays alive."""
         from optforge.formats.fused import can_stack, stack_linears
 
+        if self.has_sandwich_norms or getattr(self.config, "hidden_act", None) != "silu":
+            return None
         fused = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             groups = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "gate_up": [mlp.gate_proj, mlp.up_proj]}
-            if hasattr(attn, "q_norm") or self.config.hidden_act != "silu" or not all(can_stack(g) for g in groups.values()):
+            if hasattr(attn, "q_norm") or not all(can_stack(g) for g in groups.values()):
                 return None
             fused.append({key: stack_linears(mods, share=True) for key, mods in groups.items()})
         return fused
@@ -92,6 +98,8 @@ class Decoder:
         half = self.head_dim // 2
         if half < 16 or half & (half - 1) or getattr(self.base.rotary_emb, "rope_type", "default") not in ("default", "llama3", "linear"):
             return None
+        if self.arch.final_logit_softcap is not None:  # its LM-head launch returns the raw logits
+            return None
         layers = []
         for layer, fused in zip(self.layers, self.fused):
             ws = {"qkv": weight(fused["qkv"]), "o": weight(layer.self_attn.o_proj), "gate_up": weight(fused["gate_up"]), "down": weight(layer.mlp.down_proj)}
@@ -110,19 +118,24 @@ class Decoder:
 
     # ---- the forward --------------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
+        logits = self.model.lm_head(hidden)
+        cap = self.arch.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def forward(self, kv_cache, input_ids, positions, slot_mapping, attend) -> torch.Tensor:
         """(T,) token ids, positions and cache slots -> (T, hidden) final-normed hidden states; writes each
         token's K/V to its slot of `kv_cache` (layers, k|v, blocks, block_size, kv heads, head dim)."""
-        h = self.base.embed_tokens(input_ids)  # (T, H)
-        cos, sin = self.base.rotary_emb(h[None], positions[None])
-        cos, sin = cos[0], sin[0]  # (T, D)
+        h = self.base.embed_tokens(input_ids)  # (T, H); Gemma's embedding module scales by sqrt(H) itself
+        ropes = {}  # rotary layer type (None: one for all layers) -> cos, sin (T, D), computed once per step
+        for rope_type in dict.fromkeys(self.arch.rope_types):
+            cos, sin = self.base.rotary_emb(h[None], positions[None], *([rope_type] if rope_type is not None else []))
+            ropes[rope_type] = cos[0], sin[0]
         if self.fused is not None:
-            return self._forward_fused(kv_cache, h, cos, sin, slot_mapping, attend)
+            return self._forward_fused(kv_cache, h, *ropes[None], slot_mapping, attend)
         num_tokens = h.shape[0]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
+            cos, sin = ropes[self.arch.rope_types[i]]
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
             k = attn.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -132,8 +145,13 @@ class Decoder:
             q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
             k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
             self._write_kv(kv_cache, i, slot_mapping, k, v)
-            h = h + attn.o_proj(attend(i, q).reshape(num_tokens, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            a = attn.o_proj(attend(i, q).reshape(num_tokens, -1))
+            if self.has_sandwich_norms:
+                h = h + layer.post_attention_layernorm(a)
+                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            else:
+                h = h + a
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.base.norm(h)
 
     def _write_kv(self, kv_cache, layer: int, slot_mapping, k, v) -> None:

@@ -1,10 +1,12 @@
-"""Runs a Llama-family model over a paged KV cache: owns the KV cache tensors and the CUDA graphs, and turns a
-scheduled step into the forward's inputs (token ids, positions, slots, the rows to sample).
+"""Runs a Llama-family or Gemma-3 model over a paged KV cache: owns the KV cache tensors and the CUDA graphs, and
+turns a scheduled step into the forward's inputs (token ids, positions, slots, the rows to sample).
 
 The forward and the weights it needs are runtime/decoder.py; attention and its metadata runtime/attention.py;
 the decode CUDA graphs runtime/cuda_graphs.py. On CPU (and for steps with prefill chunks on CUDA) attention
 gathers each sequence's keys and values into SDPA; on CUDA, decode-only steps use our Triton paged-attention
-kernel and the fused layer, captured in CUDA graphs for the decode batch sizes up to `max_num_seqs`.
+kernel and the fused layer, captured in CUDA graphs for the decode batch sizes up to `max_num_seqs`. A model
+whose sliding window hides keys within `max_model_len` (Gemma-3, windowed Mistral/Qwen) runs every step
+gathered, unfused and without graphs, on CUDA too: the kernel and the fused forms attend to the whole context.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from optforge.runtime.architectures import binding_windows
 from optforge.runtime.attention import PagedAttention, slot
 from optforge.runtime.cuda_graphs import DecodeGraphs
 from optforge.runtime.decoder import Decoder
@@ -65,7 +68,9 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.is_cuda = self.device.type == "cuda"
         self.kernel_options = kernel_options
-        self.use_triton = self.is_cuda and _triton_available()
+        windows = binding_windows(decoder.arch.windows, max_model_len)  # per layer; None where nothing is hidden
+        # Triton on CUDA: the paged kernel, the fused layers and the graphs, for models whose windows hide nothing
+        self.use_paged_kernel = self.is_cuda and _triton_available() and not any(windows)
         # K/V in the model dtype, or one byte each (FP8/INT8 with the artifact's per-layer scales: formats/kv_cache.py)
         self.kv_dtype = decoder.kv.storage if decoder.kv is not None else self.dtype
         self.num_blocks = num_blocks or self._blocks_for_budget(kv_cache_bytes)
@@ -74,20 +79,20 @@ class ModelRunner:
             len(decoder.layers), 2, self.num_blocks + 1, block_size, decoder.num_kv_heads, decoder.head_dim,
             dtype=self.kv_dtype, device=self.device,
         )
-        self.attention = PagedAttention(self.kv_cache, num_heads=decoder.num_heads, scale=decoder.scale, use_paged_kernel=self.use_triton,
-                                        kv=decoder.kv, dtype=self.dtype)
-        if self.use_triton:
+        self.attention = PagedAttention(self.kv_cache, num_heads=decoder.num_heads, scale=decoder.scale, use_paged_kernel=self.use_paged_kernel,
+                                        kv=decoder.kv, dtype=self.dtype, windows=windows)
+        if self.use_paged_kernel:
             decoder.fuse(max_model_len)
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
         self._last_launch: list[int] = []  # tokens of the last `launch` without graphs
-        if self.use_triton and use_cuda_graphs:
+        if self.use_paged_kernel and use_cuda_graphs:
             self.graphs = DecodeGraphs(max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq, block_size=block_size,
                                        scratch_block=self.num_blocks, device=self.device)
             self.graphs.capture(self.decode_logits)
         log.info("model runner: %d KV blocks of %d tokens on %s, K/V stored as %s (%d bytes per block; triton=%s, graphs=%s)", self.num_blocks, block_size,
                  self.device, decoder.kv.dtype if decoder.kv is not None else str(self.dtype).removeprefix("torch."), self.bytes_per_block,
-                 self.use_triton, self.graphs is not None)
+                 self.use_paged_kernel, self.graphs is not None)
 
     @property
     def fused(self) -> list[dict] | None:
