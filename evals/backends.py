@@ -24,19 +24,24 @@ _logged: set[str] = set()
 
 
 def runtime_refusal(path: str | Path) -> str | None:
-    """Why the serving runtime cannot run the model at `path` (read from its config.json), None when it can.
-    The same rule as runtime/decoder.py `Decoder`: a supported model type, without sliding-window attention."""
-    from optforge.runtime.decoder import SUPPORTED_MODEL_TYPES
+    """Why the serving runtime cannot run the model at `path` (read from its config.json), None when it can: the
+    runtime decoder's own rule (`runtime/architectures.py`)."""
+    from transformers import AutoConfig
+
+    from optforge.errors import UserInputError
+    from optforge.runtime.architectures import SUPPORTED_MODEL_TYPES, read_architecture
 
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         return f"{path} has no config.json"
-    config = json.loads(config_path.read_text())
-    model_type = config.get("model_type")
+    model_type = json.loads(config_path.read_text()).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"the runtime does not run {model_type} models"
-    if config.get("sliding_window") and config.get("use_sliding_window", True):
-        return f"the runtime does not run sliding-window attention ({model_type}, window {config['sliding_window']})"
+    config = AutoConfig.from_pretrained(path)
+    try:
+        read_architecture(config, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    except UserInputError as e:
+        return str(e)
     return None
 
 

@@ -42,7 +42,9 @@ def test_auto_is_the_runtime_where_it_runs_the_model_else_hf_said_once(tmp_path,
     monkeypatch.setattr(backends, "_logged", set())  # once per process: forget what earlier tests said
     assert runtime_refusal(tiny_model_dir) is None and resolve_backend("auto", tiny_model_dir) == "runtime"
     assert runtime_refusal(_config(tmp_path / "qwen2", model_type="qwen2", sliding_window=4096, use_sliding_window=False)) is None
-    assert "sliding-window" in runtime_refusal(_config(tmp_path / "mistral", model_type="mistral", sliding_window=4096))
+    assert runtime_refusal(_config(tmp_path / "mistral", model_type="mistral", sliding_window=4096)) is None  # windows run
+    capped = _config(tmp_path / "capped", model_type="gemma3_text", attn_logit_softcapping=50.0)
+    assert "attn_logit_softcapping" in runtime_refusal(capped)
     gemma = _config(tmp_path / "gemma", model_type="gemma3")
     with caplog.at_level(logging.INFO, logger="optforge.evals.backends"):
         assert resolve_backend("auto", gemma) == resolve_backend("auto", gemma) == "hf"
