@@ -190,3 +190,18 @@ def test_other_architectures_and_capped_attention_scores_are_refused():
         ModelRunner(gpt2, num_blocks=4)
     with pytest.raises(UserInputError, match=r"gemma3_text models with attn_logit_softcapping=50.0.*optforge eval"):
         Decoder(make_tiny_gemma3(attn_logit_softcapping=50.0))
+
+
+@pytest.mark.parametrize("spec", [{"scheme": "weight_only", "bits": 8, "group_size": None}, {"scheme": "weight_only", "bits": 4, "group_size": 16},
+                                  {"scheme": "fp8", "strategy": "channel", "dynamic": True}], ids=["int8", "int4 g16", "fp8"])
+def test_quantized_gemma3_serves_the_tokens_hf_generates(byte_tokenizer, spec):
+    """Gemma-3 with quantized Linears (every projection; the tied embedding/LM head stays float): the runtime's
+    greedy tokens are HF generate's on the same quantized model."""
+    from optforge.formats import quantize_in_memory
+
+    model = make_tiny_gemma3()
+    assert quantize_in_memory(model, spec)
+    expected = hf_generate(model, PROMPTS[:3])
+    llm = LLM.from_model(model, byte_tokenizer, CONFIGS["batched+prefix"])
+    outs = llm.generate(PROMPTS[:3], SamplingParams(max_tokens=NUM_NEW, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
