@@ -1,3 +1,4 @@
-"""Export passes: ONNX with an explicit KV cache (`export.onnx`) and TensorRT engines (`export.tensorrt`)."""
+"""Export passes: ONNX with an explicit KV cache (`export.onnx`), TensorRT engines (`export.tensorrt`) and
+ModelOpt's unified Hugging Face checkpoint (`export.modelopt`)."""
 
-from optforge.passes.export import onnx_export, tensorrt  # noqa: F401
+from optforge.passes.export import modelopt, onnx_export, tensorrt  # noqa: F401
