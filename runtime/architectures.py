@@ -6,6 +6,12 @@ Llama, Mistral, Qwen2 and Qwen3 run one rotary embedding for every layer; a Mist
 embeddings differ in base (the rotary module takes the layer type), scale attention by
 `query_pre_attn_scalar ** -0.5`, and may cap the final logits with tanh. Their embedding module multiplies by
 sqrt(hidden) itself, and their norms compute x * (1 + w) inside HF's modules, which the decoder calls.
+Mixture-of-experts models (`qwen3_moe`, `mixtral`) are Qwen3/Mistral layouts whose MLP may be a sparse block: a
+router (`mlp.gate`) picks the top-k experts of each token, and the experts are 3D parameters
+(`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I)) rather than Linears. The decoder
+calls HF's block as it is (Qwen3-MoE layers in `mlp_only_layers`, or off its `decoder_sparse_step`, hold a
+dense MLP there). Neither the fused forms (one dense gate|up per layer) nor CUDA graphs (which would replay
+one step's routing) run them.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from dataclasses import dataclass
 
 from optforge.errors import UserInputError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", *MOE_MODEL_TYPES)
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -28,6 +35,9 @@ class Architecture:
     rope_types: tuple[str | None, ...]
     scale: float  # multiplies q . k before the softmax; > 0
     final_logit_softcap: float | None  # logits -> cap * tanh(logits / cap) where set; > 0
+    # Whether layers may hold a sparse mixture-of-experts block (HF's module takes (B, T, H), routes per token,
+    # and its expert loop depends on the routing, so it is neither fused nor captured in a CUDA graph).
+    is_moe: bool = False
 
 
 def read_architecture(config, head_dim: int) -> Architecture:
@@ -50,7 +60,7 @@ def read_architecture(config, head_dim: int) -> Architecture:
     is_gemma = model_type == "gemma3_text"
     scale = config.query_pre_attn_scalar**-0.5 if is_gemma else head_dim**-0.5
     return Architecture(windows=windows, rope_types=tuple(layer_types) if is_gemma else (None,) * num_layers, scale=scale,
-                        final_logit_softcap=getattr(config, "final_logit_softcapping", None))
+                        final_logit_softcap=getattr(config, "final_logit_softcapping", None), is_moe=model_type in MOE_MODEL_TYPES)
 
 
 def _window(config) -> int | None:

@@ -1,11 +1,11 @@
-"""The forward of a Llama-family or Gemma-3 decoder over the paged KV cache.
+"""The forward of a Llama-family, Gemma-3 or mixture-of-experts (Qwen3-MoE, Mixtral) decoder over the paged KV cache.
 
 The forward is ours; the weights and modules are the HF model's (q/k/v/o projections, which may be the
 quantized Linear modules of an artifact, MLP, norms, and HF's rotary module, so rope scaling follows the
 config). What differs by model family (attention windows, rotary per layer type, attention scale, logit cap)
 is read by runtime/architectures.py. A layer runs in one of three forms:
-- the HF modules one by one (CPU, Gemma-3's norms around attention and MLP, sliding-window models, and
-  models the fused forms do not take);
+- the HF modules one by one (CPU, Gemma-3's norms around attention and MLP, sliding-window models, MoE
+  models, whose sparse blocks run as HF's modules route them, and models the fused forms do not take);
 - fused (CUDA with Triton): q/k/v and gate/up as one matmul each, dense or quantized with per-row scales,
   residual+RMSNorm, rotary+KV write and SiLU*up as Triton kernels;
 - batch-1 decode in six launches per layer (`kernels/fused_decode.py`), where every projection is dense in
@@ -69,8 +69,8 @@ class Decoder:
         views into the stacked tensors, so no second copy of the weights stays alive."""
         from optforge.formats.fused import can_stack, stack_linears
 
-        if self.has_sandwich_norms or getattr(self.config, "hidden_act", None) != "silu":
-            return None
+        if self.arch.is_moe or self.has_sandwich_norms or getattr(self.config, "hidden_act", None) != "silu":
+            return None  # MoE: no gate|up to stack in a sparse block; its experts are 3D parameters
         fused = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -95,6 +95,8 @@ class Decoder:
                 return m.weight, m.weight_scale.reshape(-1).float().contiguous()
             return None
 
+        if self.arch.is_moe:  # one dense MLP per layer in its launches
+            return None
         half = self.head_dim // 2
         if half < 16 or half & (half - 1) or getattr(self.base.rotary_emb, "rope_type", "default") not in ("default", "llama3", "linear"):
             return None
@@ -151,8 +153,16 @@ class Decoder:
                 h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
             else:
                 h = h + a
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                h = h + self._mlp(layer, layer.post_attention_layernorm(h))
         return self.base.norm(h)
+
+    def _mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(T, H) -> (T, H) through the layer's MLP. HF's sparse MoE blocks take (B, T, H) (they flatten it to
+        tokens, route each to its top-k experts and sum their outputs by the router's weights), so MoE models
+        pass the step's tokens as one batch row; their dense layers take that shape as well."""
+        if not self.arch.is_moe:
+            return layer.mlp(x)
+        return layer.mlp(x[None])[0]
 
     def _write_kv(self, kv_cache, layer: int, slot_mapping, k, v) -> None:
         """k, v (T, Hkv, D) to their slots of layer `layer`'s cache, encoded where it is FP8/INT8."""

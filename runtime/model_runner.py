@@ -1,4 +1,4 @@
-"""Runs a Llama-family or Gemma-3 model over a paged KV cache: owns the KV cache tensors and the CUDA graphs, and
+"""Runs a Llama-family, Gemma-3 or mixture-of-experts model over a paged KV cache: owns the KV cache tensors and the CUDA graphs, and
 turns a scheduled step into the forward's inputs (token ids, positions, slots, the rows to sample).
 
 The forward and the weights it needs are runtime/decoder.py; attention and its metadata runtime/attention.py;
@@ -7,6 +7,8 @@ gathers each sequence's keys and values into SDPA; on CUDA, decode-only steps us
 kernel and the fused layer, captured in CUDA graphs for the decode batch sizes up to `max_num_seqs`. A model
 whose sliding window hides keys within `max_model_len` (Gemma-3, windowed Mistral/Qwen) runs every step
 gathered, unfused and without graphs, on CUDA too: the kernel and the fused forms attend to the whole context.
+Mixture-of-experts models (Qwen3-MoE, Mixtral) run unfused and without graphs on CUDA: HF's sparse blocks pick
+which experts to run from the routing of each step, which a captured graph would replay unchanged.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
         self._last_launch: list[int] = []  # tokens of the last `launch` without graphs
-        if self.use_paged_kernel and use_cuda_graphs:
+        if self.use_paged_kernel and use_cuda_graphs and not decoder.arch.is_moe:
             self.graphs = DecodeGraphs(max_num_seqs=max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq, block_size=block_size,
                                        scratch_block=self.num_blocks, device=self.device)
             self.graphs.capture(self.decode_logits)

@@ -2,7 +2,10 @@
 
 Shared by the passes that swap Linears for quantized modules (weight-only, SmoothQuant W8A8, FP8), so every
 quantized artifact lists the precision of every Linear and carries a `quantization_config` that
-`transformers` and vLLM read.
+`transformers` and vLLM read. The expert weights of mixture-of-experts blocks are 3D parameters, not Linears,
+and stay float, as the routers do (passes/targets.py): the precision table lists each expert tensor as
+`FLOAT_EXPERTS` and each router as `FLOAT_ROUTER`, and the report the experts' bytes (`float_experts`), so the
+layout of a model whose experts are float says so.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 from torch import nn
 
 from optforge.artifact import ModelArtifact
+
+FLOAT_EXPERTS = "float (MoE experts, not quantized)"
+FLOAT_ROUTER = "float (MoE router, never quantized)"
 
 
 def describe(spec: dict | None) -> str:
@@ -29,10 +35,15 @@ def write_quantized(model: nn.Module, tokenizer, artifact: ModelArtifact, pass_,
     from optforge.model_io import save_model
     from optforge.passes.output import write_output
     from optforge.passes.quant.compressed_tensors import write_quantization_config
+    from optforge.passes.targets import expert_parameters, routers
 
     save_model(model, tokenizer, ctx.output_dir)
     precision = {name: describe(modules.get(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear) or name in modules}
     dense = sorted(n for n, p in precision.items() if p == "float")
     write_quantization_config(ctx.output_dir, modules, dense)
+    experts = expert_parameters(model)
+    if experts:
+        precision |= dict.fromkeys(experts, FLOAT_EXPERTS) | {name: FLOAT_ROUTER for name in routers(model) if name not in precision}
+        report = {**report, "float_experts": {"tensors": len(experts), "bytes": sum(p.numel() * p.element_size() for p in experts.values())}}
     records = {"precision": precision, "quantization": report}
     return write_output(artifact, pass_, ctx, records=records, modules={**artifact.quantized_modules, **modules})
