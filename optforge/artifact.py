@@ -132,10 +132,15 @@ def check_output_path(out: Path, *, force: bool = False, protected: dict[str, Pa
     )
 
 
-def copy_model_files(src: Path, dst: Path) -> None:
+def copy_model_files(src: Path, dst: Path, *, folders: bool = False) -> None:
+    """The model files of `src` (its manifest excepted) into `dst`. `folders`: its subfolders too, as publishing
+    does (a published artifact holds everything its last pass wrote, such as export.modelopt's checkpoint
+    folder); a pass that carries its input's files forward leaves them, since they describe the input."""
     for item in sorted(src.iterdir()):
         if item.is_file() and item.name != MANIFEST_FILE:
             shutil.copy2(item, dst / item.name)
+        elif folders and item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, dst / item.name)
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -242,7 +242,7 @@ def publish(job: _Job, shared: _Build, source_info: "SourceInfo", artifact: Mode
 
     check_output_path(job.out_path, force=job.force, protected=job.protected)
     with staging_dir(job.out_path) as tmp:
-        copy_model_files(artifact.path, tmp)
+        copy_model_files(artifact.path, tmp, folders=True)
         write_reports(tmp, job.recipe.name, metric_summaries(shared.source_metrics), [r.to_dict() for r in records])
         extra = write_extra(tmp) if write_extra else None
         make_manifest(tmp, recipe=recipe or shared.recipe, recipe_text=job.recipe_text, source=source_info, source_metrics=shared.source_metrics,

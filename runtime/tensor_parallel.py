@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 
 
 def check_degree(config, n: int) -> None:
-    """Exit 2 unless `n` divides the attention heads, the KV heads and the MLP width; names the degrees that do."""
+    """Exit 2 unless `n` divides the attention heads, the KV heads and the MLP width (names the degrees that do),
+    and for a mixture-of-experts model above 1 (its experts are not split)."""
+    from optforge.runtime.architectures import MOE_MODEL_TYPES
+
+    if n > 1 and config.model_type in MOE_MODEL_TYPES:
+        raise UserInputError(f"tensor parallelism does not split mixture-of-experts layers ({config.model_type}); serve it with --tensor-parallel 1")
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     sizes = {"attention heads": heads, "KV heads": kv, "MLP width (intermediate_size)": config.intermediate_size}
     bad = [f"{v} {k}" for k, v in sizes.items() if v % n]

@@ -114,3 +114,15 @@ def test_bench_runs_tensor_parallel_without_the_hf_row(tiny_model_dir, tmp_path)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| optforge runtime |" in result.stderr + result.stdout and "not run beside a tensor-parallel engine" in result.stderr + result.stdout
+
+
+def test_a_mixture_of_experts_model_is_refused_above_one_process():
+    from transformers import Qwen3MoeConfig
+
+    from optforge.errors import UserInputError
+    from optforge.runtime.tensor_parallel import check_degree
+
+    config = Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_experts=8)
+    check_degree(config, 1)
+    with pytest.raises(UserInputError, match="does not split mixture-of-experts"):
+        check_degree(config, 2)

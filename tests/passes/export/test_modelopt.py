@@ -195,10 +195,14 @@ def test_rebuild_is_a_cache_hit(export, builds, tiny_model_dir, make_recipe):
     assert again.manifest["passes"][-1]["cached"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="publishing copies an artifact's top-level files only (optforge.artifact.copy_model_files), so modelopt/ stays in the pass's cached output")
-def test_build_output_holds_the_checkpoint(export):
+def test_build_output_holds_the_checkpoint_and_its_manifest_lists_it(export):
+    from optforge.artifact import open_artifact
+
     _, _, result = export(SCHEMES["fp8-channel"][0], "fp8-channel")
     assert (result.output / "modelopt" / "hf_quant_config.json").is_file()
+    listed = {row["path"] for row in json.loads((result.output / "manifest.json").read_text())["files"]}
+    assert {"modelopt/hf_quant_config.json", "modelopt/model.safetensors"} <= listed
+    open_artifact(result.output)  # verifies every file against the manifest
 
 
 @pytest.mark.parametrize("spec, message", [
