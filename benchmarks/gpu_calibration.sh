@@ -6,10 +6,10 @@
 #   8b        GPU tests of onloaded calibration, then the Llama-3.1-8B shape: int8 RTN, FP8 static, SmoothQuant
 #             W8A8, int4 AWQ g128 (128 x 2048 tokens)
 #   8b-gptq   the 8B shape with int4 GPTQ g128
-#   kernels   GPU tests of calibration and quantized kernels, GPTQ's column loop against its Triton block kernel
+#   kernels   GPU tests of the GPTQ block kernel, onloading and the 8-bit kernels, GPTQ's column loop against its Triton block kernel
 #             on the 8B layer's Linear shapes, then the 8B shape with int4 GPTQ g128 and SmoothQuant W8A8
-#   70b       the onload GPU tests, then the Llama-3.1-70B layer shape with 4, then 12 decoder layers, int4 AWQ g128,
-#             --max-device-memory 12GiB
+#   70b       the Llama-3.1-70B layer shape with 4, then 12 decoder layers, int4 AWQ g128, --max-device-memory
+#             $BUDGET (default 14GiB: the smallest budget the estimate accepts for this layer)
 # build/gpu-carry: tokenizer/ (any tokenizer folder, e.g. the SmolLM2 source's tokenizer files) and calib.json.gz
 # (python -c "from optforge.evals.datasets import export_splits; export_splits('build/gpu-carry/calib.json.gz',
 # [('boolq', 'validation')])"). Models and the build cache live in build/gpu-work (kept while the machine is warm).
@@ -28,10 +28,10 @@ case "${1:-8b}" in
       | grep -v -E "Warning|it/s\]" | tee "$OUT/8b.log"
     ;;
   kernels)
-    timeout 150 python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider tests/passes/quant/test_gptq_block.py tests/passes/test_onload_gpu.py \
-      tests/runtime/test_kv_quant_gpu.py tests/runtime/test_quantized_runtime_gpu.py tests/formats/test_kernels_gpu.py 2>&1 | tail -30 | tee "$OUT/pytest.txt"
-    timeout 90 python3 benchmarks/gptq_kernel_gpu.py --out "$OUT" 2>&1 | tee "$OUT/gptq_kernel.log"
-    timeout 300 python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int4-gptq-g128 smoothquant-w8a8 "${COMMON[@]}" 2>&1 \
+    timeout 110 python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider tests/passes/quant/test_gptq_block.py tests/passes/test_onload_gpu.py \
+      tests/formats/test_kernels_gpu.py 2>&1 | tail -30 | tee "$OUT/pytest.txt"
+    timeout 80 python3 benchmarks/gptq_kernel_gpu.py --out "$OUT" 2>&1 | tee "$OUT/gptq_kernel.log"
+    timeout 360 python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int4-gptq-g128 smoothquant-w8a8 "${COMMON[@]}" 2>&1 \
       | grep -v -E "Warning|it/s\]" | tee "$OUT/8b-kernels.log"
     ;;
   8b-gptq)
@@ -39,10 +39,9 @@ case "${1:-8b}" in
     timeout 480 python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int4-gptq-g128 "${COMMON[@]}" 2>&1 | grep -v -E "Warning|it/s\]" | tee "$OUT/8b-gptq.log"
     ;;
   70b)
-    timeout 60 python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider tests/passes/test_onload_gpu.py 2>&1 | tail -40 | tee "$OUT/pytest-onload.txt"
     rm -rf build/gpu-work/model-8b  # disk
     for n in 4 12; do
-      timeout 250 python3 benchmarks/calibration_scale_gpu.py --shape 70b-layers --layers $n --schemes int4-awq-g128 --max-device-memory 12GiB "${COMMON[@]}" 2>&1 \
+      timeout 250 python3 benchmarks/calibration_scale_gpu.py --shape 70b-layers --layers $n --schemes int4-awq-g128 --max-device-memory ${BUDGET:-14GiB} "${COMMON[@]}" 2>&1 \
         | grep -v -E "Warning|it/s\]" | tee "$OUT/70b-$n.log"
       rm -rf build/gpu-work/model-70b-layers-$n  # disk: the next stack needs the room
     done
