@@ -1,6 +1,7 @@
 #include "optforge_rt/artifact.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -11,13 +12,14 @@
 #include "optforge_rt/errors.h"
 #include "optforge_rt/safetensors.h"
 #include "optforge_rt/sha256.h"
+#include "config_read.h"
 
 namespace fs = std::filesystem;
 
 namespace optforge_rt {
 
 const std::vector<std::string>& architecture_table() {
-  static const std::vector<std::string> kTable = {"llama"};
+  static const std::vector<std::string> kTable = {"llama", "gemma3_text"};
   return kTable;
 }
 
@@ -30,35 +32,6 @@ std::string read_text_file(const std::string& path) {
 }
 
 namespace {
-std::string range_text(int64_t lo, int64_t hi) {
-  return "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
-}
-
-[[noreturn]] void bad_value(const std::string& where, const std::string& key, const std::string& found, const std::string& expected) {
-  throw ArtifactError(where + ": '" + key + "' is " + found + ", expected " + expected);
-}
-
-// cfg[key] as an integer in [lo, hi]; `fallback` when absent or null (an error when there is none).
-int config_int(const Json& cfg, const std::string& key, int64_t lo, int64_t hi, const std::string& where,
-               std::optional<int> fallback = std::nullopt) {
-  const Json* v = cfg.find(key);
-  if (v == nullptr || v->is_null()) {
-    if (fallback.has_value()) return *fallback;
-    throw ArtifactError(where + ": '" + key + "' is missing, expected " + range_text(lo, hi));
-  }
-  if (!v->is_integer_in(lo, hi)) bad_value(where, key, v->describe(), range_text(lo, hi));
-  return static_cast<int>(v->number());
-}
-
-// cfg[key] as a positive finite float; `fallback` when absent or null.
-float config_float(const Json& cfg, const std::string& key, const std::string& where, float fallback) {
-  const Json* v = cfg.find(key);
-  if (v == nullptr || v->is_null()) return fallback;
-  const double d = v->is_number() ? v->number() : 0.0;
-  if (!(d > 0.0 && d <= 3.0e38)) bad_value(where, key, v->describe(), "a positive finite number");
-  return static_cast<float>(d);
-}
-
 // eos_token_id: one token id or a list of them (absent or null: none).
 std::vector<int> token_ids(const Json& cfg, const std::string& key, const std::string& where) {
   std::vector<int> out;
@@ -131,15 +104,22 @@ ModelConfig parse_model_config(const Json& cfg, const std::string& where) {
   c.model_type = mt != nullptr && mt->is_string() ? mt->str() : "";
   const auto& table = architecture_table();
   if (std::find(table.begin(), table.end(), c.model_type) == table.end()) {
-    throw ArtifactError(where + ": model_type '" + c.model_type + "' is not supported by the C++ runtime (supported: llama)");
+    throw ArtifactError(where + ": model_type '" + c.model_type + "' is not supported by the C++ runtime (supported: llama, gemma3_text)");
   }
   parse_sizes(cfg, where, c);
-  parse_rope(cfg, where, c);
-  c.rms_norm_eps = config_float(cfg, "rms_norm_eps", where, c.rms_norm_eps);
-  if (const Json* tie = cfg.find("tie_word_embeddings"); tie != nullptr && !tie->is_null()) {
-    if (tie->type() != Json::Type::kBool) bad_value(where, "tie_word_embeddings", tie->describe(), "true or false");
-    c.tie_word_embeddings = tie->boolean();
+  if (c.model_type == "gemma3_text") {
+    c.rms_norm_eps = 1e-6f;  // Gemma3TextConfig's defaults
+    c.tie_word_embeddings = true;
+    parse_gemma3_config(cfg, where, c);
+  } else {
+    parse_rope(cfg, where, c);
+    c.attn_scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    c.layer_windows.assign(c.num_layers, 0);
+    c.layer_rope_theta.assign(c.num_layers, c.rope_theta);
+    c.layer_rope_factor.assign(c.num_layers, 1.0f);
   }
+  c.rms_norm_eps = config_float(cfg, "rms_norm_eps", where, c.rms_norm_eps);
+  c.tie_word_embeddings = config_bool(cfg, "tie_word_embeddings", where, c.tie_word_embeddings);
   c.eos_token_ids = token_ids(cfg, "eos_token_id", where);
   c.bos_token_id = config_int(cfg, "bos_token_id", 0, kMaxVocabSize - 1, where, -1);
   return c;

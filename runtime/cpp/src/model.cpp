@@ -8,39 +8,17 @@
 
 #include "optforge_rt/checked.h"
 #include "optforge_rt/errors.h"
+#include "optforge_rt/layer_ops.h"
 
 namespace optforge_rt {
 
 namespace {
-
-void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
-  float ss = 0.f;
-  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
-  float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-  for (int i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
-}
 
 // The row of a layer's KV cache that holds position `pos` of a sequence: the position's block, from its block
 // table, then its offset in that block (the formula of `slot` in runtime/attention.py).
 inline size_t kv_slot(const std::vector<int>& block_table, int pos, int block_size) {
   return static_cast<size_t>(block_table[pos / block_size]) * block_size + pos % block_size;
 }
-
-// HF's rotate_half convention: pairs (i, i + d/2).
-void apply_rope(float* x, int num_heads, int head_dim, int pos, const std::vector<float>& inv_freq) {
-  int half = head_dim / 2;
-  for (int i = 0; i < half; ++i) {
-    float angle = static_cast<float>(pos) * inv_freq[i];
-    float c = std::cos(angle), s = std::sin(angle);
-    for (int h = 0; h < num_heads; ++h) {
-      float* v = x + h * head_dim;
-      float a = v[i], b = v[i + half];
-      v[i] = a * c - b * s;
-      v[i + half] = b * c + a * s;
-    }
-  }
-}
-
 
 // The quantization scheme optforge.json's `modules` records for a Linear ("" when none).
 std::string module_scheme(const Json& layout, const std::string& name) {
@@ -89,14 +67,29 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size, const 
     converted_.push_back(std::move(out));
     return converted_.back().data();
   };
+  // Gemma's RMSNorm computes x * (1 + w): its weights are stored here as 1 + w, so one rms_norm serves both.
+  auto norm = [&](const std::string& key, int n) -> const float* {
+    const float* w = f32_tensor(key, n);
+    if (!c.gemma_norms) return w;
+    converted_.push_back(plus_one(w, n));
+    return converted_.back().data();
+  };
   embed_ = f32_tensor("model.embed_tokens.weight", int64_t(c.vocab_size) * c.hidden_size);
-  final_norm_ = f32_tensor("model.norm.weight", c.hidden_size);
+  final_norm_ = norm("model.norm.weight", c.hidden_size);
   int q_out = c.num_heads * c.head_dim, kv_out = c.num_kv_heads * c.head_dim;
   for (int l = 0; l < c.num_layers; ++l) {
     std::string p = "model.layers." + std::to_string(l) + ".";
     LayerWeights lw;
-    lw.attn_norm = f32_tensor(p + "input_layernorm.weight", c.hidden_size);
-    lw.mlp_norm = f32_tensor(p + "post_attention_layernorm.weight", c.hidden_size);
+    lw.attn_norm = norm(p + "input_layernorm.weight", c.hidden_size);
+    if (c.gemma_norms) {
+      lw.attn_out_norm = norm(p + "post_attention_layernorm.weight", c.hidden_size);
+      lw.mlp_norm = norm(p + "pre_feedforward_layernorm.weight", c.hidden_size);
+      lw.mlp_out_norm = norm(p + "post_feedforward_layernorm.weight", c.hidden_size);
+      lw.q_norm = norm(p + "self_attn.q_norm.weight", c.head_dim);
+      lw.k_norm = norm(p + "self_attn.k_norm.weight", c.head_dim);
+    } else {
+      lw.mlp_norm = norm(p + "post_attention_layernorm.weight", c.hidden_size);
+    }
     auto linear = [&](const std::string& name, int out, int in) { return load_linear(p + name, out, in, module_scheme(artifact.layout, p + name)); };
     lw.q = linear("self_attn.q_proj", q_out, c.hidden_size);
     lw.k = linear("self_attn.k_proj", kv_out, c.hidden_size);
@@ -106,6 +99,7 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size, const 
     lw.up = linear("mlp.up_proj", c.intermediate_size, c.hidden_size);
     lw.down = linear("mlp.down_proj", c.hidden_size, c.intermediate_size);
     layers_.push_back(std::move(lw));
+    inv_freq_.push_back(rope_inv_freq(c.layer_rope_theta.at(l), c.head_dim, c.layer_rope_factor.at(l)));
   }
   bool has_head = weights_->contains("lm_head.weight") || weights_->contains("lm_head.qweight") || weights_->contains("lm_head.weight_packed");
   if (has_head) {
@@ -120,9 +114,6 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size, const 
   if (options.copy_weights) copy_weights_to_arena();
   kv_ = std::make_unique<KvCache>(kv_cache_spec(artifact.layout, c.num_layers, artifact.dir + "/optforge.json"), c.num_layers, num_kv_blocks,
                                   block_size, c.num_kv_heads * c.head_dim);
-  for (int i = 0; i < c.head_dim / 2; ++i) {
-    inv_freq_.push_back(1.0f / std::pow(c.rope_theta, static_cast<float>(2 * i) / static_cast<float>(c.head_dim)));
-  }
 }
 
 
@@ -132,7 +123,8 @@ void Model::attention(const ForwardBatch& batch, int layer, const float* q, floa
   const ModelConfig& c = config_;
   const int T = static_cast<int>(batch.tokens.size());
   const int D = c.head_dim, group = c.num_heads / c.num_kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float scale = c.attn_scale;
+  const int window = c.layer_windows[layer];
   if (kv_->dtype() != KvDtype::kF32) {
     attention_dequantized(batch, layer, q, out, pool);
     return;
@@ -145,12 +137,12 @@ void Model::attention(const ForwardBatch& batch, int layer, const float* q, floa
     for (int job = begin; job < end; ++job) {
       int t = job / c.num_heads, h = job % c.num_heads, kvh = h / group;
       const std::vector<int>& table = batch.block_tables[batch.seq_of[t]];
-      int len = batch.positions[t] + 1;
+      const int start = window_start(batch.positions[t], window), len = batch.positions[t] + 1 - start;
       scores.resize(len);
       k_rows.resize(len);
       v_rows.resize(len);
       for (int p = 0; p < len; ++p) {
-        size_t slot = kv_slot(table, p, block_size_);
+        size_t slot = kv_slot(table, start + p, block_size_);
         k_rows[p] = kc + (slot * c.num_kv_heads + kvh) * D;
         v_rows[p] = vc + (slot * c.num_kv_heads + kvh) * D;
       }
@@ -166,14 +158,15 @@ void Model::attention_dequantized(const ForwardBatch& batch, int layer, const fl
   const ModelConfig& c = config_;
   const int T = static_cast<int>(batch.tokens.size());
   const int D = c.head_dim, group = c.num_heads / c.num_kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float scale = c.attn_scale;
+  const int window = c.layer_windows[layer];
   pool.parallel_for(T * c.num_kv_heads, [&](int begin, int end) {
     std::vector<float> scores, keys, values;
     std::vector<const float*> k_rows, v_rows;
     for (int job = begin; job < end; ++job) {
       const int t = job / c.num_kv_heads, kvh = job % c.num_kv_heads;
       const std::vector<int>& table = batch.block_tables[batch.seq_of[t]];
-      const int len = batch.positions[t] + 1;
+      const int start = window_start(batch.positions[t], window), len = batch.positions[t] + 1 - start;
       scores.resize(len);
       keys.resize(static_cast<size_t>(len) * D);
       values.resize(keys.size());
@@ -182,7 +175,7 @@ void Model::attention_dequantized(const ForwardBatch& batch, int layer, const fl
       for (int p = 0; p < len; ++p) {
         k_rows[p] = &keys[static_cast<size_t>(p) * D];
         v_rows[p] = &values[static_cast<size_t>(p) * D];
-        kv_->read(layer, kv_slot(table, p, block_size_), kvh * D, D, &keys[static_cast<size_t>(p) * D], &values[static_cast<size_t>(p) * D]);
+        kv_->read(layer, kv_slot(table, start + p, block_size_), kvh * D, D, &keys[static_cast<size_t>(p) * D], &values[static_cast<size_t>(p) * D]);
       }
       for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
         attend(q + (static_cast<size_t>(t) * c.num_heads + h) * D, k_rows.data(), v_rows.data(), len, D, scale, scores.data(),
@@ -192,47 +185,71 @@ void Model::attention_dequantized(const ForwardBatch& batch, int layer, const fl
   });
 }
 
-std::vector<float> Model::forward(const ForwardBatch& batch, ThreadPool& pool) {
-  const ModelConfig& c = config_;
+void Model::check_batch(const ForwardBatch& batch) const {
   const int T = static_cast<int>(batch.tokens.size());
-  const int H = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
-  const int q_dim = c.num_heads * D, kv_dim = c.num_kv_heads * D;
-  if (int64_t(T) * c.num_heads > INT_MAX) throw std::invalid_argument("a step of " + std::to_string(T) + " tokens is too large for one forward");
+  if (int64_t(T) * config_.num_heads > INT_MAX) throw std::invalid_argument("a step of " + std::to_string(T) + " tokens is too large for one forward");
   for (int t = 0; t < T; ++t) {
-    if (batch.tokens[t] < 0 || batch.tokens[t] >= c.vocab_size) throw std::invalid_argument("token id out of range: " + std::to_string(batch.tokens[t]));
+    if (batch.tokens[t] < 0 || batch.tokens[t] >= config_.vocab_size) throw std::invalid_argument("token id out of range: " + std::to_string(batch.tokens[t]));
     const auto& table = batch.block_tables.at(batch.seq_of[t]);
     int needed = batch.positions[t] / block_size_;
     if (batch.positions[t] < 0 || needed >= static_cast<int>(table.size()) || table[needed] < 0 || table[needed] >= num_kv_blocks_) {
       throw std::invalid_argument("token " + std::to_string(t) + ": position " + std::to_string(batch.positions[t]) + " has no KV block");
     }
   }
+}
+
+// Llama: x += attn(norm(x)); x += mlp(norm(x)). Gemma-3 adds a norm on each output before its residual add, q/k
+// norms per head before rotary, GeGLU (gelu tanh), scaled embeddings and an optional cap on the logits.
+std::vector<float> Model::forward(const ForwardBatch& batch, ThreadPool& pool) {
+  check_batch(batch);
+  const ModelConfig& c = config_;
+  const int T = static_cast<int>(batch.tokens.size());
+  const int H = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
+  const int q_dim = c.num_heads * D, kv_dim = c.num_kv_heads * D;
   std::vector<float> x(static_cast<size_t>(T) * H), h(x.size()), q(static_cast<size_t>(T) * q_dim), k(static_cast<size_t>(T) * kv_dim),
       v(k.size()), attn(q.size()), o(x.size()), gate(static_cast<size_t>(T) * I), up(gate.size());
   for (int t = 0; t < T; ++t) std::memcpy(&x[static_cast<size_t>(t) * H], embed_ + static_cast<size_t>(batch.tokens[t]) * H, H * sizeof(float));
+  if (c.embed_scale != 1.0f) {
+    for (float& e : x) e *= c.embed_scale;
+  }
+  auto norm_rows = [&](float* rows, const float* w, int n, int count, float* out) {  // (count, n), in place when out == rows
+    for (int r = 0; r < count; ++r) rms_norm(rows + size_t(r) * n, w, n, c.rms_norm_eps, out + size_t(r) * n);
+  };
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& lw = layers_[l];
-    for (int t = 0; t < T; ++t) rms_norm(&x[size_t(t) * H], lw.attn_norm, H, c.rms_norm_eps, &h[size_t(t) * H]);
+    norm_rows(x.data(), lw.attn_norm, H, T, h.data());
     matmul_group({&lw.q, &lw.k, &lw.v}, h.data(), T, {q.data(), k.data(), v.data()}, pool);
+    if (lw.q_norm != nullptr) {
+      norm_rows(q.data(), lw.q_norm, D, T * c.num_heads, q.data());
+      norm_rows(k.data(), lw.k_norm, D, T * c.num_kv_heads, k.data());
+    }
     for (int t = 0; t < T; ++t) {
-      apply_rope(&q[size_t(t) * q_dim], c.num_heads, D, batch.positions[t], inv_freq_);
-      apply_rope(&k[size_t(t) * kv_dim], c.num_kv_heads, D, batch.positions[t], inv_freq_);
+      apply_rope(&q[size_t(t) * q_dim], c.num_heads, D, batch.positions[t], inv_freq_[l]);
+      apply_rope(&k[size_t(t) * kv_dim], c.num_kv_heads, D, batch.positions[t], inv_freq_[l]);
       int pos = batch.positions[t];
       size_t slot = kv_slot(batch.block_tables[batch.seq_of[t]], pos, block_size_);
       kv_->write(l, slot, &k[size_t(t) * kv_dim], &v[size_t(t) * kv_dim]);
     }
     attention(batch, l, q.data(), attn.data(), pool);
     matmul(lw.o, attn.data(), T, o.data(), pool);
+    if (lw.attn_out_norm != nullptr) norm_rows(o.data(), lw.attn_out_norm, H, T, o.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
-    for (int t = 0; t < T; ++t) rms_norm(&x[size_t(t) * H], lw.mlp_norm, H, c.rms_norm_eps, &h[size_t(t) * H]);
+    norm_rows(x.data(), lw.mlp_norm, H, T, h.data());
     matmul_group({&lw.gate, &lw.up}, h.data(), T, {gate.data(), up.data()}, pool);
-    for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    if (c.gelu_tanh) {
+      gelu_tanh_mul(gate.data(), up.data(), gate.size());
+    } else {
+      silu_mul(gate.data(), up.data(), gate.size());
+    }
     matmul(lw.down, gate.data(), T, o.data(), pool);
+    if (lw.mlp_out_norm != nullptr) norm_rows(o.data(), lw.mlp_out_norm, H, T, o.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
   }
   const int R = static_cast<int>(batch.logits_for.size());
   std::vector<float> last(static_cast<size_t>(R) * H), logits(static_cast<size_t>(R) * c.vocab_size);
   for (int r = 0; r < R; ++r) rms_norm(&x[size_t(batch.logits_for[r]) * H], final_norm_, H, c.rms_norm_eps, &last[size_t(r) * H]);
   matmul(lm_head_, last.data(), R, logits.data(), pool);
+  if (c.final_logit_softcap > 0.0f) softcap(logits.data(), logits.size(), c.final_logit_softcap);
   return logits;
 }
 

@@ -122,6 +122,16 @@ Tokenizer Tokenizer::from_json(std::string_view text, const std::string& name) {
   if (type == nullptr || type->str("model.type") != "BPE") throw FormatError(name + ": model.type must be 'BPE'");
   const Json* pre = root.find("pre_tokenizer");
   if (pre == nullptr || !pre->is_object() || pre->at("type").str() != "ByteLevel") {
+    // Gemma / Llama-2 style: spaces become '\u2581' (a Metaspace pre_tokenizer or a Replace normalizer) and
+    // unknown bytes fall back to <0xNN> tokens. Not implemented here: say so, and where it does run.
+    const Json* fallback = model.find("byte_fallback");
+    const bool sentencepiece = (fallback != nullptr && fallback->type() == Json::Type::kBool && fallback->boolean()) ||
+                               (pre != nullptr && pre->is_object() && pre->find("type") != nullptr && pre->at("type").str() == "Metaspace");
+    if (sentencepiece) {
+      throw FormatError(name + ": a SentencePiece-style tokenizer (metaspace '\u2581' spaces, byte fallback; Gemma's) is not supported by "
+                        "optforge-rt's tokenizer, which reads byte-level BPE only; run the model through the Python tokenizer: "
+                        "optforge generate ARTIFACT PROMPT --backend cpp");
+    }
     throw FormatError(name + ": only the ByteLevel pre_tokenizer is supported");
   }
   if (const Json* norm = root.find("normalizer"); norm != nullptr && !norm->is_null()) {

@@ -34,5 +34,10 @@ int main() {
   CHECK(tok.apply_chat_template({{"user", "hi"}}, true) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
   CHECK_THROWS(FormatError, Tokenizer::from_json(R"({"model": {"type": "Unigram"}})", "x"));
   CHECK_THROWS(FormatError, Tokenizer::from_json("{", "x"));
+  // Gemma's tokenizer.json (Replace ' ' -> U+2581, Split on ' ', BPE with byte fallback): refused with where it runs.
+  CHECK_THROWS_WITH(FormatError, Tokenizer::from_json(R"({"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+      "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+      "model": {"type": "BPE", "byte_fallback": true, "vocab": {}, "merges": []}, "added_tokens": []})", "gemma/tokenizer.json"),
+                    "gemma/tokenizer.json", "SentencePiece-style", "--backend cpp");
   return 0;
 }

@@ -11,7 +11,7 @@ namespace optforge_rt {
 
 // What the forward pass needs from config.json. Architectures join through `architecture_table()`.
 struct ModelConfig {
-  std::string model_type;  // "llama"
+  std::string model_type;  // "llama" or "gemma3_text"
   int vocab_size = 0;
   int hidden_size = 0;
   int intermediate_size = 0;
@@ -24,6 +24,15 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   std::vector<int> eos_token_ids;
   int bos_token_id = -1;
+  // What differs by architecture (parse_model_config fills every field for every architecture).
+  bool gemma_norms = false;          // RMSNorm computes x * (1 + w); q/k norms per head; norms on the attention and MLP outputs
+  bool gelu_tanh = false;            // MLP activation: gelu (tanh approximation) instead of silu
+  float embed_scale = 1.0f;          // embeddings are multiplied by this (Gemma: sqrt(hidden_size) rounded to fp32)
+  float attn_scale = 0.0f;           // attention logits scale: head_dim ** -0.5, Gemma query_pre_attn_scalar ** -0.5
+  float final_logit_softcap = 0.0f;  // logits -> cap * tanh(logits / cap) where > 0
+  std::vector<int> layer_windows;    // per layer: positions a query sees, its own included (p - w < j <= p); 0: all
+  std::vector<float> layer_rope_theta;   // per layer rotary base
+  std::vector<float> layer_rope_factor;  // per layer linear rope scaling (inv_freq / factor); 1: none
 };
 
 // Bounds on config.json sizes (inclusive). Every size is checked against them before any allocation or loop uses it,
@@ -33,10 +42,12 @@ constexpr int64_t kMaxVocabSize = int64_t(1) << 24;
 constexpr int64_t kMaxLayers = int64_t(1) << 16;
 constexpr int64_t kMaxHeads = int64_t(1) << 16;
 
-// Architectures this runtime runs (model_type values); Gemma-3 joins by adding its norms and rope here.
+// Architectures this runtime runs (model_type values): llama, gemma3_text.
 const std::vector<std::string>& architecture_table();
 
 ModelConfig parse_model_config(const Json& config, const std::string& where);
+// The Gemma-3 parts of `c` (norms, activation, windows, per-type rope, scales); refuses what the runtime cannot run.
+void parse_gemma3_config(const Json& config, const std::string& where, ModelConfig& c);
 
 // Reads a whole small file; throws ArtifactError naming it when missing.
 std::string read_text_file(const std::string& path);

@@ -1,9 +1,10 @@
-// The Llama-family decoder forward pass over a paged KV cache.
+// The decoder forward pass (Llama, Gemma-3 text) over a paged KV cache.
 //
 // One `forward` call runs a flat batch of tokens from any number of sequences (prefill chunks and decode
 // tokens mixed, as continuous batching produces them). Token t belongs to sequence seq_of[t] at position
 // positions[t]; its K/V go to slot block_table[pos / block_size] * block_size + pos % block_size, and it
-// attends to positions 0..pos of its own sequence only (no cross-request leakage by construction).
+// attends to positions 0..pos of its own sequence only (no cross-request leakage by construction), or, in a
+// sliding-window layer of window w, to positions pos - w < j <= pos.
 #pragma once
 
 #include <memory>
@@ -19,8 +20,12 @@
 namespace optforge_rt {
 
 struct LayerWeights {
-  const float* attn_norm = nullptr;
-  const float* mlp_norm = nullptr;
+  const float* attn_norm = nullptr;      // input_layernorm
+  const float* mlp_norm = nullptr;       // Llama post_attention_layernorm, Gemma pre_feedforward_layernorm
+  const float* attn_out_norm = nullptr;  // Gemma post_attention_layernorm: on the attention output, before the residual add
+  const float* mlp_out_norm = nullptr;   // Gemma post_feedforward_layernorm: on the MLP output, before the residual add
+  const float* q_norm = nullptr;         // Gemma: per head (head_dim), before rotary
+  const float* k_norm = nullptr;
   Linear q, k, v, o, gate, up, down;
 };
 
@@ -71,6 +76,7 @@ class Model {
   void copy_weights_to_arena();
   void attention(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool);
   void attention_dequantized(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool);
+  void check_batch(const ForwardBatch& batch) const;
 
   ModelConfig config_;
   std::unique_ptr<SafeTensors> weights_;
@@ -84,7 +90,7 @@ class Model {
   int num_kv_blocks_;
   int pack_version_ = 0;  // pack.cpu engine format (0: not a packed engine)
   std::unique_ptr<KvCache> kv_;  // per layer (num_blocks, block_size, kv_heads, head_dim)
-  std::vector<float> inv_freq_;
+  std::vector<std::vector<float>> inv_freq_;  // per layer (its layer type's rotary base)
 };
 
 }  // namespace optforge_rt
