@@ -22,9 +22,8 @@ prefix wildcards; Linears of several algorithms make a MIXED_PRECISION config wi
 Refused with a PassError naming the Linear: int4 asymmetric, per channel or with odd `out`; int8 group-wise or
 asymmetric; fp8 per channel with static activations; W8A8 int8 (ModelOpt's W8A8_SQ_PER_CHANNEL needs a static
 per-tensor input scale, optforge's W8A8 quantizes activations per token at run time); an int8 KV cache; Linears
-that read one input (TensorRT-LLM fuses them) in different formats. Limits: one safetensors file, no shards;
-publishing a build copies an artifact's top-level files only (`artifact.copy_model_files`), so the folder is read
-from the pass's cache entry; no TensorRT-LLM has loaded these checkpoints on the machines of this project.
+that read one input (TensorRT-LLM fuses them) in different formats. Limits: one safetensors file, no shards; no
+TensorRT-LLM has loaded these checkpoints on the machines of this project.
 """
 
 from __future__ import annotations
