@@ -54,14 +54,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, ac
     order = perm.tolist()  # column numbers on the host once: reading them per column would wait for the GPU each time
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        if kernel is None:
+        Err1 = None if kernel is None else _kernel_block(kernel, W, Hinv, Q, scale, zero, grid, perm, i1, i2, g=g, static=static)
+        if Err1 is None:
+            kernel = None
             Err1 = _round_block(W, Hinv, Q, scale, zero, grid, order, i1, i2, g=g, static=static)
-        elif static:
-            cols = perm[i1:i2] // g
-            Err1 = kernel.quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], Q[:, i1:i2], grid, scale_cols=scale[:, cols], zero_cols=None if zero is None else zero[:, cols])
-        else:  # groups lie inside the block: the kernel fills their parameters as it reaches them
-            groups = slice(i1 // g, i2 // g)
-            Err1 = kernel.quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], Q[:, i1:i2], grid, group_scale=scale[:, groups], group_zero=None if zero is None else zero[:, groups])
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q[:, torch.argsort(perm)].contiguous(), scale, zero
 
@@ -76,6 +72,29 @@ def _block_kernel(W: torch.Tensor, *, static: bool, g: int, block_size: int):
     except ImportError:  # no Triton
         return None
     return gptq_block
+
+
+_KERNEL_FAILED: list[str] = []  # why the block kernel could not be compiled here, once per process
+
+
+def _kernel_block(kernel, W, Hinv, Q, scale, zero, grid: Grid, perm, i1: int, i2: int, *, g: int, static: bool) -> torch.Tensor | None:
+    """Columns i1:i2 through the Triton kernel; None (and a warning, once) where Triton cannot compile it on this
+    GPU, before anything is written, so the caller's torch loop takes the block and the rest."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    if _KERNEL_FAILED:
+        return None
+    try:
+        if static:
+            cols = perm[i1:i2] // g
+            return kernel.quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], Q[:, i1:i2], grid, scale_cols=scale[:, cols], zero_cols=None if zero is None else zero[:, cols])
+        groups = slice(i1 // g, i2 // g)  # groups lie inside the block: the kernel fills their parameters as it reaches them
+        return kernel.quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], Q[:, i1:i2], grid, group_scale=scale[:, groups], group_zero=None if zero is None else zero[:, groups])
+    except (CompilationError, OutOfResources) as exc:
+        _KERNEL_FAILED.append(str(exc))
+        log.warning("GPTQ's Triton block kernel does not compile here (%s); using the torch column loop", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
 
 
 def _round_block(W, Hinv, Q, scale, zero, grid: Grid, order: list[int], i1: int, i2: int, *, g: int, static: bool) -> torch.Tensor:

@@ -60,3 +60,25 @@ def test_block_kernel_equals_the_torch_loop(name, act_order, monkeypatch):
         assert (q != q_ref).float().mean().item() < 0.01
         err = lambda qq, ss, zz: ((dequantize(qq, ss, zz) - w) @ h @ (dequantize(qq, ss, zz) - w).T).trace().item()  # noqa: E731
         assert err(q, s, z) == pytest.approx(err(q_ref, s_ref, z_ref), rel=0.02)
+
+
+def test_a_kernel_that_does_not_compile_leaves_the_torch_loop_to_finish(monkeypatch, caplog):
+    gptq_block = pytest.importorskip("optforge.passes.quant.gptq_block", reason="needs Triton")
+    from triton.runtime.errors import OutOfResources
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w, h = _problem(40, 96, device)
+    solve = lambda: gptq.gptq_quantize(w, h, GRIDS["int4 g16 symmetric"], act_order=False, damp=0.01, block_size=64)  # noqa: E731
+    monkeypatch.setattr(gptq, "_block_kernel", lambda W, **kw: None)
+    reference = solve()
+
+    def fails(*args, **kwargs):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(gptq, "_block_kernel", lambda W, **kw: gptq_block)
+    monkeypatch.setattr(gptq_block, "quantize_block", fails)
+    monkeypatch.setattr(gptq, "_KERNEL_FAILED", [])
+    with caplog.at_level("WARNING", logger=gptq.__name__):
+        result = solve()
+    assert all(torch.equal(a, b) for a, b in zip(result[:2], reference[:2]))
+    assert "does not compile here" in caplog.text and len(gptq._KERNEL_FAILED) == 1
