@@ -82,3 +82,39 @@ def poison(monkeypatch):
         monkeypatch.setattr(runner, "_forward_eager", faulty)
 
     return apply
+
+
+def _step_logits(runner, prompts, schedule) -> torch.Tensor:
+    """Logits (B, T, vocab) of every position, from steps that run `schedule[k]` tokens of every prompt at step k
+    (all prompts in one step: a MoE model's sparse blocks route tokens of several sequences together), each
+    prompt's blocks scattered over the cache; the runner's eager forward, as the engine runs a step."""
+    from optforge.runtime.attention import slot
+    from optforge.runtime.scheduler import ScheduledBatch
+    from optforge.runtime.sequence import Sequence
+
+    seqs = [Sequence(list(p)) for p in prompts]
+    num_blocks = -(-len(prompts[0]) // runner.block_size)
+    blocks = torch.randperm(runner.num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
+    for i, seq in enumerate(seqs):
+        seq.block_table = blocks[i * num_blocks : (i + 1) * num_blocks]
+    rows: list[list[torch.Tensor]] = [[] for _ in seqs]
+    with torch.inference_mode():
+        for n in schedule:
+            batch, ids, positions, slots = ScheduledBatch(), [], [], []
+            for seq in seqs:
+                batch.add(seq, n, [])
+                span = range(seq.num_computed_tokens, seq.num_computed_tokens + n)
+                ids += [seq.token_ids[p] for p in span]
+                positions += list(span)
+                slots += [slot(seq.block_table, p, runner.block_size) for p in span]
+            logits = runner._forward_eager(batch, ids, positions, slots, list(range(len(ids))))
+            for i, seq in enumerate(seqs):
+                rows[i].append(logits[i * n : (i + 1) * n])
+                seq.num_computed_tokens += n
+    return torch.stack([torch.cat(r) for r in rows])
+
+
+@pytest.fixture
+def step_logits():
+    """`_step_logits(runner, prompts, schedule)`: logits (B, T, vocab) of every position of every prompt."""
+    return _step_logits

@@ -8,12 +8,11 @@ import torch
 
 from optforge.errors import UserInputError
 from optforge.runtime.architectures import binding_windows
-from optforge.runtime.attention import slot, window_mask
+from optforge.runtime.attention import window_mask
 from optforge.runtime.decoder import Decoder
 from optforge.runtime.llm import EngineConfig, LLM
 from optforge.runtime.model_runner import ModelRunner
-from optforge.runtime.scheduler import ScheduledBatch
-from optforge.runtime.sequence import SamplingParams, Sequence
+from optforge.runtime.sequence import SamplingParams
 
 WINDOW = 8
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
@@ -92,31 +91,6 @@ def test_a_query_sees_its_own_position_and_the_window_minus_one_before_it():
     assert binding_windows((8, None, 8), 9) == (8, None, 8) and binding_windows((8, None), 8) == (None, None)
 
 
-def _runtime_logits(runner: ModelRunner, prompts, schedule) -> torch.Tensor:
-    """Logits (B, T, vocab) of every position, from steps that run `schedule[k]` tokens of every prompt at step k,
-    each prompt's blocks scattered over the cache."""
-    seqs = [Sequence(list(p)) for p in prompts]
-    num_blocks = -(-len(prompts[0]) // runner.block_size)
-    blocks = torch.randperm(runner.num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
-    for i, seq in enumerate(seqs):
-        seq.block_table = blocks[i * num_blocks : (i + 1) * num_blocks]
-    rows: list[list[torch.Tensor]] = [[] for _ in seqs]
-    with torch.inference_mode():
-        for n in schedule:
-            batch, ids, positions, slots = ScheduledBatch(), [], [], []
-            for seq in seqs:
-                batch.add(seq, n, [])
-                span = range(seq.num_computed_tokens, seq.num_computed_tokens + n)
-                ids += [seq.token_ids[p] for p in span]
-                positions += list(span)
-                slots += [slot(seq.block_table, p, runner.block_size) for p in span]
-            logits = runner._forward_eager(batch, ids, positions, slots, list(range(len(ids))))
-            for i, seq in enumerate(seqs):
-                rows[i].append(logits[i * n : (i + 1) * n])
-                seq.num_computed_tokens += n
-    return torch.stack([torch.cat(r) for r in rows])
-
-
 # Fresh prompts longer than the window (one batched SDPA call with a window mask), or within it (plain causal),
 # then a chunk after cached context, then decodes one token at a time.
 SCHEDULES = {"prefill 12 > window": (12, 9) + (1,) * 9, "prefill 5 < window": (5, 14) + (1,) * 11}
@@ -124,13 +98,13 @@ SCHEDULES = {"prefill 12 > window": (12, 9) + (1,) * 9, "prefill 5 < window": (5
 
 @pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_logits_match_hf_at_every_position(softcap, schedule):
+def test_logits_match_hf_at_every_position(softcap, schedule, step_logits):
     model = make_tiny_gemma3(final_logit_softcapping=softcap)
     prompts = [p[:30] for p in PROMPTS[3:6]]  # 3 x 30 tokens
     with torch.inference_mode():
         expected = model(torch.tensor(prompts)).logits
     runner = ModelRunner(model, block_size=4, num_blocks=32, max_model_len=64)
-    got = _runtime_logits(runner, prompts, SCHEDULES[schedule])
+    got = step_logits(runner, prompts, SCHEDULES[schedule])
     # measured max |diff| 2.8e-6 on logits up to 3.4 (fp32, our SDPA calls against HF's); a window one position
     # wider or narrower measured 1.9-2.3, the two layer types' rope bases swapped 2.5
     assert (got - expected).abs().max() < 2e-5

@@ -7,12 +7,10 @@ would show."""
 import pytest
 import torch
 
-from optforge.runtime.attention import slot
 from optforge.runtime.decoder import Decoder
 from optforge.runtime.llm import EngineConfig, LLM
 from optforge.runtime.model_runner import ModelRunner
-from optforge.runtime.scheduler import ScheduledBatch
-from optforge.runtime.sequence import SamplingParams, Sequence
+from optforge.runtime.sequence import SamplingParams
 
 MODEL_TYPES = ("qwen3_moe", "mixtral")
 NUM_EXPERTS, TOP_K = 8, 2
@@ -97,40 +95,14 @@ def test_the_prompts_route_tokens_to_every_expert(moe_models, model_type):
     assert all(min(c) > 0 for c in counts.values()), counts
 
 
-def _runtime_logits(runner: ModelRunner, prompts, schedule) -> torch.Tensor:
-    """Logits (B, T, vocab) of every position, from steps that run `schedule[k]` tokens of every prompt at step k
-    (all prompts in one step, so the sparse blocks route tokens of several sequences together), each prompt's
-    blocks scattered over the cache."""
-    seqs = [Sequence(list(p)) for p in prompts]
-    num_blocks = -(-len(prompts[0]) // runner.block_size)
-    blocks = torch.randperm(runner.num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
-    for i, seq in enumerate(seqs):
-        seq.block_table = blocks[i * num_blocks : (i + 1) * num_blocks]
-    rows: list[list[torch.Tensor]] = [[] for _ in seqs]
-    with torch.inference_mode():
-        for n in schedule:
-            batch, ids, positions, slots = ScheduledBatch(), [], [], []
-            for seq in seqs:
-                batch.add(seq, n, [])
-                span = range(seq.num_computed_tokens, seq.num_computed_tokens + n)
-                ids += [seq.token_ids[p] for p in span]
-                positions += list(span)
-                slots += [slot(seq.block_table, p, runner.block_size) for p in span]
-            logits = runner._forward_eager(batch, ids, positions, slots, list(range(len(ids))))
-            for i, seq in enumerate(seqs):
-                rows[i].append(logits[i * n : (i + 1) * n])
-                seq.num_computed_tokens += n
-    return torch.stack([torch.cat(r) for r in rows])
-
-
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_logits_match_hf_at_every_position(moe_models, model_type):
+def test_logits_match_hf_at_every_position(moe_models, model_type, step_logits):
     model = moe_models[model_type]
     prompts = [p[:30] for p in PROMPTS[3:6]]  # 3 x 30 tokens: a prefill of 12, a chunk of 9 after it, 9 decodes
     with torch.inference_mode():
         expected = model(torch.tensor(prompts)).logits
     runner = ModelRunner(model, block_size=4, num_blocks=32, max_model_len=64)
-    got = _runtime_logits(runner, prompts, (12, 9) + (1,) * 9)
+    got = step_logits(runner, prompts, (12, 9) + (1,) * 9)
     # measured max |diff| 1.2e-6 (qwen3_moe) and 9.5e-7 (mixtral) on logits up to 2.9 (fp32, the same HF sparse
     # blocks on tokens of three sequences at once); the same weights routed top-1 instead of top-2: 0.87-0.94
     assert (got - expected).abs().max() < 2e-5
