@@ -2,10 +2,10 @@
 
 The C++ extension (`runtime/cpp`, built by `make cpp`) owns the weights, the kernels and the paged KV cache;
 this runner hands it one flat step at a time, with the block tables the Python block manager allocated, and
-samples from the logits it returns. So `optforge generate/serve/bench --backend cpp` get every sampling
-option, stop strings, prefix caching, continuous batching and the HTTP API of the Python runtime, with the
-C++ kernels underneath (fp32 HF folders, the symmetric int8 / int4 weights of optforge's quantized artifacts
-and `pack.cpu` engines).
+samples from the logits it returns (Llama and Gemma-3 text models; the C++ load refuses others by name). So
+`optforge generate/serve/bench --backend cpp` get every sampling option, stop strings, prefix caching,
+continuous batching and the HTTP API of the Python runtime, with the C++ kernels underneath (fp32 HF folders,
+the symmetric int8 / int4 weights of optforge's quantized artifacts and `pack.cpu` engines).
 
 The C++ model decides per Linear from the artifact's format what the weights multiply with (`activations`):
 weight-only formats keep float32 activations (the torch runtime's numerics), pack.cpu engines and w8a8_int8

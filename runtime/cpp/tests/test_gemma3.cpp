@@ -30,7 +30,12 @@ ModelConfig parse(const Entries& changes = {}) {
                      {"rope_parameters", kRope}};
   for (const auto& [key, value] : changes) {
     bool found = false;
-    for (auto& entry : entries) found = entry.first == key ? (entry.second = value, true) : found;
+    for (auto& entry : entries) {
+      if (entry.first == key) {
+        entry.second = value;
+        found = true;
+      }
+    }
     if (!found) entries.emplace_back(key, value);
   }
   std::string text = "{";

@@ -3,7 +3,8 @@ sliding, full, sliding), sliding window 8, rotary base 100 on the sliding layers
 weights random (Gemma's x * (1 + w)), prompts of 20-38 tokens, so windows end inside KV blocks and cross their
 borders. Logits equal HF's within LOGIT_TOL; greedy tokens equal HF `generate` through the Python engine with
 `--backend cpp` (batched with prefix caching, one at a time, chunked prefill with preemption) and through the
-C++ engine; an int8 weight-only artifact built by optforge gives the torch runtime's tokens; configs the C++
+C++ engine; an int8 weight-only artifact built by optforge gives the torch runtime's tokens (int4: its
+dequantized logits); configs the C++
 forward cannot compute are refused with the key that says why."""
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ PROMPTS = [[3 + (11 * i + 7 * j * j) % 290 for j in range(20 + 4 * i)] for i in 
 PROMPTS += [PROMPTS[4][:28] + [200 + j for j in range(10)], PROMPTS[4]]
 # Max |C++ logits - HF logits| (logits up to ~2.5 here): measured 3.4e-6 (fp32 summation order); 10x that.
 LOGIT_TOL = 3e-5
-# int8 weight-only vs the torch runtime on the same artifact (its dequantized fp32 matmuls): fp32 summation order.
-WEIGHT_ONLY_TOL = 1e-4
+# Weight-only int8 / int4 vs the torch runtime's model of the same artifact (int4: its dequantized fp32 matmuls):
+# measured 2.6e-6 (fp32 summation order); 10x that.
+WEIGHT_ONLY_TOL = 3e-5
 
 
 def make_tiny_gemma3(path: Path, tokenizer_dir: Path, **overrides) -> Path:
@@ -115,28 +117,43 @@ def test_cpp_engine_greedy_equals_hf_generate(rt, gemma_dir, hf_tokens):
     assert tokens == hf_tokens
 
 
-@pytest.fixture
-def int8_gemma(gemma_dir, tmp_path, make_recipe):
+def build_gemma(gemma_dir, root: Path, make_recipe, passes: list) -> Path:
     import optforge
 
-    root = tmp_path / "gemma3-int8"
-    recipe = make_recipe(gemma_dir, root / "out", gate_pct=None, passes=[{"name": "quant.int8_weight_only"}])
-    recipe["name"] = "tiny-gemma3-int8"
+    recipe = make_recipe(gemma_dir, root / "out", gate_pct=None, passes=passes)
+    recipe["name"] = "tiny-gemma3-quantized"
     return optforge.build(recipe, cache_dir=root / "cache").output
 
 
-def test_int8_weight_only_equals_the_torch_runtime(rt, int8_gemma):
-    engine = rt.Engine(str(int8_gemma), num_threads=2)
+def test_int8_weight_only_equals_the_torch_runtime(rt, gemma_dir, tmp_path, make_recipe):
+    path = build_gemma(gemma_dir, tmp_path, make_recipe, [{"name": "quant.int8_weight_only"}])
+    engine = rt.Engine(str(path), num_threads=2)
     assert (engine.weight_format, engine.activations) == ("int8", "fp32")
-    model, _ = load_model(int8_gemma, dtype="float32", device="cpu")
+    model, _ = load_model(path, dtype="float32", device="cpu")
     for ids in PROMPTS[:3]:
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0, -1].numpy()
         assert np.abs(engine.last_logits(ids) - ref).max() < WEIGHT_ONLY_TOL
     params = SamplingParams(max_tokens=NUM_NEW, ignore_eos=True)
-    torch_outs = LLM(int8_gemma, enable_prefix_caching=False).generate(PROMPTS, params)
-    cpp_outs = LLM(int8_gemma, backend="cpp", num_threads=2, block_size=4).generate(PROMPTS, params)
+    torch_outs = LLM(path, enable_prefix_caching=False).generate(PROMPTS, params)
+    cpp_outs = LLM(path, backend="cpp", num_threads=2, block_size=4).generate(PROMPTS, params)
     assert [o.token_ids for o in cpp_outs] == [o.token_ids for o in torch_outs]
+
+
+def test_int4_weight_only_computes_its_dequantized_weights(rt, gemma_dir, tmp_path, make_recipe):
+    """int4 groups of 32: the logits of the torch model whose Linears multiply q * scale in fp32 (the torch int4
+    CPU kernel rounds activations and scales to bf16, so its own logits are further off)."""
+    path = build_gemma(gemma_dir, tmp_path, make_recipe, [{"name": "quant.rtn", "config": {"bits": 4, "group_size": 32}}])
+    engine = rt.Engine(str(path), num_threads=2)
+    assert (engine.weight_format, engine.activations) == ("int4", "fp32")
+    model, _ = load_model(path, dtype="float32", device="cpu")
+    for module in model.modules():
+        if hasattr(module, "dequantized"):
+            module.forward = lambda x, m=module: torch.nn.functional.linear(x, m.dequantized(), m.bias)
+    for ids in PROMPTS[:3]:
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0, -1].numpy()
+        assert np.abs(engine.last_logits(ids) - ref).max() < WEIGHT_ONLY_TOL
 
 
 @pytest.mark.parametrize("key,value,message", [
