@@ -1,3 +1,3 @@
 """Quantization passes."""
 
-from optforge.passes.quant import awq, fp8, gptq, int8_weight_only, kv_cache, rtn, smoothquant  # noqa: F401
+from optforge.passes.quant import awq, fp8, gptq, int8_weight_only, kv_cache, modelopt_quant, rtn, smoothquant  # noqa: F401
