@@ -25,7 +25,8 @@ def describe(spec: dict | None) -> str:
     if spec["scheme"] == "w8a8_int8":
         return f"w8a8 int8 channel/token ({spec.get('method', 'rtn')})"
     if spec["scheme"] == "fp8":
-        return f"fp8 e4m3 {spec['strategy']} ({'dynamic' if spec['dynamic'] else 'static'} activations)"
+        method = f", {spec['method']}" if spec.get("method") else ""  # where the scales came from, if not quant.fp8
+        return f"fp8 e4m3 {spec['strategy']} ({'dynamic' if spec['dynamic'] else 'static'} activations{method})"
     group = "channel" if spec.get("group_size") is None else f"g{spec['group_size']}"
     return f"int{spec['bits']} {group} {'sym' if spec.get('symmetric', True) else 'asym'} ({spec.get('method', 'rtn')})"
 

@@ -146,7 +146,7 @@ def logits(model, tokenizer_dir) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name,module,label", [
-    ("FP8_DEFAULT_CFG", "Fp8Linear", "fp8 e4m3 tensor (static activations)"),
+    ("FP8_DEFAULT_CFG", "Fp8Linear", "fp8 e4m3 tensor (static activations, modelopt-max)"),
     ("INT4_AWQ_CFG", "WeightOnlyLinear", "int4 g64 sym (modelopt-awq_lite)"),
 ])
 def test_artifact_is_optforge_modules_matching_modelopts_fake_quant(mtq, builds, tiny_model_dir, make_recipe, name, module, label):
