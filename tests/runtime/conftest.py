@@ -118,3 +118,47 @@ def _step_logits(runner, prompts, schedule) -> torch.Tensor:
 def step_logits():
     """`_step_logits(runner, prompts, schedule)`: logits (B, T, vocab) of every position of every prompt."""
     return _step_logits
+
+
+GEMMA3_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+
+
+def _tiny_gemma3(sliding_window: int = 8, vocab_size: int = 512, **overrides):
+    """A random Gemma3ForCausalLM: 4 layers (3 sliding, 1 full), 4 query / 2 KV heads of 16, vocab 512 unless given, rope
+    base 10000 on the full layer and 100 on the sliding ones, norm weights random (Gemma's x * (1 + w)). No EOS,
+    so HF `generate` runs every token, as `ignore_eos` does."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, sliding_window=sliding_window, layer_types=GEMMA3_LAYER_TYPES,
+                           max_position_embeddings=256, query_pre_attn_scalar=16, rope_theta=10000.0, rope_local_base_freq=100.0,
+                           pad_token_id=0, eos_token_id=None, bos_token_id=2, **overrides)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)  # sharper logits: greedy picks far from ties
+            else:
+                p.normal_(0.0, 0.5)  # norm weights: random rather than HF's zeros, so each norm's weight counts
+    return model
+
+
+def _hf_greedy(model, prompts, n: int) -> list[list[int]]:
+    """HF `generate`'s greedy continuation of each prompt, `n` tokens, one prompt at a time."""
+    with torch.inference_mode():
+        outs = [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert all(len(o) == n for o in outs)
+    return outs
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_model():
+    """`_tiny_gemma3(sliding_window=8, vocab_size=512, **overrides)`: a random tiny Gemma-3 (see its docstring)."""
+    return _tiny_gemma3
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """`_hf_greedy(model, prompts, n)`: HF generate's greedy tokens per prompt."""
+    return _hf_greedy

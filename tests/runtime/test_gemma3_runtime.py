@@ -15,33 +15,11 @@ from optforge.runtime.model_runner import ModelRunner
 from optforge.runtime.sequence import SamplingParams
 
 WINDOW = 8
-LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
 NUM_NEW = 32
 # 20-36 tokens, a prompt sharing 28 tokens (7 blocks) with the one before it, and a repeat: prefix caching
 # hands over blocks whose keys lie outside the window of the first new token.
 PROMPTS = [[3 + (11 * i + 7 * j * j) % 500 for j in range(20 + 4 * i)] for i in range(5)]
 PROMPTS += [PROMPTS[4][:28] + [400 + j for j in range(10)], PROMPTS[4]]
-
-
-def make_tiny_gemma3(sliding_window: int = WINDOW, **overrides):
-    """A random Gemma3ForCausalLM: 4 layers (3 sliding, 1 full), 4 query / 2 KV heads of 16, vocab 512, rope
-    base 10000 on the full layer and 100 on the sliding ones, norm weights random (Gemma's x * (1 + w)). No EOS,
-    so HF `generate` runs every token, as `ignore_eos` does."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, sliding_window=sliding_window, layer_types=LAYER_TYPES,
-                           max_position_embeddings=256, query_pre_attn_scalar=16, rope_theta=10000.0, rope_local_base_freq=100.0,
-                           pad_token_id=0, eos_token_id=None, bos_token_id=2, **overrides)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)  # sharper logits: greedy picks far from ties
-            else:
-                p.normal_(0.0, 0.5)  # norm weights: random rather than HF's zeros, so each norm's weight counts
-    return model
 
 
 def make_windowed(model_type: str):
@@ -63,21 +41,14 @@ def make_windowed(model_type: str):
     return model
 
 
-def hf_generate(model, prompts, n: int = NUM_NEW) -> list[list[int]]:
-    with torch.inference_mode():
-        outs = [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert all(len(o) == n for o in outs)
-    return outs
+@pytest.fixture(scope="module")
+def tiny_gemma3(tiny_gemma3_model):
+    return tiny_gemma3_model()
 
 
 @pytest.fixture(scope="module")
-def tiny_gemma3():
-    return make_tiny_gemma3()
-
-
-@pytest.fixture(scope="module")
-def gemma3_reference(tiny_gemma3):
-    return hf_generate(tiny_gemma3, PROMPTS)
+def gemma3_reference(tiny_gemma3, hf_greedy):
+    return hf_greedy(tiny_gemma3, PROMPTS, NUM_NEW)
 
 
 def test_a_query_sees_its_own_position_and_the_window_minus_one_before_it():
@@ -98,8 +69,8 @@ SCHEDULES = {"prefill 12 > window": (12, 9) + (1,) * 9, "prefill 5 < window": (5
 
 @pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_logits_match_hf_at_every_position(softcap, schedule, step_logits):
-    model = make_tiny_gemma3(final_logit_softcapping=softcap)
+def test_logits_match_hf_at_every_position(softcap, schedule, step_logits, tiny_gemma3_model):
+    model = tiny_gemma3_model(final_logit_softcapping=softcap)
     prompts = [p[:30] for p in PROMPTS[3:6]]  # 3 x 30 tokens
     with torch.inference_mode():
         expected = model(torch.tensor(prompts)).logits
@@ -134,19 +105,19 @@ def test_greedy_matches_hf_generate(tiny_gemma3, gemma3_reference, byte_tokenize
         assert llm.engine.scheduler.num_preemptions > 0
 
 
-def test_the_window_changes_what_hf_generates(tiny_gemma3, gemma3_reference):
+def test_the_window_changes_what_hf_generates(tiny_gemma3, gemma3_reference, tiny_gemma3_model, hf_greedy):
     """The prompts reach past the window: the same weights without it generate other tokens."""
-    unwindowed = make_tiny_gemma3(sliding_window=256)
+    unwindowed = tiny_gemma3_model(sliding_window=256)
     unwindowed.load_state_dict(tiny_gemma3.state_dict())
-    assert sum(a != b for a, b in zip(hf_generate(unwindowed, PROMPTS), gemma3_reference)) >= len(PROMPTS) // 2
+    assert sum(a != b for a, b in zip(hf_greedy(unwindowed, PROMPTS, NUM_NEW), gemma3_reference)) >= len(PROMPTS) // 2
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
-def test_windowed_mistral_and_qwen_match_hf_generate(model_type, byte_tokenizer):
+def test_windowed_mistral_and_qwen_match_hf_generate(model_type, byte_tokenizer, hf_greedy):
     model = make_windowed(model_type)
     llm = LLM.from_model(model, byte_tokenizer, CONFIGS["batched+prefix"])
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=NUM_NEW, ignore_eos=True))
-    assert [o.token_ids for o in outs] == hf_generate(model, PROMPTS)
+    assert [o.token_ids for o in outs] == hf_greedy(model, PROMPTS, NUM_NEW)
 
 
 def test_a_window_that_hides_keys_keeps_the_unfused_forward(tiny_gemma3):
@@ -156,26 +127,26 @@ def test_a_window_that_hides_keys_keeps_the_unfused_forward(tiny_gemma3):
     assert decoder.fused is None and decoder.decode_weights is None
 
 
-def test_other_architectures_and_capped_attention_scores_are_refused():
+def test_other_architectures_and_capped_attention_scores_are_refused(tiny_gemma3_model):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
     with pytest.raises(UserInputError, match=r"this model is 'gpt2'.*optforge eval"):
         ModelRunner(gpt2, num_blocks=4)
     with pytest.raises(UserInputError, match=r"gemma3_text models with attn_logit_softcapping=50.0.*optforge eval"):
-        Decoder(make_tiny_gemma3(attn_logit_softcapping=50.0))
+        Decoder(tiny_gemma3_model(attn_logit_softcapping=50.0))
 
 
 @pytest.mark.parametrize("spec", [{"scheme": "weight_only", "bits": 8, "group_size": None}, {"scheme": "weight_only", "bits": 4, "group_size": 16},
                                   {"scheme": "fp8", "strategy": "channel", "dynamic": True}], ids=["int8", "int4 g16", "fp8"])
-def test_quantized_gemma3_serves_the_tokens_hf_generates(byte_tokenizer, spec):
+def test_quantized_gemma3_serves_the_tokens_hf_generates(byte_tokenizer, spec, tiny_gemma3_model, hf_greedy):
     """Gemma-3 with quantized Linears (every projection; the tied embedding/LM head stays float): the runtime's
     greedy tokens are HF generate's on the same quantized model."""
     from optforge.formats import quantize_in_memory
 
-    model = make_tiny_gemma3()
+    model = tiny_gemma3_model()
     assert quantize_in_memory(model, spec)
-    expected = hf_generate(model, PROMPTS[:3])
+    expected = hf_greedy(model, PROMPTS[:3], NUM_NEW)
     llm = LLM.from_model(model, byte_tokenizer, CONFIGS["batched+prefix"])
     outs = llm.generate(PROMPTS[:3], SamplingParams(max_tokens=NUM_NEW, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected

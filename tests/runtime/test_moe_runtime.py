@@ -67,21 +67,14 @@ def tokens_per_expert(model, prompts) -> dict[int, list[int]]:
     return {i: c.tolist() for i, c in counts.items()}
 
 
-def hf_generate(model, prompts, n: int = NUM_NEW) -> list[list[int]]:
-    with torch.inference_mode():
-        outs = [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert all(len(o) == n for o in outs)
-    return outs
-
-
 @pytest.fixture(scope="module")
 def moe_models():
     return {t: make_tiny_moe(t) for t in MODEL_TYPES}
 
 
 @pytest.fixture(scope="module")
-def moe_references(moe_models):
-    return {t: hf_generate(m, PROMPTS) for t, m in moe_models.items()}
+def moe_references(moe_models, hf_greedy):
+    return {t: hf_greedy(m, PROMPTS, NUM_NEW) for t, m in moe_models.items()}
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -130,11 +123,11 @@ def test_greedy_matches_hf_generate(moe_models, moe_references, byte_tokenizer, 
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_routing_changes_what_hf_generates(moe_models, moe_references, model_type):
+def test_routing_changes_what_hf_generates(moe_models, moe_references, model_type, hf_greedy):
     """The same weights routed top-1 generate other tokens: the experts and their mix decide the outputs."""
     top1 = make_tiny_moe(model_type, top_k=1)
     top1.load_state_dict(moe_models[model_type].state_dict())
-    assert sum(a != b for a, b in zip(hf_generate(top1, PROMPTS), moe_references[model_type])) >= len(PROMPTS) // 2
+    assert sum(a != b for a, b in zip(hf_greedy(top1, PROMPTS, NUM_NEW), moe_references[model_type])) >= len(PROMPTS) // 2
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -23,7 +23,6 @@ from optforge.runtime.llm import LLM
 from optforge.runtime.sequence import SamplingParams
 
 WINDOW = 8
-LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
 NUM_NEW = 32
 # Prompts of 20-36 tokens below the tokenizer's 300 ids; one shares 28 tokens (7 blocks of 4) with the one before
 # it, and one repeats: prefix caching hands over blocks whose keys lie outside the window of the first new token.
@@ -36,22 +35,9 @@ LOGIT_TOL = 3e-5
 WEIGHT_ONLY_TOL = 3e-5
 
 
-def make_tiny_gemma3(path: Path, tokenizer_dir: Path, **overrides) -> Path:
-    """A random Gemma3ForCausalLM saved with save_pretrained, with the tiny Llama's 300-token BPE tokenizer."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, layer_types=LAYER_TYPES, max_position_embeddings=256,
-                           query_pre_attn_scalar=16, rope_theta=10000.0, rope_local_base_freq=100.0, pad_token_id=0, eos_token_id=None,
-                           bos_token_id=2, **overrides)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)  # sharper logits: greedy picks far from ties
-            else:
-                p.normal_(0.0, 0.5)  # norm weights: random rather than HF's zeros, so each norm's weight counts
+def make_tiny_gemma3(build, path: Path, tokenizer_dir: Path, **overrides) -> Path:
+    """`build` (the tiny_gemma3_model fixture) with the tiny Llama's 300-token BPE tokenizer, saved with save_pretrained."""
+    model = build(sliding_window=WINDOW, vocab_size=300, **overrides)
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, path / name)
@@ -67,8 +53,8 @@ def hf_generate(path: Path, prompts, n: int = NUM_NEW) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def gemma_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3", tiny_model_dir)
+def gemma_dir(tiny_model_dir, tmp_path_factory, tiny_gemma3_model) -> Path:
+    return make_tiny_gemma3(tiny_gemma3_model, tmp_path_factory.mktemp("gemma3") / "tiny-gemma3", tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +67,10 @@ def hf_tokens(gemma_dir):
     # a logit cap, and linear rope scaling on the full layer (HF 5.x: rope_parameters per layer type)
     {"final_logit_softcapping": 2.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
 ], ids=["base", "softcap-linear-rope"])
-def test_logits_equal_hf(rt, tiny_model_dir, tmp_path, overrides):
+def test_logits_equal_hf(rt, tiny_model_dir, tmp_path, overrides, tiny_gemma3_model):
     from transformers import AutoModelForCausalLM
 
-    path = make_tiny_gemma3(tmp_path / "gemma", tiny_model_dir, **overrides)
+    path = make_tiny_gemma3(tiny_gemma3_model, tmp_path / "gemma", tiny_model_dir, **overrides)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     engine = rt.Engine(str(path), num_threads=2)
     for ids in PROMPTS:
