@@ -4,6 +4,8 @@ quantized KV cache re-applied), and save a model as one safetensors file.
 Dense directories go through `AutoModelForCausalLM.from_pretrained` (HF's own loader). Directories with
 quantized modules are built from their config, the Linear layers listed in optforge.json are swapped for
 the modules that run their stored format, and the safetensors state is loaded with `assign=True`.
+Mixture-of-experts models get one Linear MLP per expert either way (formats/experts.py), and their files use
+the Hub's per-expert tensor names.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from optforge.artifact import LAYOUT_FILE, WEIGHTS_FILE
 from optforge.errors import ArtifactError
 from optforge.formats import swap_linear
+from optforge.formats.experts import disk_key, memory_key, unfuse_experts
 from optforge.formats.fused import apply_fusions
 from optforge.formats.kv_cache import apply_kv_cache_layout
 
@@ -39,6 +42,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not modules:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        unfuse_experts(model)
         return _apply_layout(model, layout, fusions).to(device).eval(), tokenizer
 
     from safetensors.torch import load_file
@@ -46,9 +50,10 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with _no_init_weights():  # every weight comes from the file: random init would cost minutes at 8B on a CPU
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    unfuse_experts(model, copy=False)
     for name, spec in modules.items():
         swap_linear(model, name, spec)
-    state = load_file(path / WEIGHTS_FILE)
+    state = {memory_key(config.model_type, k): v for k, v in load_file(path / WEIGHTS_FILE).items()}
     for key, value in state.items():
         if value.is_floating_point() and not key.endswith("_scale") and not key.endswith("_zero"):
             state[key] = value.to(torch_dtype)
@@ -99,5 +104,5 @@ def save_model(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
         if ptr in seen and tensor.numel() > 0:
             continue  # a tied parameter (lm_head sharing embed_tokens): stored once
         seen[ptr] = key
-        state[key] = tensor.detach().contiguous().cpu()
+        state[disk_key(model.config.model_type, key)] = tensor.detach().contiguous().cpu()
     save_file(state, path / WEIGHTS_FILE, metadata={"format": "pt"})

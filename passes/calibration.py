@@ -43,6 +43,7 @@ from torch import nn
 
 from optforge import distributed
 from optforge.errors import PassError
+from optforge.formats.experts import count_tokens, see_all_tokens
 from optforge.evals.perplexity import leading_bos
 from optforge.passes.layer_checkpoints import agree_on_restore, open_checkpoints
 from optforge.passes.onload import Activations, LayerMover, Placement, Tiers, activation_tiers, clear_spill, outer_modules
@@ -252,8 +253,9 @@ def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[di
     untouched = snapshot(step.layer) if checkpoints is not None and checkpoints.writer and not algorithm.restores_layer else None
     watched = algorithm.watch(step)
     if watched or before:
-        with watch_inputs(watched, algorithm.record):
+        with watch_inputs(watched, algorithm.record), see_all_tokens(step.layer), count_tokens(step.layer) as routed:
             step.outputs = _run_layer(step.layer, step.inputs, kwargs, keep=before)
+        note_routing(step, routed)
     if distributed.world_size() > 1:
         algorithm.reduce(step)
     algorithm.apply(step)
@@ -261,6 +263,19 @@ def _calibrate_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[di
         changed = changed_tensors(step.layer, untouched) if untouched is not None else {}
         checkpoints.save(step.index, changed, algorithm.layer_results(step))
     return step.outputs if before else _run_layer(step.layer, step.inputs, kwargs)
+
+
+def note_routing(step: LayerStep, routed: dict[str, torch.Tensor]) -> None:
+    """Keep the tokens the router sent to each expert on the experts module (`calibration_routed`, summed over
+    ranks; the quantized artifact's report lists them) and log the experts that got none, which were
+    calibrated on the tokens routed elsewhere only (every expert sees every token during observation)."""
+    for name, counts in routed.items():
+        counts = distributed.all_reduce(counts)
+        step.layer.get_submodule(name).calibration_routed = counts
+        idle = (counts == 0).nonzero().flatten().tolist()
+        if idle:
+            log.info("%s.%s: the router sent none of %d routed tokens to expert(s) %s; every expert was observed on every token",
+                     step.name, name, int(counts.sum()), idle)
 
 
 def _restore_layer(step: LayerStep, algorithm: LayerAlgorithm, kwargs: list[dict], changed: dict, results: dict) -> Activations:

@@ -8,9 +8,11 @@ Mixture-of-experts models (Qwen3-MoE, Mixtral, ...):
   selected, whatever `include` says (`ROUTER`). In transformers 5.x it is a router module holding a `weight`
   parameter, not an nn.Linear, so it would not be picked anyway; older releases and other MoE families hold an
   nn.Linear there. Rounding it would change which experts run, a discrete change that no weight-error bound covers.
-- the experts are 3D parameters of an `experts` module (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)),
-  not Linears, so no pass changes them. `pass_targets` logs a warning that names them and their bytes;
-  `expert_parameters` and `routers` list both for the layout's precision table (passes/quant/output.py).
+- the experts: optforge's loader splits HF's 3D expert tensors into one Linear MLP per expert
+  (`mlp.experts.3.gate_proj`, formats/experts.py), which passes select like any other Linear. An architecture
+  whose experts the loader cannot split keeps 3D parameters (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I))
+  that no pass changes: `pass_targets` logs a warning that names them and their bytes; `expert_parameters` and
+  `routers` list both for the layout's precision table (passes/quant/output.py).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import re
 from torch import nn
 
 from optforge.errors import PassError
+from optforge.formats.experts import EXPERTS
 
 log = logging.getLogger(__name__)
 
 ROUTER = re.compile(r"(^|\.)(mlp|block_sparse_moe)\.gate$")  # MoE routers, by qualified module name
-EXPERTS = re.compile(r"(^|\.)experts$")  # the module that holds a sparse block's expert weights
 
 
 def select_linears(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> dict[str, nn.Linear]:

@@ -7,9 +7,9 @@ embeddings differ in base (the rotary module takes the layer type), scale attent
 `query_pre_attn_scalar ** -0.5`, and may cap the final logits with tanh. Their embedding module multiplies by
 sqrt(hidden) itself, and their norms compute x * (1 + w) inside HF's modules, which the decoder calls.
 Mixture-of-experts models (`qwen3_moe`, `mixtral`) are Qwen3/Mistral layouts whose MLP may be a sparse block: a
-router (`mlp.gate`) picks the top-k experts of each token, and the experts are 3D parameters
-(`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I)) rather than Linears. The decoder
-calls HF's block as it is (Qwen3-MoE layers in `mlp_only_layers`, or off its `decoder_sparse_step`, hold a
+router (`mlp.gate`) picks the top-k experts of each token; the experts are HF's 3D parameters
+(`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I)) or, as optforge's loader gives them,
+one Linear MLP per expert (formats/experts.py), dense or quantized. The decoder calls HF's block as it is (Qwen3-MoE layers in `mlp_only_layers`, or off its `decoder_sparse_step`, hold a
 dense MLP there). Neither the fused forms (one dense gate|up per layer) nor CUDA graphs (which would replay
 one step's routing) run them.
 """

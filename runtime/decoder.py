@@ -70,7 +70,7 @@ class Decoder:
         from optforge.formats.fused import can_stack, stack_linears
 
         if self.arch.is_moe or self.has_sandwich_norms or getattr(self.config, "hidden_act", None) != "silu":
-            return None  # MoE: no gate|up to stack in a sparse block; its experts are 3D parameters
+            return None  # MoE: no single gate|up to stack in a sparse block
         fused = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp

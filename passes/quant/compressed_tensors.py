@@ -78,9 +78,12 @@ def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
     }
 
 
-def write_quantization_config(path: Path, modules: dict[str, dict], ignore: list[str]) -> None:
-    """Add the block to `path`/config.json (the rest of the file is left as saved by transformers)."""
+def write_quantization_config(path: Path, modules: dict[str, dict], ignore: list[str], *, model_type: str = "") -> None:
+    """Add the block to `path`/config.json (the rest of the file is left as saved by transformers); module
+    names as the checkpoint spells them (formats/experts.disk_key)."""
+    from optforge.formats.experts import disk_key
+
     config_path = Path(path) / "config.json"
     data = json.loads(config_path.read_text())
-    data["quantization_config"] = quantization_config(modules, ignore)
+    data["quantization_config"] = quantization_config({disk_key(model_type, n): s for n, s in modules.items()}, [disk_key(model_type, n) for n in ignore])
     config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

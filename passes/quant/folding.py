@@ -21,12 +21,30 @@ FOLDS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "llama": [("input_layernorm", _QKV), ("post_attention_layernorm", _GATE_UP), ("mlp.up_proj", ("mlp.down_proj",))],
     "gemma3_text": [("input_layernorm", _QKV), ("pre_feedforward_layernorm", _GATE_UP), ("mlp.up_proj", ("mlp.down_proj",))],
 }
-FOLDS["mistral"] = FOLDS["qwen2"] = FOLDS["llama"]
+FOLDS["mistral"] = FOLDS["qwen2"] = FOLDS["qwen3"] = FOLDS["llama"]
+
+
+def expert_folds(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """The folds of a sparse block whose experts are Linears (formats/experts.py): the norm before it into
+    every expert's gate and up (and its router, `fold`), each expert's up into its down. Dense MLP layers of the
+    same model (Qwen3-MoE's `mlp_only_layers`) keep the dense folds; each layer uses the ones it has."""
+    from optforge.formats.experts import EXPERT_LINEARS, linear_experts
+
+    blocks = linear_experts(model)
+    if not blocks:
+        return []
+    gate, up, down = EXPERT_LINEARS[model.config.model_type]
+    experts = [f"mlp.experts.{e}" for e in range(next(iter(blocks.values())).num_experts)]
+    fed = tuple(f"{x}.{n}" for x in experts for n in (gate, up))
+    return [("post_attention_layernorm", fed), *((f"{x}.{up}", (f"{x}.{down}",)) for x in experts)]
 
 
 def model_folds(model: nn.Module, pass_name: str, alternative: str = "") -> list[tuple[str, tuple[str, ...]]]:
     """The folding map of `model`'s architecture, or a PassError naming its decoder layer."""
-    folds = FOLDS.get(model.config.model_type)
+    moe = expert_folds(model)
+    folds = FOLDS.get(model.config.model_type) or (FOLDS["llama"] if moe else None)
+    if moe:
+        return [*folds, *moe]
     if folds is None:
         layer = type(decoder_layers(model, pass_name)[0]).__name__
         raise PassError(pass_name, f"no scale-folding map for architecture '{model.config.model_type}' (decoder layer {layer}); supported: {', '.join(sorted(FOLDS))}{alternative}")
@@ -115,6 +133,10 @@ class FoldingLayers(LayerAlgorithm):
         self.generator.set_state(results["generator"])
 
     def fold(self, layer: nn.Module, op: str, fed: tuple[str, ...], s: torch.Tensor) -> None:
+        """Divide `op`'s output by s, multiply the Linears it feeds by s; a sparse block's router reads the same
+        input as its experts and is multiplied too (it stays float: routing unchanged up to its rounding)."""
         divide_output(layer.get_submodule(op), s, self.pass_name)
-        for name in fed:
+        block, sep, _ = fed[0].partition(".experts.")
+        router = (f"{block}.gate",) if sep and ".experts." not in op else ()  # the block's input, not an expert's
+        for name in (*fed, *router):
             layer.get_submodule(name).weight.data *= s

@@ -124,7 +124,7 @@ class SmoothQuantLayers(FoldingLayers):
     def apply(self, step):
         report = self.report
         for op, fed in self.folds:
-            if op not in self.kept:
+            if op not in self.kept or not self.watches(step.name, fed):  # a fold of another kind of layer (MoE/dense MLP)
                 continue
             if not self.kept[op]:
                 report["uncalibrated"].append(f"{step.name}.{op}")

@@ -141,3 +141,23 @@ def test_moe_models_keep_the_unfused_forward(moe_models, model_type):
     assert decoder._decode_weights(max_model_len=64) is None
     decoder.fuse(max_model_len=64)
     assert decoder.fused is None and decoder.decode_weights is None
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_experts_as_linears_serve_hf_tokens(moe_models, moe_references, byte_tokenizer, model_type, step_logits):
+    """The loader's form of the experts (one Linear MLP per expert, formats/experts.py) in the runtime: HF's logits
+    at every position and HF generate's greedy tokens, batched with prefix caching."""
+    import copy
+
+    from optforge.formats.experts import unfuse_experts
+
+    model = copy.deepcopy(moe_models[model_type])
+    assert unfuse_experts(model) == len(sparse_layers(model))
+    prompts = [p[:30] for p in PROMPTS[3:6]]
+    with torch.inference_mode():
+        expected = moe_models[model_type](torch.tensor(prompts)).logits
+    got = step_logits(ModelRunner(model, block_size=4, num_blocks=32, max_model_len=64), prompts, (12, 9) + (1,) * 9)
+    assert (got - expected).abs().max() < 2e-5
+    llm = LLM.from_model(model, byte_tokenizer, CONFIGS["batched+prefix"])
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=NUM_NEW, ignore_eos=True))
+    assert [o.token_ids for o in outs] == moe_references[model_type]
