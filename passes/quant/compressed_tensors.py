@@ -66,6 +66,7 @@ def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
         key = json.dumps([weights, inputs, _format(spec)], sort_keys=True)
         group = groups.setdefault(key, {"targets": [], "weights": weights, "input_activations": inputs, "output_activations": None, "format": _format(spec)})
         group["targets"].append(f"re:^{re.escape(name)}$")
+    _target_expert_blocks(groups)
     formats = {g["format"] for g in groups.values()}
     return {
         "quant_method": "compressed-tensors",
@@ -76,6 +77,24 @@ def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
         "kv_cache_scheme": None,
         "version": FORMAT_VERSION,
     }
+
+
+EXPERT_LINEAR = re.compile(r"^(.*\\\.experts)\\\.\d+\\\.\w+\$$")  # an exact-name target of one expert's Linear
+
+
+def _target_expert_blocks(groups: dict[str, dict]) -> None:
+    """Add a sparse block's own name (`model.layers.3.mlp.experts`) to the group that holds all of its quantized
+    expert Linears: vLLM loads a block's experts as one fused MoE layer and looks its scheme up by that name.
+    transformers ignores it (its experts module is no Linear)."""
+    owner: dict[str, set[str]] = {}  # block target -> the groups holding its experts
+    for key, group in groups.items():
+        for target in group["targets"]:
+            match = EXPERT_LINEAR.match(target)
+            if match:
+                owner.setdefault(match.group(1), set()).add(key)
+    for block, keys in sorted(owner.items()):
+        if len(keys) == 1:
+            groups[next(iter(keys))]["targets"].append(f"{block}$")
 
 
 def write_quantization_config(path: Path, modules: dict[str, dict], ignore: list[str], *, model_type: str = "") -> None:
