@@ -99,8 +99,11 @@ class ModelOptConfig:
     include: tuple[str, ...] = option((r".*",), "regexes (re.search) of Linear names ModelOpt may quantize (its config may leave more float)")
     exclude: tuple[str, ...] = option((r"(^|\.)lm_head$",), "regexes of Linear names kept in full precision; wins over include")
     num_samples: int | None = option(None, "calibration passages (null: all the recipe's rows); read by FP8_DEFAULT_CFG and INT4_AWQ_CFG only")
+    block_size: int | None = option(None, "INT4 configs: input columns per weight scale instead of the config's 128 (null: the config's), e.g. 64 for a model whose widths are not multiples of 128, which ModelOpt's own export refuses")
 
     def __post_init__(self):
+        if self.block_size is not None and (self.block_size < 8 or self.block_size & (self.block_size - 1)):
+            raise ValueError(f"block_size must be a power of two >= 8 or null, found {self.block_size}")
         problem = refusal(self.config)
         if problem:
             raise ValueError(problem)
@@ -116,9 +119,14 @@ def import_modelopt():
     return modelopt.__version__, mtq
 
 
-def modelopt_config(mtq, name: str, keep_float: list[str]) -> dict:
-    """ModelOpt's config `name` with the quantizers of the Linears outside the pass's targets disabled."""
+def modelopt_config(mtq, name: str, keep_float: list[str], block_size: int | None = None) -> dict:
+    """ModelOpt's config `name` with the quantizers of the Linears outside the pass's targets disabled (and the
+    INT4 weight block set to `block_size`, where given)."""
     cfg = copy.deepcopy(getattr(mtq, name))
+    for entry in cfg["quant_cfg"] if block_size else ():
+        inner = entry.get("cfg")
+        if isinstance(inner, dict) and inner.get("num_bits") == 4 and inner.get("block_sizes"):
+            inner["block_sizes"] = {**inner["block_sizes"], -1: block_size}
     # Entries apply in order, later ones winning; ModelOpt matches quantizer names with fnmatch.
     cfg["quant_cfg"] = [*cfg["quant_cfg"], *({"quantizer_name": f"{glob.escape(n)}.*", "enable": False} for n in keep_float)]
     return cfg
@@ -129,12 +137,12 @@ def algorithm(cfg: dict) -> str:
     return algo if isinstance(algo, str) else algo.get("method", "max")
 
 
-def calibrate(mtq, model: nn.Module, name: str, samples: list[torch.Tensor], keep_float: list[str], progress=None) -> dict:
+def calibrate(mtq, model: nn.Module, name: str, samples: list[torch.Tensor], keep_float: list[str], progress=None, block_size: int | None = None) -> dict:
     """Run ModelOpt's quantize in place (its forward loop over `samples`, or none for configs that read no
     activations); returns the config it ran."""
     from optforge.passes.calibration import calibration_forward
 
-    cfg = modelopt_config(mtq, name, keep_float)
+    cfg = modelopt_config(mtq, name, keep_float, block_size)
     loop = None
     if name in READS_ACTIVATIONS:
         advance = (progress or (lambda desc, total: (lambda n=1: None)))(f"ModelOpt {name}", len(samples) * (2 if algorithm(cfg) == "awq_lite" else 1))
@@ -310,7 +318,7 @@ class ModelOptQuant(Pass):
             fold_groups(model, self.name)  # an architecture without a folding map fails before calibrating
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples) if self.uses_calibration else []
         started = time.perf_counter()
-        ran = calibrate(mtq, model, cfg.config, samples, keep_float, ctx.progress)
+        ran = calibrate(mtq, model, cfg.config, samples, keep_float, ctx.progress, cfg.block_size)
         method = f"modelopt-{algorithm(ran)}"
         report: dict = {"method": method, "modelopt_version": version, "config": cfg.config, "algorithm": algorithm(ran), "written_as": SUPPORTED[cfg.config],
                         "samples": len(samples), "calibration_tokens": sum(int(s.shape[1]) for s in samples)}

@@ -271,3 +271,18 @@ def test_weight_only_configs_need_no_calibration_text(builds):
         layout = json.loads((builds(name).output / "optforge.json").read_text())
         assert layout["precision"]["model.layers.1.mlp.down_proj"] == label
         assert layout["quantization"]["samples"] == 0 and layout["quantization"]["max_weight_error"] < 1e-6
+
+
+def test_block_size_sets_the_int4_block(mtq, build_tiny):
+    """`block_size` replaces the INT4 configs' 128 (ModelOpt's export needs widths that are whole blocks)."""
+    out = build_tiny([{"name": "quant.modelopt", "config": {"config": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "block_size": 16}}], "modelopt-block16").output
+    precision = json.loads((out / "optforge.json").read_text())["precision"]
+    assert precision["model.layers.0.mlp.down_proj"] == "int4 g16 sym (modelopt-max)"
+
+
+def test_block_size_must_be_a_power_of_two(no_modelopt, tiny_model_dir, tmp_path, make_recipe):
+    spec = recipe(make_recipe, tiny_model_dir, tmp_path / "out", "INT4_AWQ_CFG")
+    spec["passes"][0]["config"]["block_size"] = 48
+    with pytest.raises(RecipeError, match="block_size must be a power of two") as exc:
+        optforge.build(spec, cache_dir=tmp_path / "cache")
+    assert exc.value.exit_code == 2
