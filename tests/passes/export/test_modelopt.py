@@ -227,6 +227,53 @@ def test_smoothquant_build_and_int8_kv_cache_are_refused(export):
         export([], "float")
 
 
+LOADABLE = {name: passes for name, (passes, *_) in SCHEMES.items()} | {"rtn-mixed": [{"name": "quant.rtn", "config": {"group_size": 32, "int8_layers": ["down_proj"]}}]}
+
+
+@pytest.mark.parametrize("scheme", list(LOADABLE))
+def test_optforge_serves_the_checkpoint_as_the_artifact_it_came_from(export, scheme):
+    """load_model reads the ModelOpt folder into the same modules (and FP8 KV scales) as the artifact: the same
+    logits bit for bit, and the runtime's greedy tokens."""
+    from optforge.model_io import load_model
+    from optforge.runtime.llm import EngineConfig, LLM
+    from optforge.runtime.sequence import SamplingParams
+
+    exported, _, _ = export(LOADABLE[scheme], scheme)
+    artifact, tokenizer = load_model(exported.path)
+    checkpoint, _ = load_model(exported.path / "modelopt")
+    quantized = [{n for n, m in model.named_modules() if "Linear" in type(m).__name__ and type(m) is not torch.nn.Linear} for model in (artifact, checkpoint)]
+    assert quantized[0] == quantized[1] and quantized[0]  # INT8 per channel reads back as Int8WeightOnlyLinear, the same numbers
+    ids = torch.tensor([[1 + (7 * j * j) % 290 for j in range(24)]])
+    with torch.no_grad():
+        assert torch.equal(artifact(ids).logits, checkpoint(ids).logits)
+    prompts = [[1 + (11 * i + 7 * j * j) % 290 for j in range(12 + 3 * i)] for i in range(3)]
+    tokens = [[o.token_ids for o in LLM.from_model(m, tokenizer, EngineConfig(num_blocks=64, block_size=4)).generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))]
+              for m in (artifact, checkpoint)]
+    assert tokens[0] == tokens[1]
+
+
+def test_checkpoints_optforge_cannot_serve_are_refused(export, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from optforge.errors import ArtifactError
+    from optforge.model_io import load_model
+
+    exported, _, _ = export(SCHEMES["awq-int4-g32"][0], "awq-int4-g32")
+    folder = shutil.copytree(exported.path / "modelopt", tmp_path / "ckpt")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.pre_quant_scale"] = torch.full_like(tensors["model.layers.1.mlp.down_proj.pre_quant_scale"], 2.0)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ArtifactError, match="'model.layers.1.mlp.down_proj' carries an AWQ pre_quant_scale"):
+        load_model(folder)
+    config = json.loads((folder / "hf_quant_config.json").read_text())
+    config["quantization"]["quant_algo"] = "NVFP4"
+    (folder / "hf_quant_config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="quant_algo 'NVFP4' has no optforge module; readable: FP8, FP8_PER_CHANNEL_PER_TOKEN, W4A16_AWQ, W8A16"):
+        load_model(folder)
+
+
 def test_per_tensor_dynamic_fp8_repeats_its_scale_per_row():
     weight = torch.randn(4, 8).to(torch.float8_e4m3fn)
     out = module_tensors("l", {"weight": weight, "weight_scale": torch.tensor([0.5])}, "FP8_PER_CHANNEL_PER_TOKEN", torch.float32)
