@@ -24,17 +24,20 @@ from optforge.formats.experts import disk_key, memory_key, unfuse_experts
 from optforge.formats.fused import apply_fusions
 from optforge.formats.modelopt_checkpoint import is_modelopt_checkpoint, kv_record, read_checkpoint
 from optforge.formats.kv_cache import apply_kv_cache_layout
+from optforge.tensor_files import mmap_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *, trust_remote_code: bool = False, fusions: bool = True):
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *, trust_remote_code: bool = False, fusions: bool = True, mmap: bool = False):
     """Return (model, tokenizer) for an optforge model directory, in eval mode.
 
     `fusions=False` leaves `fuse.linears`' module fusions unapplied: passes that rewrite weights change and
-    save the standard Linears (and carry the fusion record on)."""
+    save the standard Linears (and carry the fusion record on). `mmap=True` (a model that stays on the host, as
+    calibrated passes keep it): weights stored in `dtype` are copy-on-write views of the safetensors files
+    (tensor_files.py), so host memory holds only what the pass changes or computes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -45,20 +48,23 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
     state = kv = None
     if not modules and is_modelopt_checkpoint(path):  # ModelOpt's unified checkpoint (export.modelopt)
         modules, state, kv = read_checkpoint(path)
-    if not modules:
+    dense_mmap = not modules and mmap and device == "cpu" and bool(_weight_files(path))
+    if not modules and not dense_mmap:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         unfuse_experts(model)
         return _apply_layout(model, layout, fusions).to(device).eval(), tokenizer
 
-    from safetensors.torch import load_file
-
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with _no_init_weights():  # every weight comes from the file: random init would cost minutes at 8B on a CPU
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     unfuse_experts(model, copy=False)
     for name, spec in modules.items():
         swap_linear(model, name, spec)
-    state = {memory_key(config.model_type, k): v for k, v in (state if state is not None else load_file(path / WEIGHTS_FILE)).items()}
+    state = {memory_key(config.model_type, k): v for k, v in (state if state is not None else _read_weights(path, mmap)).items()}
     for key, value in state.items():
         if value.is_floating_point() and not key.endswith("_scale") and not key.endswith("_zero"):
             state[key] = value.to(torch_dtype)
@@ -67,10 +73,27 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", *,
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
+        if dense_mmap:  # names HF's loader converts (an older checkpoint layout): let it read them
+            log.info("%s: the file's tensor names need HF's conversions; loading without memory mapping", path)
+            return load_model(path, dtype, device, trust_remote_code=trust_remote_code, fusions=fusions)
         raise ArtifactError(f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if kv:
         layout = {**layout, "kv_cache": kv_record(model, kv)}
     return _apply_layout(model, layout, fusions).to(device).eval(), tokenizer
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The directory's safetensors: optforge's single file, or a (sharded) Hugging Face checkpoint's files."""
+    return [path / WEIGHTS_FILE] if (path / WEIGHTS_FILE).is_file() else sorted(path.glob("*.safetensors"))
+
+
+def _read_weights(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        state |= mmap_safetensors(file) if mmap else load_file(file)
+    return state
 
 
 def _no_init_weights():
@@ -96,9 +119,7 @@ def _apply_layout(model, layout: dict, fusions: bool = True):
 
 
 def save_model(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
-    """Write config, tokenizer and a single safetensors file (tied weights stored once)."""
-    from safetensors.torch import save_file
-
+    """Write config, tokenizer and a single safetensors file (tied weights stored once), one tensor at a time."""
     path = Path(path)
     model.config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None:
@@ -112,4 +133,4 @@ def save_model(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
             continue  # a tied parameter (lm_head sharing embed_tokens): stored once
         seen[ptr] = key
         state[disk_key(model.config.model_type, key)] = tensor.detach().contiguous().cpu()
-    save_file(state, path / WEIGHTS_FILE, metadata={"format": "pt"})
+    write_safetensors(path / WEIGHTS_FILE, state, metadata={"format": "pt"})

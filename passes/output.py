@@ -23,14 +23,15 @@ CORE_KEYS = frozenset({"format", "properties", "modules"})
 
 def load_input(artifact: ModelArtifact, ctx: "PassContext", *, fused: bool = False, onload: bool = False):
     """(model, tokenizer) of the pass's input, in the recipe's dtype on the build's device, or on the host with
-    `onload` (a pass that moves one layer at a time to the device: `calibrate`, `round_weights`).
+    `onload` (a pass that moves one layer at a time to the device: `calibrate`, `round_weights`), its weights
+    then memory-mapped from the input's files where they are stored in the recipe's dtype.
 
     Unfused unless `fused`: a pass that rewrites weights changes and saves the standard Linears, and its output
     carries the `fusions` record, so the loader fuses them again. A pass that only reads the model (KV-cache
     scales, exports) may load it fused, as it will be served."""
     from optforge.model_io import load_model
 
-    return load_model(artifact.path, dtype=ctx.dtype, device="cpu" if onload else ctx.device, fusions=fused)
+    return load_model(artifact.path, dtype=ctx.dtype, device="cpu" if onload else ctx.device, fusions=fused, mmap=onload)
 
 
 def write_output(
