@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from optforge import distributed
+from optforge import distributed, resources
 from optforge.artifact import MANIFEST_FILE, ModelArtifact, check_output_path, copy_model_files, staging_dir
 from optforge.cache import Cache
 from optforge.context import PassContext
@@ -259,6 +259,7 @@ def build(recipe: Recipe | str | Path | dict, *, output: str | Path | None = Non
     the recipe, the working or home directory; see `artifact.check_output_path`).
     `memory`: what calibrated passes may hold on the device and the host (passes/onload.py)."""
     started = time.perf_counter()
+    resources.return_freed_memory()
     device = distributed.init(device)  # under torchrun: this rank's device (cuda:LOCAL_RANK), the process group joined
     job = load_job(recipe, output=output, cache_dir=cache_dir, device=device, progress=progress, force=force, memory=memory)
     if job.recipe.search is not None:

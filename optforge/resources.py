@@ -47,6 +47,25 @@ class MemoryBudget:
         return cls(None if device is None else parse_bytes(device, "--max-device-memory"), None if host is None else parse_bytes(host, "--max-host-memory"))
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_freed_memory(threshold: int = 2**20) -> bool:
+    """Have glibc serve allocations of `threshold` bytes or more from their own mappings, which go back to the
+    system when freed. By default glibc raises that threshold as large blocks are freed, after which a pass's
+    per-Linear temporaries (float32 copies, integer codes) come from the heap and stay in the resident set,
+    interleaved with the quantized weights kept: on a 1B-parameter CPU build that was 0.5 GiB of freed memory
+    still held. Returns whether it took effect (glibc on Linux only; a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def resident_bytes() -> int:
     """The process's resident set now (Linux /proc; 0 where it cannot be read)."""
     try:

@@ -68,3 +68,21 @@ def test_mapped_model_loads_as_the_copied_one_and_saves_the_same_file(tiny_model
     save_model(mapped, tokenizer, tmp_path / "a")
     save_model(copied, tokenizer, tmp_path / "b")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_freed_large_buffers_leave_the_resident_set():
+    """After `return_freed_memory` (glibc on Linux), a freed 64 MiB buffer is returned to the system at once."""
+    import sys
+
+    import pytest
+
+    from optforge.resources import resident_bytes, return_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt: Linux only")
+    assert return_freed_memory()
+    before = resident_bytes()
+    buffers = [torch.ones(2**22) for _ in range(4)]  # 4 x 16 MiB, touched
+    assert resident_bytes() - before >= 60 * 2**20
+    del buffers
+    assert resident_bytes() - before < 8 * 2**20

@@ -7,7 +7,7 @@ AWQ and GPTQ must beat at the same grid. Limits: outlier weights stretch their g
 from __future__ import annotations
 
 from optforge.pass_ import register
-from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass, round_weights
+from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
 
 
 @register
@@ -18,9 +18,4 @@ class RoundToNearest(WeightOnlyPass):
     method = "rtn"
 
     def quantize(self, model, tokenizer, targets, grids, ctx):
-        results = {}
-        advance = ctx.progress("rtn", len(targets))
-        for name, linear in targets.items():
-            results |= round_weights({name: linear}, grids, ctx.device)
-            advance(1)
-        return results, {"method": "rtn", "calibrated": False}
+        return {}, {"method": "rtn", "calibrated": False}  # each Linear rounded as it is swapped (WeightOnlyPass.run)

@@ -74,7 +74,9 @@ class WeightOnlyPass(Pass):
     method: str = "rtn"
 
     def quantize(self, model: nn.Module, tokenizer, targets: dict[str, nn.Linear], grids: dict[str, Grid], ctx: PassContext) -> tuple[dict[str, Quantized], dict]:
-        """Return ({name: (q, scale, zero)}, report). May edit the float model (e.g. AWQ folds scales)."""
+        """Return ({name: (q, scale, zero)}, report). May edit the float model (e.g. AWQ folds scales). A Linear
+        with no entry is rounded to nearest as it is swapped, one at a time (host memory never holds every
+        Linear's integers at once)."""
         raise NotImplementedError
 
     def spec(self, grid: Grid) -> dict:
@@ -92,8 +94,11 @@ class WeightOnlyPass(Pass):
         grids = plan_grids(targets, self.config)
         results, report = self.quantize(model, tokenizer, targets, grids, ctx)
         modules = {}
+        advance = ctx.progress(f"{self.name}: storing", len(targets)) if not results else (lambda n=1: None)
         for name in list(targets):  # each float Linear and its unpacked integers freed as soon as it is swapped
             modules[name] = self.spec(grids[name])
-            swap_linear(model, name, modules[name]).set_quantized(*results.pop(name))
-            del targets[name]
+            found = results.pop(name) if name in results else round_weights({name: targets[name]}, grids, ctx.device)[name]
+            swap_linear(model, name, modules[name]).set_quantized(*found)
+            del targets[name], found
+            advance(1)
         return write_quantized(model, tokenizer, artifact, self, ctx, modules, report)
