@@ -14,12 +14,14 @@ optforge's loader turns them back into one small MLP of `nn.Linear`s per expert 
   The block's output stays the routed one; only what the Linears' input hooks see changes.
 
 `LinearExperts.forward` takes what HF's experts module takes (tokens (N, H), top-k expert ids (N, k) and their
-weights (N, k)) and sums the same products in the same expert order, so it is a drop-in inside HF's block.
+weights (N, k)) and sums the same products in the same expert order, so it is a drop-in inside HF's block. On CUDA,
+float SiLU experts run as two grouped Triton launches over the tokens sorted by expert (runtime/kernels/moe.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 from typing import Iterator
 
@@ -66,6 +68,12 @@ class LinearExperts(nn.Module):
         return getattr(self, str(index))
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if hidden.is_cuda and not self.see_all and self.routed is None:
+            stacks = self.stacked()
+            if stacks is not None:  # float SiLU experts: two grouped launches (runtime/kernels/moe.py)
+                from optforge.runtime.kernels.moe import grouped_mlp
+
+                return grouped_mlp(hidden, top_k_index, top_k_weights, *stacks)
         out = torch.zeros_like(hidden)
         k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
@@ -88,6 +96,30 @@ class LinearExperts(nn.Module):
             out.index_add_(0, rows, (y * weights[start : start + n, None]).to(out.dtype))
             start += n
         return out
+
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate|up (E, 2I, H), down (E, H, I)) of float SiLU experts on CUDA with Triton, made once: the experts'
+        Linears then hold views into them (no second copy). None where the loop must run (quantized experts, another
+        activation, no Triton)."""
+        first = self[0]
+        gate, up, down = (getattr(first, n) for n in first.names)
+        cached = getattr(self, "_stacks", None)
+        if cached is not None and gate.weight.data_ptr() == cached[0].data_ptr():
+            return cached
+        experts = [self[e] for e in range(self.num_experts)]
+        plain = all(type(getattr(x, n)) is nn.Linear for x in experts for n in x.names)
+        if not plain or type(first.act_fn).__name__ not in ("SiLU", "SiLUActivation") or importlib.util.find_spec("triton") is None:
+            return None
+        inter = gate.out_features
+        with torch.no_grad():
+            gate_up = torch.stack([torch.cat([getattr(x, x.names[0]).weight, getattr(x, x.names[1]).weight]) for x in experts])
+            downs = torch.stack([getattr(x, x.names[2]).weight for x in experts])
+        for e, x in enumerate(experts):
+            for n, view in zip(x.names, (gate_up[e, :inter], gate_up[e, inter:], downs[e])):
+                getattr(x, n).weight = nn.Parameter(view, requires_grad=False)
+        self._stacks = (gate_up, downs)
+        return self._stacks
 
 
 def _fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
