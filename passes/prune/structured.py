@@ -109,6 +109,7 @@ class _StructuredPrune(Pass):
             raise PassError(self.name, "its input has quantized modules; prune before quantizing")
         model, tokenizer = load_input(artifact, ctx)
         layers = decoder_layers(model, self.name)
+        self.check(model, layers)
         params_before = sum(p.numel() for p in model.parameters())
         ids = token_windows(tokenizer, ctx.calibration_texts(), num_samples=self.config.num_samples, seq_len=self.config.seq_len, pass_name=self.name)
         importance = ImportanceLayers(self)
@@ -118,6 +119,9 @@ class _StructuredPrune(Pass):
         log.info("%s: %s; parameters %d -> %d", self.name, summary, params_before, params_after)
         record = {"method": self.name, "parameters_before": params_before, "parameters_after": params_after, **summary}
         return save_output(model, tokenizer, artifact, self, ctx, records={"structured_pruning": record})
+
+    def check(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Raise PassError for a model this pruning cannot shrink."""
 
     def scored_input(self, layer: nn.Module) -> nn.Module | None:
         """The module of `layer` whose input norms `importance` reads (None: none)."""
@@ -135,6 +139,12 @@ class _StructuredPrune(Pass):
 class MLPWidthPrune(_StructuredPrune):
     name = "prune.mlp_width"
     Config = MLPWidthConfig
+
+    def check(self, model, layers):
+        sparse = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer.mlp, "down_proj", None), nn.Linear)]
+        if sparse:
+            raise PassError(self.name, f"the MLPs of layers {sparse[:8]} are mixture-of-experts blocks (or lack a down_proj Linear): "
+                                       "prune.mlp_width shrinks one dense MLP per layer. Prune experts' weights with prune.wanda or prune.sparsegpt")
 
     def scored_input(self, layer):
         return layer.mlp.down_proj

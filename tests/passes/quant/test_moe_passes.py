@@ -283,3 +283,19 @@ def test_quantized_moe_serves_the_tokens_hf_generates(build_moe, name):
     outs = llm.generate(prompts[:4], params) + llm.generate(prompts[4:], params)  # the last one after its prefix is cached
     assert [o.token_ids for o in outs] == expected
     assert outs[-1].num_cached_tokens == 24
+
+
+def test_unstructured_pruning_reaches_the_experts_and_width_pruning_refuses(tiny_moe_dir, tmp_path, make_recipe):
+    import optforge
+    from optforge.errors import PassError
+
+    def build(passes):
+        recipe = make_recipe(tiny_moe_dir, tmp_path / passes[0]["name"], gate_pct=None, passes=passes)
+        del recipe["data"]["eval"]
+        return optforge.build(recipe, cache_dir=tmp_path / "cache").output
+
+    pruned, _ = load_model(build([{"name": "prune.wanda", "config": {"sparsity": 0.5, "num_samples": 4}}]))
+    zeros = [float((pruned.get_submodule(n).weight == 0).float().mean()) for n in EXPERT_LINEARS]
+    assert min(zeros) >= 0.5
+    with pytest.raises(PassError, match=r"layers \[0, 2\] are mixture-of-experts blocks"):
+        build([{"name": "prune.mlp_width", "config": {"ratio": 0.25, "num_samples": 4}}])
