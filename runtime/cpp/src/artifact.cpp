@@ -19,7 +19,7 @@ namespace fs = std::filesystem;
 namespace optforge_rt {
 
 const std::vector<std::string>& architecture_table() {
-  static const std::vector<std::string> kTable = {"llama", "gemma3_text"};
+  static const std::vector<std::string> kTable = {"llama", "gemma3_text", "qwen3", "qwen3_moe", "mixtral"};
   return kTable;
 }
 
@@ -104,7 +104,7 @@ ModelConfig parse_model_config(const Json& cfg, const std::string& where) {
   c.model_type = mt != nullptr && mt->is_string() ? mt->str() : "";
   const auto& table = architecture_table();
   if (std::find(table.begin(), table.end(), c.model_type) == table.end()) {
-    throw ArtifactError(where + ": model_type '" + c.model_type + "' is not supported by the C++ runtime (supported: llama, gemma3_text)");
+    throw ArtifactError(where + ": model_type '" + c.model_type + "' is not supported by the C++ runtime (supported: llama, gemma3_text, qwen3, qwen3_moe, mixtral)");
   }
   parse_sizes(cfg, where, c);
   if (c.model_type == "gemma3_text") {
@@ -117,7 +117,9 @@ ModelConfig parse_model_config(const Json& cfg, const std::string& where) {
     c.layer_windows.assign(c.num_layers, 0);
     c.layer_rope_theta.assign(c.num_layers, c.rope_theta);
     c.layer_rope_factor.assign(c.num_layers, 1.0f);
+    if (c.model_type != "llama") parse_moe_config(cfg, where, c);
   }
+  if (c.sparse_layers.empty()) c.sparse_layers.assign(c.num_layers, 0);
   c.rms_norm_eps = config_float(cfg, "rms_norm_eps", where, c.rms_norm_eps);
   c.tie_word_embeddings = config_bool(cfg, "tie_word_embeddings", where, c.tie_word_embeddings);
   c.eos_token_ids = token_ids(cfg, "eos_token_id", where);

@@ -89,15 +89,37 @@ Model::Model(const Artifact& artifact, int num_kv_blocks, int block_size, const 
       lw.k_norm = norm(p + "self_attn.k_norm.weight", c.head_dim);
     } else {
       lw.mlp_norm = norm(p + "post_attention_layernorm.weight", c.hidden_size);
+      if (c.qk_norm) {
+        lw.q_norm = f32_tensor(p + "self_attn.q_norm.weight", c.head_dim);
+        lw.k_norm = f32_tensor(p + "self_attn.k_norm.weight", c.head_dim);
+      }
     }
     auto linear = [&](const std::string& name, int out, int in) { return load_linear(p + name, out, in, module_scheme(artifact.layout, p + name)); };
     lw.q = linear("self_attn.q_proj", q_out, c.hidden_size);
     lw.k = linear("self_attn.k_proj", kv_out, c.hidden_size);
     lw.v = linear("self_attn.v_proj", kv_out, c.hidden_size);
     lw.o = linear("self_attn.o_proj", c.hidden_size, q_out);
-    lw.gate = linear("mlp.gate_proj", c.intermediate_size, c.hidden_size);
-    lw.up = linear("mlp.up_proj", c.intermediate_size, c.hidden_size);
-    lw.down = linear("mlp.down_proj", c.hidden_size, c.intermediate_size);
+    if (c.sparse_layers[l]) {
+      // Files name the block as the Hub does (Mixtral: block_sparse_moe); optforge.json names modules as in memory (mlp).
+      const std::string block = p + c.moe_block + ".";
+      lw.router = Linear{};
+      lw.router.out_features = c.num_experts;
+      lw.router.in_features = c.hidden_size;
+      lw.router.f32 = f32_tensor(block + "gate.weight", int64_t(c.num_experts) * c.hidden_size);
+      const int width = c.moe_intermediate_size;
+      for (int e = 0; e < c.num_experts; ++e) {
+        const std::string expert = "experts." + std::to_string(e) + ".";
+        for (int j = 0; j < 3; ++j) {
+          const std::string name = expert + c.expert_linears[j];
+          const int out = j < 2 ? width : c.hidden_size, in = j < 2 ? c.hidden_size : width;
+          lw.experts.push_back(load_linear(block + name, out, in, module_scheme(artifact.layout, p + "mlp." + name)));
+        }
+      }
+    } else {
+      lw.gate = linear("mlp.gate_proj", c.intermediate_size, c.hidden_size);
+      lw.up = linear("mlp.up_proj", c.intermediate_size, c.hidden_size);
+      lw.down = linear("mlp.down_proj", c.hidden_size, c.intermediate_size);
+    }
     layers_.push_back(std::move(lw));
     inv_freq_.push_back(rope_inv_freq(c.layer_rope_theta.at(l), c.head_dim, c.layer_rope_factor.at(l)));
   }
@@ -198,6 +220,50 @@ void Model::check_batch(const ForwardBatch& batch) const {
   }
 }
 
+// A sparse block as HF computes it: router logits, softmax over the experts (fp32), the top k (renormalized when
+// the config says so), then per expert with tokens: its rows gathered, down(silu(gate x) * up x), added to each
+// token's output times its routing weight (experts in index order, as HF sums them).
+void Model::sparse_mlp(const LayerWeights& lw, const float* h, int T, float* out, ThreadPool& pool) {
+  const ModelConfig& c = config_;
+  const int H = c.hidden_size, E = c.num_experts, K = c.experts_per_token, W = c.moe_intermediate_size;
+  std::vector<float> logits(static_cast<size_t>(T) * E);
+  matmul(lw.router, h, T, logits.data(), pool);
+  std::vector<std::vector<std::pair<int, float>>> routed(E);  // expert -> (token, weight)
+  std::vector<int> order(E);
+  for (int t = 0; t < T; ++t) {
+    float* row = &logits[size_t(t) * E];
+    const float top = *std::max_element(row, row + E);
+    float sum = 0.f;
+    for (int e = 0; e < E; ++e) sum += (row[e] = std::exp(row[e] - top));
+    for (int e = 0; e < E; ++e) row[e] /= sum;
+    for (int e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int a, int b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+    float chosen = 0.f;
+    for (int j = 0; j < K; ++j) chosen += row[order[j]];
+    for (int j = 0; j < K; ++j) routed[order[j]].push_back({t, c.norm_topk_prob ? row[order[j]] / chosen : row[order[j]]});
+  }
+  std::fill(out, out + size_t(T) * H, 0.f);
+  std::vector<float> rows, gate, up, y;
+  for (int e = 0; e < E; ++e) {
+    const int n = static_cast<int>(routed[e].size());
+    if (n == 0) continue;
+    rows.resize(size_t(n) * H);
+    gate.resize(size_t(n) * W);
+    up.resize(gate.size());
+    y.resize(rows.size());
+    for (int r = 0; r < n; ++r) std::memcpy(&rows[size_t(r) * H], h + size_t(routed[e][r].first) * H, H * sizeof(float));
+    const Linear* w = &lw.experts[size_t(3) * e];
+    matmul_group({&w[0], &w[1]}, rows.data(), n, {gate.data(), up.data()}, pool);
+    silu_mul(gate.data(), up.data(), gate.size());
+    matmul(w[2], gate.data(), n, y.data(), pool);
+    for (int r = 0; r < n; ++r) {
+      float* dst = out + size_t(routed[e][r].first) * H;
+      const float weight = routed[e][r].second;
+      for (int i = 0; i < H; ++i) dst[i] += weight * y[size_t(r) * H + i];
+    }
+  }
+}
+
 // Llama: x += attn(norm(x)); x += mlp(norm(x)). Gemma-3 adds a norm on each output before its residual add, q/k
 // norms per head before rotary, GeGLU (gelu tanh), scaled embeddings and an optional cap on the logits.
 std::vector<float> Model::forward(const ForwardBatch& batch, ThreadPool& pool) {
@@ -235,13 +301,17 @@ std::vector<float> Model::forward(const ForwardBatch& batch, ThreadPool& pool) {
     if (lw.attn_out_norm != nullptr) norm_rows(o.data(), lw.attn_out_norm, H, T, o.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     norm_rows(x.data(), lw.mlp_norm, H, T, h.data());
-    matmul_group({&lw.gate, &lw.up}, h.data(), T, {gate.data(), up.data()}, pool);
-    if (c.gelu_tanh) {
-      gelu_tanh_mul(gate.data(), up.data(), gate.size());
+    if (!lw.experts.empty()) {
+      sparse_mlp(lw, h.data(), T, o.data(), pool);
     } else {
-      silu_mul(gate.data(), up.data(), gate.size());
+      matmul_group({&lw.gate, &lw.up}, h.data(), T, {gate.data(), up.data()}, pool);
+      if (c.gelu_tanh) {
+        gelu_tanh_mul(gate.data(), up.data(), size_t(T) * I);
+      } else {
+        silu_mul(gate.data(), up.data(), size_t(T) * I);
+      }
+      matmul(lw.down, gate.data(), T, o.data(), pool);
     }
-    matmul(lw.down, gate.data(), T, o.data(), pool);
     if (lw.mlp_out_norm != nullptr) norm_rows(o.data(), lw.mlp_out_norm, H, T, o.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
   }

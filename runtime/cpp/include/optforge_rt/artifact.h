@@ -11,7 +11,7 @@ namespace optforge_rt {
 
 // What the forward pass needs from config.json. Architectures join through `architecture_table()`.
 struct ModelConfig {
-  std::string model_type;  // "llama" or "gemma3_text"
+  std::string model_type;  // "llama", "gemma3_text", "qwen3", "qwen3_moe" or "mixtral"
   int vocab_size = 0;
   int hidden_size = 0;
   int intermediate_size = 0;
@@ -33,6 +33,15 @@ struct ModelConfig {
   std::vector<int> layer_windows;    // per layer: positions a query sees, its own included (p - w < j <= p); 0: all
   std::vector<float> layer_rope_theta;   // per layer rotary base
   std::vector<float> layer_rope_factor;  // per layer linear rope scaling (inv_freq / factor); 1: none
+  bool qk_norm = false;              // Qwen3: RMSNorm per head on q and k before rotary (plain x * w)
+  // Mixture of experts (Qwen3-MoE, Mixtral); num_experts 0: every MLP dense.
+  int num_experts = 0;
+  int experts_per_token = 0;
+  int moe_intermediate_size = 0;     // each expert's width
+  bool norm_topk_prob = false;       // the top-k routing weights renormalized to sum to 1
+  std::vector<char> sparse_layers;   // per layer: its MLP is a sparse block
+  std::string moe_block;             // the block's tensor prefix in the files ("mlp", Mixtral "block_sparse_moe")
+  std::vector<std::string> expert_linears;  // an expert's gate, up and down Linears as the files name them
 };
 
 // Bounds on config.json sizes (inclusive). Every size is checked against them before any allocation or loop uses it,
@@ -42,12 +51,14 @@ constexpr int64_t kMaxVocabSize = int64_t(1) << 24;
 constexpr int64_t kMaxLayers = int64_t(1) << 16;
 constexpr int64_t kMaxHeads = int64_t(1) << 16;
 
-// Architectures this runtime runs (model_type values): llama, gemma3_text.
+// Architectures this runtime runs (model_type values): llama, gemma3_text, qwen3, qwen3_moe, mixtral.
 const std::vector<std::string>& architecture_table();
 
 ModelConfig parse_model_config(const Json& config, const std::string& where);
 // The Gemma-3 parts of `c` (norms, activation, windows, per-type rope, scales); refuses what the runtime cannot run.
 void parse_gemma3_config(const Json& config, const std::string& where, ModelConfig& c);
+// The Qwen3 / Qwen3-MoE / Mixtral parts of `c` (q/k norms, experts, sparse layers, window).
+void parse_moe_config(const Json& config, const std::string& where, ModelConfig& c);
 
 // Reads a whole small file; throws ArtifactError naming it when missing.
 std::string read_text_file(const std::string& path);

@@ -24,9 +24,11 @@ struct LayerWeights {
   const float* mlp_norm = nullptr;       // Llama post_attention_layernorm, Gemma pre_feedforward_layernorm
   const float* attn_out_norm = nullptr;  // Gemma post_attention_layernorm: on the attention output, before the residual add
   const float* mlp_out_norm = nullptr;   // Gemma post_feedforward_layernorm: on the MLP output, before the residual add
-  const float* q_norm = nullptr;         // Gemma: per head (head_dim), before rotary
+  const float* q_norm = nullptr;         // Gemma, Qwen3: per head (head_dim), before rotary
   const float* k_norm = nullptr;
-  Linear q, k, v, o, gate, up, down;
+  Linear q, k, v, o, gate, up, down;     // gate/up/down: the dense MLP (absent in a sparse layer)
+  Linear router;                         // a sparse block's router (num_experts, hidden), float
+  std::vector<Linear> experts;           // a sparse block's experts: gate, up, down of expert e at 3e, 3e+1, 3e+2
 };
 
 // How a Model is built; the defaults are what every caller wants unless it says otherwise.
@@ -77,6 +79,10 @@ class Model {
   void attention(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool);
   void attention_dequantized(const ForwardBatch& batch, int layer, const float* q, float* out, ThreadPool& pool);
   void check_batch(const ForwardBatch& batch) const;
+  // out (T, hidden) = the layer's sparse block on h (T, hidden): each token's top-k experts, weighted by the router.
+  void sparse_mlp(const LayerWeights& lw, const float* h, int T, float* out, ThreadPool& pool);
+  // Every Linear of the model (the layers' dense and expert Linears, the LM head).
+  std::vector<Linear*> all_linears();
 
   ModelConfig config_;
   std::unique_ptr<SafeTensors> weights_;
