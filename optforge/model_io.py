@@ -4,9 +4,9 @@ quantized KV cache re-applied), and save a model as one safetensors file.
 Dense directories go through `AutoModelForCausalLM.from_pretrained` (HF's own loader). Directories with
 quantized modules are built from their config, the Linear layers listed in optforge.json are swapped for
 the modules that run their stored format, and the safetensors state is loaded with `assign=True`.
-A folder of NVIDIA ModelOpt's unified checkpoint (`hf_quant_config.json`, as `export.modelopt` writes) is read into
-the same modules (formats/modelopt_checkpoint.py). Mixture-of-experts models get one Linear MLP per expert either way (formats/experts.py), and their files use
-the Hub's per-expert tensor names.
+A folder of NVIDIA ModelOpt's unified checkpoint (`hf_quant_config.json`, as `export.modelopt` writes) is read
+into the same modules (formats/modelopt_checkpoint.py). Mixture-of-experts models get one Linear MLP per expert
+either way (formats/experts.py), and their files use the Hub's per-expert tensor names.
 """
 
 from __future__ import annotations

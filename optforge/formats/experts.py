@@ -97,13 +97,12 @@ class LinearExperts(nn.Module):
             start += n
         return out
 
-
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(gate|up (E, 2I, H), down (E, H, I)) of float SiLU experts on CUDA with Triton, made once: the experts'
         Linears then hold views into them (no second copy). None where the loop must run (quantized experts, another
         activation, no Triton)."""
         first = self[0]
-        gate, up, down = (getattr(first, n) for n in first.names)
+        gate = getattr(first, first.names[0])
         cached = getattr(self, "_stacks", None)
         if cached is not None and gate.weight.data_ptr() == cached[0].data_ptr():
             return cached
