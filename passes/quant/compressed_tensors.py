@@ -79,7 +79,9 @@ def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
     }
 
 
-EXPERT_LINEAR = re.compile(r"^(.*\\\.experts)\\\.\d+\\\.\w+\$$")  # an exact-name target of one expert's Linear
+# An exact-name target of one expert's Linear, `re:^model\.layers\.0\.mlp\.experts\.3\.gate_proj$`; group 1 is the
+# target's start up to its block (`re:^model\.layers\.0\.mlp\.experts`).
+EXPERT_LINEAR = re.compile(r"^(.*\\\.experts)\\\.\d+\\\.\w+\$$")
 
 
 def _target_expert_blocks(groups: dict[str, dict]) -> None:
