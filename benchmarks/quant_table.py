@@ -37,6 +37,9 @@ SCHEMES = {
     "W8A8 int8 SmoothQuant": [{"name": "quant.smoothquant"}],
     "FP8 E4M3 (channel W, dynamic token A)": [{"name": "quant.fp8"}],
     "FP8 E4M3 (tensor W, static A)": [{"name": "quant.fp8", "config": {"strategy": "tensor", "dynamic": False}}],
+    # NVIDIA ModelOpt's own calibration under optforge (quant.modelopt), beside optforge's passes for the same scheme
+    "FP8 E4M3 (tensor W, static A), ModelOpt FP8_DEFAULT_CFG": [{"name": "quant.modelopt", "config": {"config": "FP8_DEFAULT_CFG"}}],
+    "int4 AWQ g128, ModelOpt INT4_AWQ_CFG": [{"name": "quant.modelopt", "config": {"config": "INT4_AWQ_CFG"}}],
     "fp32 weights + INT8 KV cache": [{"name": "quant.kv_cache", "config": {"dtype": "int8"}}],
     "fp32 weights + FP8 KV cache": [{"name": "quant.kv_cache", "config": {"dtype": "fp8"}}],
     "bf16": [],
