@@ -144,21 +144,7 @@ def _tiny_gemma3(sliding_window: int = 8, vocab_size: int = 512, **overrides):
     return model
 
 
-def _hf_greedy(model, prompts, n: int) -> list[list[int]]:
-    """HF `generate`'s greedy continuation of each prompt, `n` tokens, one prompt at a time."""
-    with torch.inference_mode():
-        outs = [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert all(len(o) == n for o in outs)
-    return outs
-
-
 @pytest.fixture(scope="session")
 def tiny_gemma3_model():
     """`_tiny_gemma3(sliding_window=8, vocab_size=512, **overrides)`: a random tiny Gemma-3 (see its docstring)."""
     return _tiny_gemma3
-
-
-@pytest.fixture(scope="session")
-def hf_greedy():
-    """`_hf_greedy(model, prompts, n)`: HF generate's greedy tokens per prompt."""
-    return _hf_greedy

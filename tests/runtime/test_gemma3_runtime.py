@@ -48,7 +48,7 @@ def tiny_gemma3(tiny_gemma3_model):
 
 @pytest.fixture(scope="module")
 def gemma3_reference(tiny_gemma3, hf_greedy):
-    return hf_greedy(tiny_gemma3, PROMPTS, NUM_NEW)
+    return hf_greedy(tiny_gemma3, PROMPTS, NUM_NEW)[0]
 
 
 def test_a_query_sees_its_own_position_and_the_window_minus_one_before_it():
@@ -109,7 +109,7 @@ def test_the_window_changes_what_hf_generates(tiny_gemma3, gemma3_reference, tin
     """The prompts reach past the window: the same weights without it generate other tokens."""
     unwindowed = tiny_gemma3_model(sliding_window=256)
     unwindowed.load_state_dict(tiny_gemma3.state_dict())
-    assert sum(a != b for a, b in zip(hf_greedy(unwindowed, PROMPTS, NUM_NEW), gemma3_reference)) >= len(PROMPTS) // 2
+    assert sum(a != b for a, b in zip(hf_greedy(unwindowed, PROMPTS, NUM_NEW)[0], gemma3_reference)) >= len(PROMPTS) // 2
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
@@ -117,7 +117,7 @@ def test_windowed_mistral_and_qwen_match_hf_generate(model_type, byte_tokenizer,
     model = make_windowed(model_type)
     llm = LLM.from_model(model, byte_tokenizer, CONFIGS["batched+prefix"])
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=NUM_NEW, ignore_eos=True))
-    assert [o.token_ids for o in outs] == hf_greedy(model, PROMPTS, NUM_NEW)
+    assert [o.token_ids for o in outs] == hf_greedy(model, PROMPTS, NUM_NEW)[0]
 
 
 def test_a_window_that_hides_keys_keeps_the_unfused_forward(tiny_gemma3):
@@ -146,7 +146,7 @@ def test_quantized_gemma3_serves_the_tokens_hf_generates(byte_tokenizer, spec, t
 
     model = tiny_gemma3_model()
     assert quantize_in_memory(model, spec)
-    expected = hf_greedy(model, PROMPTS[:3], NUM_NEW)
+    expected = hf_greedy(model, PROMPTS[:3], NUM_NEW)[0]
     llm = LLM.from_model(model, byte_tokenizer, CONFIGS["batched+prefix"])
     outs = llm.generate(PROMPTS[:3], SamplingParams(max_tokens=NUM_NEW, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
