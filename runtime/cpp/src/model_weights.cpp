@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "optforge_rt/checked.h"
 #include "optforge_rt/errors.h"
@@ -135,15 +136,21 @@ Linear Model::load_linear(const std::string& name, int out, int in, const std::s
 // miss every 4 KiB (a streaming read of 143 MB ran ~10% faster from 2 MiB pages on the 2-core EPYC VM).
 // Skipped, keeping the mapping, when the copy would take more than half of the available memory or the kernel
 // refuses the buffer; the arithmetic is the same either way.
-std::vector<Linear*> Model::all_linears() {
-  std::vector<Linear*> linears;
-  for (LayerWeights& l : layers_) {
-    for (Linear* w : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down, &l.router}) {
+std::vector<const Linear*> Model::all_linears() const {
+  std::vector<const Linear*> linears;
+  for (const LayerWeights& l : layers_) {
+    for (const Linear* w : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down, &l.router}) {
       if (w->out_features > 0) linears.push_back(w);
     }
-    for (Linear& w : l.experts) linears.push_back(&w);
+    for (const Linear& w : l.experts) linears.push_back(&w);
   }
   linears.push_back(&lm_head_);
+  return linears;
+}
+
+std::vector<Linear*> Model::all_linears() {
+  std::vector<Linear*> linears;
+  for (const Linear* w : std::as_const(*this).all_linears()) linears.push_back(const_cast<Linear*>(w));
   return linears;
 }
 
@@ -178,7 +185,7 @@ void Model::copy_weights_to_arena() {
 
 std::string Model::activations() const {
   bool f32 = false, int8 = false;
-  for (const Linear* w : const_cast<Model*>(this)->all_linears()) {
+  for (const Linear* w : all_linears()) {
     if (w->format == WeightFormat::kF32) continue;
     (w->activations == Activations::kInt8 ? int8 : f32) = true;
   }
@@ -192,7 +199,7 @@ std::string Model::weight_format() const {
 
 size_t Model::weight_bytes() const {
   size_t n = 0;
-  for (const Linear* w : const_cast<Model*>(this)->all_linears()) n += w->weight_bytes();
+  for (const Linear* w : all_linears()) n += w->weight_bytes();
   return n;
 }
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from optforge import __version__
 from optforge.errors import PassError
 from optforge.formats.grid import dequantize
+from optforge.formats.modelopt_checkpoint import unpack_int4_rows
 from optforge.formats.packing import unpack_int4
 from optforge.passes.export.modelopt import exclude_summary, layer_config, module_tensors, pack_int4_rows
 
@@ -111,13 +112,6 @@ def tensor_table(path: Path) -> dict[str, list]:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (out / 2, in) -> int8 (out, in): the inverse of ModelOpt's row packing."""
-    low, high = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
-    rows = torch.stack([low, high], dim=1).reshape(-1, packed.shape[1])
-    return torch.where(rows >= 8, rows - 16, rows)
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))

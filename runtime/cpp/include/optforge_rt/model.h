@@ -81,7 +81,8 @@ class Model {
   void check_batch(const ForwardBatch& batch) const;
   // out (T, hidden) = the layer's sparse block on h (T, hidden): each token's top-k experts, weighted by the router.
   void sparse_mlp(const LayerWeights& lw, const float* h, int T, float* out, ThreadPool& pool);
-  // Every Linear of the model (the layers' dense and expert Linears, the LM head).
+  // Every Linear of the model (the layers' dense and expert Linears, the routers, the LM head).
+  std::vector<const Linear*> all_linears() const;
   std::vector<Linear*> all_linears();
 
   ModelConfig config_;
