@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpp_parity_data import greedy_hf  # noqa: E402
-from gemma3_runtime import build_prompts, first_difference, load  # noqa: E402
+from cpp_parity_data import divergences, greedy_hf  # noqa: E402
+from gemma3_runtime import build_prompts, load  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +46,7 @@ def main() -> None:
     t0 = time.time()
     references = [greedy_hf(model, ids, args.new_tokens) for ids in prompts]
     hf_seconds = time.time() - t0
-    diffs = []
-    for i, (out, (ref, ref_logits)) in enumerate(zip(outs, references)):
-        k = first_difference(out.token_ids, ref)
-        if k is not None:
-            top2 = torch.topk(ref_logits[k], 2).values
-            diffs.append(f"prompt {i} step {k} (HF top-2 gap {float(top2[0] - top2[1]):.2e})")
+    diffs = divergences(outs, references)
     cfg = llm.engine.runner.config
     print(f"\nGemma-3-270M ({cfg.model_type}, {cfg.num_hidden_layers} layers, sliding window {cfg.sliding_window}), CPU fp32, "
           f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens x {args.new_tokens} greedy tokens\n")

@@ -89,3 +89,19 @@ def greedy_hf(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.
     if len(out) != steps or any(int(torch.argmax(lg)) != tok for lg, tok in zip(logits, out)):
         raise RuntimeError(f"HF generate did not return {steps} plain greedy tokens (got {len(out)}); check its generation_config")
     return out, logits
+
+
+def first_difference(ours: list[int], ref: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+
+
+def divergences(outs, references) -> list[str]:
+    """For each runtime output whose tokens leave HF's `greedy_hf` reference: the prompt, the first differing step
+    and HF's top-2 logit gap there (a near tie explains a divergence; a wide gap points at a bug)."""
+    found = []
+    for i, (out, (ref, ref_logits)) in enumerate(zip(outs, references)):
+        k = first_difference(out.token_ids, ref)
+        if k is not None:
+            top2 = torch.topk(ref_logits[k], 2).values
+            found.append(f"prompt {i} step {k} (HF top-2 gap {float(top2[0] - top2[1]):.2e})")
+    return found

