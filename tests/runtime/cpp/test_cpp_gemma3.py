@@ -111,19 +111,9 @@ def build_gemma(gemma_dir, root: Path, make_recipe, passes: list) -> Path:
     return optforge.build(recipe, cache_dir=root / "cache").output
 
 
-def test_int8_weight_only_equals_the_torch_runtime(rt, gemma_dir, tmp_path, make_recipe):
+def test_int8_weight_only_equals_the_torch_runtime(rt, gemma_dir, tmp_path, make_recipe, matches_torch):
     path = build_gemma(gemma_dir, tmp_path, make_recipe, [{"name": "quant.int8_weight_only"}])
-    engine = rt.Engine(str(path), num_threads=2)
-    assert (engine.weight_format, engine.activations) == ("int8", "fp32")
-    model, _ = load_model(path, dtype="float32", device="cpu")
-    for ids in PROMPTS[:3]:
-        with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0, -1].numpy()
-        assert np.abs(engine.last_logits(ids) - ref).max() < WEIGHT_ONLY_TOL
-    params = SamplingParams(max_tokens=NUM_NEW, ignore_eos=True)
-    torch_outs = LLM(path, enable_prefix_caching=False).generate(PROMPTS, params)
-    cpp_outs = LLM(path, backend="cpp", num_threads=2, block_size=4).generate(PROMPTS, params)
-    assert [o.token_ids for o in cpp_outs] == [o.token_ids for o in torch_outs]
+    matches_torch(rt, path, PROMPTS, WEIGHT_ONLY_TOL, NUM_NEW)
 
 
 def test_int4_weight_only_computes_its_dequantized_weights(rt, gemma_dir, tmp_path, make_recipe):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from optforge.model_io import load_model
 from optforge.runtime.llm import LLM
 from optforge.runtime.sequence import SamplingParams
 
@@ -80,23 +79,12 @@ def test_greedy_tokens_equal_hf_generate(rt, model_dir, hf_model):
     assert tokens == expected
 
 
-def test_int8_experts_equal_the_torch_runtime(rt, model_dir, tmp_path, make_recipe):
+def test_int8_experts_equal_the_torch_runtime(rt, model_dir, tmp_path, make_recipe, matches_torch):
     import optforge
 
     recipe = make_recipe(model_dir, tmp_path / "out", gate_pct=None, passes=[{"name": "quant.int8_weight_only"}])
     del recipe["data"]["eval"]
-    path = optforge.build(recipe, cache_dir=tmp_path / "cache").output
-    engine = rt.Engine(str(path), num_threads=2)
-    assert (engine.weight_format, engine.activations) == ("int8", "fp32")
-    model, _ = load_model(path)
-    for ids in PROMPTS[:3]:
-        with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0, -1].numpy()
-        assert np.abs(engine.last_logits(ids) - ref).max() < LOGIT_TOL
-    params = SamplingParams(max_tokens=NUM_NEW, ignore_eos=True)
-    torch_outs = LLM(path, enable_prefix_caching=False).generate(PROMPTS, params)
-    cpp_outs = LLM(path, backend="cpp", num_threads=2, block_size=4).generate(PROMPTS, params)
-    assert [o.token_ids for o in cpp_outs] == [o.token_ids for o in torch_outs]
+    matches_torch(rt, optforge.build(recipe, cache_dir=tmp_path / "cache").output, PROMPTS, LOGIT_TOL, NUM_NEW)
 
 
 def test_what_it_cannot_run_is_refused(rt, model_dir, tmp_path):
