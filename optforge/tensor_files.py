@@ -73,8 +73,7 @@ def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: tensor '{key}' has dtype {entry['dtype']}, which optforge does not read")
         begin, end = (start + o for o in entry["data_offsets"])
         raw = data[begin:end]
-        item = torch.empty(0, dtype=dtype).element_size()
-        if begin % item:
+        if begin % dtype.itemsize:
             raw = raw.clone()  # misaligned for a view of its dtype
         out[key] = raw.view(dtype).reshape(entry["shape"])
     return out
