@@ -42,25 +42,6 @@ def tiny_llama_factory():
     return make_tiny_llama
 
 
-def hf_greedy_reference(model, prompts: list[list[int]], max_new_tokens: int = 12):
-    """HF `generate`, greedy, one prompt at a time on the model's device, exactly `max_new_tokens` each: the tokens
-    and each step's raw logits (float32, CPU; `min_new_tokens` bans EOS in the scores, not in these)."""
-    expected, logits = [], []
-    with torch.inference_mode():
-        for p in prompts:
-            out = model.generate(torch.tensor([p], device=model.device), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-            expected.append(out.sequences[0, len(p):].tolist())
-            logits.append([s[0].float().cpu() for s in out.logits])
-    return expected, logits
-
-
-@pytest.fixture(scope="session")
-def hf_greedy():
-    """`hf_greedy_reference` for tests in any folder (conftest modules are not importable by name)."""
-    return hf_greedy_reference
-
-
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     return ByteTokenizer()

@@ -208,7 +208,7 @@ def test_folding_with_float_linears_in_a_group_changes_no_float_function(mtq, ti
 
 
 @pytest.mark.parametrize("name", ["FP8_DEFAULT_CFG", "INT4_AWQ_CFG"])
-def test_artifact_serves_in_the_runtime_like_hf_generate(builds, name):
+def test_artifact_serves_in_the_runtime_like_hf_generate(builds, name, hf_greedy):
     from optforge.model_io import load_model
     from optforge.runtime.llm import LLM, EngineConfig
     from optforge.runtime.sequence import SamplingParams
@@ -216,12 +216,7 @@ def test_artifact_serves_in_the_runtime_like_hf_generate(builds, name):
     out = builds(name).output
     model, tok = load_model(out)
     prompts = ["def add(a, b):", "The river"]
-    expected = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([tok.encode(p)])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-            expected.append(gen[0, ids.shape[1]:].tolist())
+    expected, _ = hf_greedy(model, [tok.encode(p) for p in prompts], 8)
     llm = LLM(out, EngineConfig(num_blocks=64, block_size=4))
     layer = llm.engine.runner.decoder.layers[0].mlp.down_proj
     assert type(layer).__name__ == ("Fp8Linear" if name.startswith("FP8") else "WeightOnlyLinear")
