@@ -39,10 +39,10 @@ from calibration_scale_gpu import make_model
 make_model(Path('$WORK/model-8b'), '8b', None, Path('build/gpu-carry/tokenizer'), 'cuda')" 2>&1 | grep -v Warning | tee "$OUT/model.txt"
     cat > "$WORK/fp8.yaml" <<YAML
 name: fp8-8b
-model: {source: $WORK/model-8b, dtype: bfloat16}
+model: {source: model-8b, dtype: bfloat16}  # paths relative to this recipe file
 data: {eval: {perplexity: null}}
 passes: [{name: quant.fp8}]
-output: $WORK/fp8-8b
+output: fp8-8b
 YAML
     started=$SECONDS
     timeout 200 python3 -m optforge build "$WORK/fp8.yaml" --device cuda --cache-dir "$WORK/cache" 2>&1 | grep -v -E "Warning|it/s\]" | tail -15 | tee "$OUT/build-fp8.txt"

