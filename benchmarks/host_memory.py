@@ -7,7 +7,8 @@ A random Llama-shaped model (hidden 2048, intermediate 8192, 16/8 heads, vocab 3
 saved by optforge) is built on the CPU (recipe dtype bfloat16) through each scheme, in a fresh process per run,
 twice: as optforge builds (weights memory-mapped, output streamed, freed memory returned to the system, RTN
 rounding each Linear as it is swapped) and with `load_model(mmap=False)`, safetensors' own `save_file` and glibc's
-default allocation thresholds (copy). A
+default allocation thresholds (copy); `--modes park` adds optforge's build under `--max-host-memory 64GiB`, where a
+calibrated pass parks each finished layer in a file and keeps mapped views of it. A
 sampler reads the build process's /proc status every 20 ms: the peak of anonymous memory (RssAnon: what the
 process itself holds, the number a memory budget is about) and of file pages mapped in (RssFile: clean pages of
 the source the kernel may drop under pressure). Prints a markdown table with wall times.
@@ -28,6 +29,10 @@ SCHEMES = {
     "int4-rtn": [{"name": "quant.rtn", "config": {"bits": 4, "group_size": 128}}],
     "int8-rtn": [{"name": "quant.rtn", "config": {"bits": 8, "group_size": None}}],
     "fp8": [{"name": "quant.fp8"}],
+    # calibrated: 32 passages of at most 512 tokens; the layers stay on the CPU, changed in place of the mapped ones
+    "int4-gptq": [{"name": "quant.gptq", "config": {"bits": 4, "group_size": 128, "num_samples": 32}}],
+    "int4-awq": [{"name": "quant.awq", "config": {"bits": 4, "group_size": 128, "num_samples": 32}}],
+    "fp8-static": [{"name": "quant.fp8", "config": {"dynamic": False, "num_samples": 32}}],
 }
 
 DRIVER = textwrap.dedent("""
@@ -40,14 +45,15 @@ DRIVER = textwrap.dedent("""
         load = mi.load_model
         mi.load_model = lambda *a, **k: load(*a, **{**k, "mmap": False})
         mi.write_safetensors = lambda path, state, metadata=None: save_file(state, path, metadata=metadata)
-    optforge.build(json.loads(sys.argv[1]), cache_dir=sys.argv[3])
+    from optforge.resources import MemoryBudget
+    optforge.build(json.loads(sys.argv[1]), cache_dir=sys.argv[3], memory=MemoryBudget.parse(None, "64GiB" if sys.argv[2] == "park" else None))
 """)
 
 
 def make_model(path: Path, layers: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     from optforge.model_io import save_model
 
@@ -61,7 +67,9 @@ def make_model(path: Path, layers: int) -> None:
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0")
+    words = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # calibration text gives one token per word
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0")
     save_model(model, tokenizer, path)
 
 
@@ -105,6 +113,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/host-mem"))
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--schemes", nargs="+", default=["int4-rtn", "fp8"], choices=list(SCHEMES))
+    parser.add_argument("--modes", nargs="+", default=["mmap", "copy"], choices=["mmap", "park", "copy"],
+                        help="optforge's build; the same under --max-host-memory 64GiB (a calibrated pass parks finished layers); the copied one")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     model_dir = args.work / f"llama-{args.layers}l"
@@ -116,7 +126,9 @@ def main() -> None:
     print("| scheme | model weights | peak anonymous memory (GiB) | peak file pages (GiB) | output (GiB) | wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for scheme in args.schemes:
-        for mode, label in (("mmap", "optforge"), ("copy", "copied, save_file, glibc defaults")):
+        for mode, label in (("mmap", "optforge"), ("park", "optforge, --max-host-memory 64GiB"), ("copy", "copied, save_file, glibc defaults")):
+            if mode not in args.modes:
+                continue
             r = run(model_dir, args.work, scheme, mode)
             print(f"| {scheme} | {label} | {r['RssAnon'] / gib:.2f} | {r['RssFile'] / gib:.2f} | {r['output'] / gib:.2f} | {r['wall']:.1f} |", flush=True)
 

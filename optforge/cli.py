@@ -30,7 +30,7 @@ MaxDeviceOpt = typer.Option(
     help="GPU memory calibrated passes may hold, e.g. 20GiB: the model stays on the host and one decoder layer at a time visits the GPU; activations that do not fit wait on the host. Too small for one layer: exit 2 with the size that would do.")
 MaxHostOpt = typer.Option(
     None, "--max-host-memory", show_default=False,
-    help="Host memory the build may hold, e.g. 64GiB: calibration activations beyond it are spilled to disk in the cache.")
+    help="Host memory the build may hold, e.g. 64GiB (its own memory: the clean pages of the memory-mapped model are the kernel's to drop): calibration activations beyond it are spilled to disk in the cache.")
 
 
 @app.command()
@@ -104,12 +104,13 @@ def _print_summary(manifest: dict) -> None:
 
 
 def _memory_cell(memory: dict | None) -> str:
-    """'host 1.20 GiB' or 'cuda 3.10 GiB, host 1.20 GiB': the pass's peak, from the run that made its output."""
+    """'host 1.20 GiB' or 'cuda 3.10 GiB, host 1.20 GiB': the pass's peak, from the run that made its output; on the
+    host the process's own memory, without the clean pages of memory-mapped model files (older records: resident set)."""
     from optforge.resources import gib
 
     if not memory:
         return "-"
-    cell = f"host {gib(memory['host_peak_bytes'])}"
+    cell = f"host {gib(memory.get('host_anonymous_peak_bytes', memory['host_peak_bytes']))}"
     return f"{memory['device']} {gib(memory['device_peak_bytes'])}, {cell}" if "device_peak_bytes" in memory else cell
 
 

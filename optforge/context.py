@@ -33,10 +33,12 @@ class PassContext:
     @property
     def placement(self) -> "Placement":
         """Where calibration computes and what it may hold; activations over the budgets spill into the resume
-        folder (none: no spilling)."""
+        folder (none: no spilling), and under a host budget finished layers are parked there."""
         from optforge.passes.onload import Placement
 
-        return Placement.of(self.device, self.memory, None if self.resume_dir is None else self.resume_dir / "activations")
+        if self.resume_dir is None:
+            return Placement.of(self.device, self.memory)
+        return Placement.of(self.device, self.memory, self.resume_dir / "activations", self.resume_dir / "layers" if self.memory.host is not None else None)
 
     @property
     def dtype(self) -> str:

@@ -2,8 +2,10 @@
 and `--max-host-memory`, and the peak device and host memory of a pass.
 
 Peak device memory is what torch's CUDA allocator handed out (`torch.cuda.max_memory_allocated`, reset when
-the block starts); peak host memory is the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs when the block starts; interpreter and libraries included).
+the block starts). On the host two peaks: the process's own memory (anonymous pages, RssAnon, sampled every
+20 ms: what `--max-host-memory` bounds and what the build summary prints) and its peak resident set (VmHWM,
+reset through /proc/self/clear_refs when the block starts), which also counts the pages of memory-mapped model
+files, clean copies the kernel drops under pressure. Both include the interpreter and libraries.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +39,7 @@ def gib(n: float) -> str:
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """What a build may hold: on the device (torch's allocations) and on the host (the process's resident set).
+    """What a build may hold: on the device (torch's allocations) and on the host (the process's own memory, RssAnon).
     None: no limit."""
 
     device: int | None = None
@@ -75,6 +78,17 @@ def resident_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def anonymous_bytes() -> int:
+    """The process's own memory now (RssAnon: not file pages; Linux /proc), or its resident set where unreadable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return resident_bytes()
+
+
 def _host_peak_bytes() -> int:
     """The process's peak resident set (VmHWM) since the last reset, or since it started; 0 where unreadable."""
     try:
@@ -89,16 +103,26 @@ def _host_peak_bytes() -> int:
 class PeakMemory:
     """Context manager measuring the peak device and host memory of what runs inside it.
 
-    `result()` -> {"device": "cuda", "device_peak_bytes": ..., "device_start_bytes": ..., "host_peak_bytes": ...}
-    (the device entries only where the device is a CUDA device; the peak is what torch held at most, the start
-    what it already held when the block began)."""
+    `result()` -> {"device": "cuda", "device_peak_bytes": ..., "device_start_bytes": ..., "host_peak_bytes": ...,
+    "host_anonymous_peak_bytes": ...} (the device entries only where the device is a CUDA device; the peak is what
+    torch held at most, the start what it already held when the block began)."""
+
+    interval = 0.02  # seconds between samples of the process's anonymous memory
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
         self.device = device
-        self.host_peak = 0
+        self.host_peak = self.anonymous_peak = 0
         self.device_peak: int | None = None
         self.device_start = 0
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while True:
+            self.anonymous_peak = max(self.anonymous_peak, anonymous_bytes())
+            if self._stop.wait(self.interval):
+                return
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()  # what earlier work left unreachable is not this block's
@@ -112,9 +136,14 @@ class PeakMemory:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
+        self._sampler = threading.Thread(target=self._sample, name="optforge-peak-memory", daemon=True)
+        self._sampler.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._sampler.join()
+        self.anonymous_peak = max(self.anonymous_peak, anonymous_bytes())
         self.host_peak = max(_host_peak_bytes(), resident_bytes())
         if self.cuda:
             import torch
@@ -122,7 +151,7 @@ class PeakMemory:
             self.device_peak = int(torch.cuda.max_memory_allocated(self.device))
 
     def result(self) -> dict:
-        out: dict = {"host_peak_bytes": self.host_peak}
+        out: dict = {"host_peak_bytes": self.host_peak, "host_anonymous_peak_bytes": self.anonymous_peak}
         if self.device_peak is not None:
             out |= {"device": self.device, "device_peak_bytes": self.device_peak, "device_start_bytes": self.device_start}
         return out

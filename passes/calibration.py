@@ -14,7 +14,8 @@ importances) is a small `LayerAlgorithm` beside its math. `calibrate(model, batc
    b. transform: `algorithm.apply(step)` changes the layer (rounds, prunes, folds scales) or reads what it saw;
    c. propagate: the layer's outputs become the next layer's inputs, recomputed after the transform
       (`propagate = "after"`: the next layer sees the changed one, GPTQ's and SparseGPT's sequential scheme)
-      or taken from the observing run (`"before"`: an algorithm that only measures).
+      or taken from the observing run (`"before"`: an algorithm that only measures);
+   d. finish: `algorithm.finish(step)` swaps in the layer's output modules before it leaves the device.
 
 Resumable builds: given the pipeline's resume folder, `calibrate` checkpoints each finished layer (what `apply`
 changed in it, and the algorithm's `layer_results`) and, after a crash, restores the finished layers and runs
@@ -68,7 +69,9 @@ def calibration_samples(pass_name: str, tokenizer, ctx, num_samples: int | None)
         return [torch.tensor([bos + w.tolist()], device=ctx.device) for w in windows]
     texts = texts[:num_samples] if num_samples else texts
     samples = [torch.tensor([(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length]], device=ctx.device) for t in texts]
-    return [s for s in samples if s.shape[1] > 1]
+    if not (samples := [s for s in samples if s.shape[1] > 1]):
+        raise PassError(pass_name, f"none of the {len(texts)} calibration passages gives two or more tokens with this tokenizer; check data.calibration")
+    return samples
 
 
 def token_windows(tokenizer, texts: list[str], *, num_samples: int | None, seq_len: int, pass_name: str) -> torch.Tensor:
@@ -90,11 +93,8 @@ def token_windows(tokenizer, texts: list[str], *, num_samples: int | None, seq_l
 
 
 def calibration_forward(model: nn.Module, ids: torch.Tensor, *, all_logits: bool = False):
-    """model(ids) for calibration, computing the last position's logits only unless `all_logits`.
-
-    Calibration reads what goes into layers, not the logits; with Gemma-3's 262k vocabulary the output head
-    costs more than the 18 decoder layers together, so skipping it for T - 1 positions matters.
-    """
+    """model(ids) for calibration, the last position's logits only unless `all_logits`: calibration reads what goes
+    into layers, and Gemma-3's 262k-vocabulary output head costs more than its 18 decoder layers together."""
     kwargs = {"input_ids": ids, "use_cache": False}
     if not all_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
@@ -144,6 +144,10 @@ class LayerAlgorithm:
     def apply(self, step: LayerStep) -> None:
         """Change the layer from what was recorded (or only read it)."""
 
+    def finish(self, step: LayerStep) -> None:
+        """After the next layer's inputs are computed, before the layer goes home: put it in its output form (the
+        quantized modules), so the host receives the output, not a float layer."""
+
     # Whether `reduce` combines what `record` accumulated on several ranks (distributed calibration).
     distributed: ClassVar[bool] = False
 
@@ -189,21 +193,21 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
     Returns the names of the `targets` inside decoder layers; the others (an included output head) are the
     caller's to handle (see `observe_forward`)."""
     layers = decoder_layers(model, pass_name)
+    total = len(batches)  # over every rank
     if distributed.world_size() > 1:
         if not algorithm.distributed:
             raise PassError(pass_name, f"{type(algorithm).__name__} does not calibrate over several processes; run this pass without torchrun / --nproc")
         if len(batches) < distributed.world_size():
             raise PassError(pass_name, f"{len(batches)} calibration batch(es) cannot be split over {distributed.world_size()} processes; use more calibration samples or fewer processes")
-        total = len(batches)
         batches = distributed.shard(batches)  # each rank its share; rank 0 writes the checkpoints, every rank reads them
-        if placement is not None and placement.spill_dir is not None:  # each rank spills into a folder of its own
-            placement = Placement(placement.device, placement.budget, placement.spill_dir / f"rank{distributed.rank()}")
+        if placement is not None:  # each rank spills and parks into folders of its own
+            placement = placement.for_rank(distributed.rank())
     home = next(model.parameters()).device
     placement = placement or Placement.of(home)
     names = {id(m): n for n, m in model.named_modules()}
     targets = targets or {}
     covered: set[str] = set()
-    checkpoints = open_checkpoints(resume_dir, algorithm, pass_name, len(layers), total if distributed.world_size() > 1 else len(batches), placement.device)
+    checkpoints = open_checkpoints(resume_dir, algorithm, pass_name, len(layers), total, placement.device)
     tokens = max(b.numel() for b in batches)
     working = max(algorithm.working_bytes(layer, tokens) for layer in layers)
     tiers = activation_tiers(placement, layers, batches, model.config.hidden_size, model.get_input_embeddings().weight.dtype, working, pass_name)
@@ -229,9 +233,10 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], algorithm: LayerAlg
                         log.info("resuming %s at layer %d of %d (%s; %d finished layer(s) restored from checkpoints)", pass_name, index, len(layers), prefix, index)
                     restoring = False
                     held = _calibrate_layer(step, algorithm, kwargs[index], checkpoints)
+                algorithm.finish(step)
                 step.inputs.release()
                 kwargs[index] = []
-                mover.release(index)
+                mover.release(index)  # home, and parked under a host budget
                 advance(1)
             held.release()
     finally:
@@ -320,10 +325,8 @@ def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor
         layer.forward = stub(i)
     try:
         for ids in batches:
-            try:
+            with contextlib.suppress(_Captured):
                 calibration_forward(model, ids.to(device))  # the stubbed layers pass hidden states through
-            except _Captured:
-                pass
     finally:
         for layer in layers:
             del layer.forward  # back to the class's forward
@@ -351,8 +354,7 @@ def forward_bytes(layer: nn.Module, batch_tokens: int) -> int:
 
 
 def decoder_layers(model: nn.Module, pass_name: str) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
+    layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise PassError(pass_name, f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers, a ModuleList); calibrated passes support HF decoder-only models")
     return layers

@@ -7,7 +7,9 @@ from layer to layer live in an `Activations` store: on the device while they fit
 leaves after the layers and the algorithm's working memory, then on the host while they fit what
 `--max-host-memory` leaves after the process as it stands, then in safetensors files in a spill folder inside
 the pass's resume folder in the cache (removed with it). Where a budget cannot hold even one layer's work, the
-build stops with exit 2 and the budget that would do.
+build stops with exit 2 and the budget that would do. Under a host budget each finished layer, already in its
+output form, is also parked: written to a file in the resume folder and kept as mapped views of it (`park`), so
+the process's own memory does not grow with the layers done.
 
 On the CPU (`--device cpu`) the host is the device: nothing moves, and only the host budget applies.
 """
@@ -24,23 +26,30 @@ import torch
 from torch import nn
 
 from optforge.errors import UserInputError
-from optforge.resources import MemoryBudget, gib, resident_bytes
+from optforge.resources import MemoryBudget, anonymous_bytes, gib
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a calibrated pass computes (`device`), what it may hold (`budget`), and where activations that fit
-    neither go (`spill_dir`, None: nowhere, so a host budget too small for them is an error)."""
+    """Where a calibrated pass computes (`device`), what it may hold (`budget`), where activations that fit
+    neither go (`spill_dir`, None: nowhere, so a host budget too small for them is an error) and where finished
+    layers are parked (`park_dir`, None: they stay in memory; see `park`)."""
 
     device: torch.device
     budget: MemoryBudget = MemoryBudget()
     spill_dir: Path | None = None
+    park_dir: Path | None = None
 
     @classmethod
-    def of(cls, device: str | torch.device = "cpu", budget: MemoryBudget | None = None, spill_dir: Path | None = None) -> "Placement":
-        return cls(torch.device(device), budget or MemoryBudget(), spill_dir)
+    def of(cls, device: str | torch.device = "cpu", budget: MemoryBudget | None = None, spill_dir: Path | None = None,
+           park_dir: Path | None = None) -> "Placement":
+        return cls(torch.device(device), budget or MemoryBudget(), spill_dir, park_dir)
+
+    def for_rank(self, rank: int) -> "Placement":
+        """The placement of one of several processes: spill and park folders of its own."""
+        return Placement(self.device, self.budget, *(None if d is None else d / f"rank{rank}" for d in (self.spill_dir, self.park_dir)))
 
     @property
     def onloads(self) -> bool:
@@ -152,7 +161,7 @@ def activation_tiers(placement: Placement, layers: nn.ModuleList, batches: list[
             )
         device_free = budget.device - need
     if budget.host is not None:
-        now = resident_bytes()
+        now = anonymous_bytes()  # the model's mapped file pages are not the process's to budget: the kernel drops them
         need = now + (0 if placement.onloads else working + 2 * batch)
         if budget.host < need:
             held = "the model and the process" if not placement.onloads else "the model on the host and the process"
@@ -178,10 +187,10 @@ def clear_spill(placement: Placement) -> None:
 
 class LayerMover:
     """Decoder layers to the compute device one at a time and back home; on CUDA, layer i + 1 is copied on a side
-    stream (from a helper thread) while layer i computes."""
+    stream (from a helper thread) while layer i computes. `close` returns prefetched layers unfinished: not parked."""
 
     def __init__(self, layers: nn.ModuleList, placement: Placement, home: torch.device):
-        self.layers, self.device, self.home = layers, placement.device, home
+        self.layers, self.device, self.home, self.park_dir = layers, placement.device, home, placement.park_dir
         self.moves = placement.device != home
         self.stream = torch.cuda.Stream(placement.device) if self.moves and placement.device.type == "cuda" else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="optforge-prefetch") if self.stream is not None else None
@@ -206,8 +215,11 @@ class LayerMover:
         return layer
 
     def release(self, index: int) -> None:
+        """Layer `index` back home, finished; parked there where the placement says (`park`)."""
         if self.moves:
             self.layers[index].to(self.home)
+        if self.park_dir is not None:
+            park(self.layers[index], self.park_dir, index)
 
     def close(self) -> None:
         for index, future in self.pending.items():
@@ -216,6 +228,26 @@ class LayerMover:
         self.pending.clear()
         if self.pool is not None:
             self.pool.shutdown()
+
+
+def park(layer: nn.Module, folder: Path, index: int) -> None:
+    """Write a finished layer's host tensors to `folder` and put copy-on-write mapped views of them in their place:
+    the host keeps the layer as clean file pages the kernel may drop, not as the process's own memory (what
+    `--max-host-memory` bounds), and the pass writes its output from those views."""
+    from optforge.tensor_files import mmap_safetensors, write_safetensors
+
+    owners: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in (*layer.named_parameters(), *layer.named_buffers()):
+        if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            owners[name] = tensor
+    folder.mkdir(parents=True, exist_ok=True)
+    path, staging = folder / f"layer{index}.safetensors", folder / f".layer{index}.safetensors"
+    write_safetensors(staging, {name: t.detach().contiguous() for name, t in owners.items()})
+    staging.replace(path)
+    for name, view in mmap_safetensors(path).items():
+        owners[name].data = view
 
 
 def outer_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:

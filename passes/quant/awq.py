@@ -18,10 +18,10 @@ import time
 import torch
 from torch import nn
 
-from optforge.formats.grid import dequantize, fake_quantize
+from optforge.formats.grid import fake_quantize
 from optforge.pass_ import config, option, register
 from optforge.passes.quant.folding import FoldingLayers, model_folds
-from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass, round_weights
+from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ class AWQLayers(FoldingLayers):
 
     resumable = True
 
-    def __init__(self, folds, targets, grids, cfg: AWQConfig, rows_per_batch: int, pass_name: str):
+    def __init__(self, folds, targets, grids, cfg: AWQConfig, rows_per_batch: int, pass_name: str, swap=None):
         super().__init__(folds, targets, rows_per_batch, pass_name)
-        self.grids, self.points, self.max_rows = grids, cfg.grid_points, cfg.max_rows
+        self.grids, self.points, self.max_rows, self.swap = grids, cfg.grid_points, cfg.max_rows, swap
         self.alphas: dict[str, float] = {}
         self.scaled: set[str] = set()
 
@@ -82,6 +82,10 @@ class AWQLayers(FoldingLayers):
             self.alphas[f"{step.name}.{op}"] = alpha
             self.scaled.update(full)
 
+    def finish(self, step):  # the layer's Linears rounded on their grids, scaled or not, and swapped
+        if self.swap is not None:
+            self.swap.layer(step.targets)
+
     def layer_results(self, step):
         alphas = {f"alpha.{op}": torch.tensor(self.alphas[f"{step.name}.{op}"], dtype=torch.float64) for op, _ in self.folds if f"{step.name}.{op}" in self.alphas}
         return super().layer_results(step) | alphas
@@ -102,18 +106,15 @@ class AWQ(WeightOnlyPass):
     uses_calibration = True
     method = "awq"
 
-    def quantize(self, model, tokenizer, targets, grids, ctx):
+    def quantize(self, model, tokenizer, targets, grids, ctx, swap):
         from optforge.passes.calibration import calibrate, calibration_samples
 
         folds = model_folds(model, self.name, ". Use quant.gptq or quant.rtn for this model")
         cfg = self.config
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
-        layers = AWQLayers(folds, targets, grids, cfg, max(1, cfg.max_rows // len(samples)), self.name)
+        layers = AWQLayers(folds, targets, grids, cfg, max(1, cfg.max_rows // len(samples)), self.name, swap)
         calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir, placement=ctx.placement)
-        results = round_weights(targets, grids, ctx.device)
-        for name, linear in targets.items():
-            linear.weight.data = dequantize(*results[name]).to(linear.weight.dtype)
         report = {
             "method": "awq",
             "samples": len(samples),
@@ -122,4 +123,4 @@ class AWQ(WeightOnlyPass):
             # Rounded with no scale search (no foldable op before them, e.g. o_proj): RTN quality.
             "unscaled": sorted(set(targets) - layers.scaled),
         }
-        return results, report
+        return {}, report

@@ -51,16 +51,22 @@ def model_folds(model: nn.Module, pass_name: str, alternative: str = "") -> list
     return folds
 
 
+def scaled(param: torch.Tensor, s: torch.Tensor, *, divide: bool = False) -> None:
+    """param * s (or / s), rounded once to param's dtype, as a new tensor."""
+    param.data = (param.data / s if divide else param.data * s).to(param.dtype)
+
+
 def divide_output(op: nn.Module, s: torch.Tensor, pass_name: str = "quant.awq") -> None:
-    """Make `op`'s output channels 1/s of what they were (an RMSNorm or a Linear's rows)."""
+    """Make `op`'s output channels 1/s of what they were (an RMSNorm or a Linear's rows). Every change makes a new
+    tensor (in the old one's dtype): a weight mapped copy-on-write from the source file keeps its pages clean."""
     if isinstance(op, nn.Linear):
-        op.weight.data /= s.unsqueeze(1)
+        scaled(op.weight, s.unsqueeze(1), divide=True)
         if op.bias is not None:
-            op.bias.data /= s
+            scaled(op.bias, s, divide=True)
     elif "Gemma" in type(op).__name__:  # Gemma RMSNorm multiplies by (1 + weight)
-        op.weight.data = (1 + op.weight.data) / s - 1
+        op.weight.data = ((1 + op.weight.data) / s - 1).to(op.weight.dtype)
     elif hasattr(op, "weight") and op.weight is not None and op.weight.shape == s.shape:
-        op.weight.data /= s
+        scaled(op.weight, s, divide=True)
     else:
         raise PassError(pass_name, f"cannot fold scales into {type(op).__name__}: no per-channel weight")
 
@@ -139,4 +145,4 @@ class FoldingLayers(LayerAlgorithm):
         block, sep, _ = fed[0].partition(".experts.")
         router = (f"{block}.gate",) if sep and ".experts." not in op else ()  # the block's input, not an expert's
         for name in (*fed, *router):
-            layer.get_submodule(name).weight.data *= s
+            scaled(layer.get_submodule(name).weight, s)

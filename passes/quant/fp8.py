@@ -40,8 +40,9 @@ class InputAmax(LayerAlgorithm):
     propagate = "before"
     resumable = True
 
-    def __init__(self, targets: dict[str, torch.nn.Module]):
+    def __init__(self, targets: dict[str, torch.nn.Module], finish=None):
         self.amax = dict.fromkeys(targets, 0.0)
+        self.on_finish = finish  # called with each finished layer's step (the pass swaps its Linears there)
 
     def record(self, name, x):
         self.amax[name] = max(self.amax[name], float(x.abs().max()))
@@ -60,14 +61,21 @@ class InputAmax(LayerAlgorithm):
     def restore_layer(self, step, results):
         self.amax.update({name: float(v) for name, v in results.items()})
 
+    def finish(self, step):
+        if self.on_finish is not None:
+            self.on_finish(step, self.amax)
+
 
 def input_amax(model: torch.nn.Module, linears: dict[str, torch.nn.Module], samples: list[torch.Tensor], *, pass_name: str, progress=None, resume_dir=None,
-               placement=None) -> dict[str, float]:
+               placement=None, finish=None) -> dict[str, float]:
     """Max |x| of each Linear's inputs over the samples: layer by layer inside the decoder, and one whole-model
-    forward for Linears outside it (an included output head, which then sees every position)."""
+    forward for Linears outside it (an included output head, which then sees every position). `finish(step, amax)` runs
+    as each decoder layer is done, while it is still on the compute device (the layer's amax final by then)."""
     from optforge.passes.calibration import calibrate, observe_forward
 
-    observed = InputAmax(linears)
+    if any(not name.startswith("model.layers.") for name in linears):  # (calibrate's decoder layers are model.model.layers)
+        finish = None  # a Linear outside the layers is observed through the whole model after them: keep the layers float
+    observed = InputAmax(linears, finish)
     inside = calibrate(model, samples, observed, pass_name=pass_name, targets=linears, progress=progress, resume_dir=resume_dir, placement=placement)
     outside = {n: m for n, m in linears.items() if n not in inside}
     if outside:
@@ -105,19 +113,31 @@ class Fp8(Pass):
         started = time.perf_counter()
         report: dict = {"method": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
         amax: dict[str, float] = {}
+        spec = {"scheme": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
+
+        modules = dict.fromkeys(targets, spec)
+
+        def swap(name: str, input_amax: float | None) -> None:  # rounded where the Linear is (a calibrated layer: the device)
+            linear = targets.pop(name)
+            module = swap_linear(model, name, spec)
+            module.set_float(linear.weight.to(ctx.device), input_amax=input_amax)
+            module.to(linear.weight.device)
+            linear.to("meta")  # the float weights freed even where a dict of targets still names the module
+
+        def finish(step, found: dict[str, float]) -> None:  # a calibrated layer leaves the device in FP8; a silent Linear stays for the error below
+            for name in step.targets:
+                if found[name] > 0.0:
+                    swap(name, found[name])
+
         if not cfg.dynamic:
             samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
-            amax = input_amax(model, targets, samples, pass_name=self.name, progress=ctx.progress, resume_dir=ctx.resume_dir, placement=ctx.placement)
+            amax = input_amax(model, dict(targets), samples, pass_name=self.name, progress=ctx.progress, resume_dir=ctx.resume_dir, placement=ctx.placement,
+                              finish=finish)
             silent = sorted(n for n, v in amax.items() if v <= 0.0)
             if silent:
                 raise PassError(self.name, f"{len(silent)} Linear(s) saw no calibration signal (e.g. {silent[0]}): a static scale would be zero; use dynamic: true or more calibration rows")
             report.update(samples=len(samples), input_amax={n: round(v, 4) for n, v in amax.items()})
-        spec = {"scheme": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
-        modules = dict.fromkeys(targets, spec)
-        for name in list(targets):  # each float Linear freed as soon as it is swapped
-            linear = targets.pop(name)
-            module = swap_linear(model, name, spec)
-            module.set_float(linear.weight.to(ctx.device), input_amax=amax.get(name))  # rounded on the device, kept on the host
-            module.to("cpu")
+        for name in list(targets):  # the rest (all, with dynamic scales), each float Linear freed as soon as it is swapped
+            swap(name, amax.get(name))
         report["calibration_seconds"] = round(time.perf_counter() - started, 2)
         return write_quantized(model, tokenizer, artifact, self, ctx, modules, report)

@@ -21,7 +21,7 @@ import torch
 from optforge.formats.grid import Grid, dequantize, qparams, quantize
 from optforge.pass_ import config, option, register
 from optforge.passes.calibration import LayerAlgorithm, forward_bytes
-from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass, round_weights
+from optforge.passes.quant.weight_only import WeightOnlyConfig, WeightOnlyPass
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,10 @@ class GPTQLayers(LayerAlgorithm):
     resumable = True
     restores_layer = True  # the layer's weights are dequantize(q, scale, zero): checkpoints hold int8 q only
 
-    def __init__(self, grids: dict[str, Grid], cfg: GPTQConfig):
-        self.grids, self.cfg = grids, cfg
-        self.results: dict = {}  # name -> (q, scale, zero)
+    def __init__(self, grids: dict[str, Grid], cfg: GPTQConfig, swap=None):
+        self.grids, self.cfg, self.swap = grids, cfg, swap
+        self.results: dict = {}  # name -> (q, scale, zero) of the layer being calibrated
+        self.solved: set[str] = set()
         self.hessians: dict[str, torch.Tensor] = {}  # by the first Linear of each group that reads one input
         self.counts: dict[str, int] = {}
         self.leader: dict[str, str] = {}  # Linear -> the first Linear reading the same input
@@ -194,8 +195,13 @@ class GPTQLayers(LayerAlgorithm):
                 start = rows.stop
                 parts = (q[rows], s[rows], None if z is None else z[rows])
                 linear.weight.data = dequantize(*parts).to(linear.weight.dtype)
-                self.results[name] = tuple(None if t is None else t.to(step.home).contiguous() for t in parts)  # kept where the model lives
+                self.results[name] = tuple(None if t is None else t.contiguous() for t in parts)
+                self.solved.add(name)
         self.hessians = {}
+
+    def finish(self, step):  # the solved Linears swapped with their integers; one that saw no token rounded to nearest
+        if self.swap is not None:  # (without a Swapper, as in tests, `results` keeps every layer's integers)
+            self.swap.layer(step.targets, self.results)
 
     def layer_results(self, step):
         kept = {}
@@ -211,7 +217,8 @@ class GPTQLayers(LayerAlgorithm):
                 z = results.get(f"{name}.zero")
                 q, s, z = (None if t is None else t.to(linear.weight.device) for t in (results[f"{name}.q"], results[f"{name}.scale"], z))
                 linear.weight.data = dequantize(q, s, z).to(linear.weight.dtype)
-                self.results[name] = tuple(None if t is None else t.to(step.home) for t in (q, s, z))
+                self.results[name] = (q, s, z)
+                self.solved.add(name)
 
 
 @register
@@ -222,18 +229,16 @@ class GPTQ(WeightOnlyPass):
     uses_calibration = True
     method = "gptq"
 
-    def quantize(self, model, tokenizer, targets, grids, ctx):
+    def quantize(self, model, tokenizer, targets, grids, ctx, swap):
         from optforge.passes.calibration import calibrate, calibration_samples
 
         cfg = self.config
         started = time.perf_counter()
         samples = calibration_samples(self.name, tokenizer, ctx, cfg.num_samples)
-        layers = GPTQLayers(grids, cfg)
+        layers = GPTQLayers(grids, cfg, swap)
         calibrate(model, samples, layers, pass_name=self.name, targets=targets, progress=ctx.progress, resume_dir=ctx.resume_dir, placement=ctx.placement)
-        results = layers.results
-        uncalibrated = sorted(set(targets) - set(results))
-        results |= round_weights({name: targets[name] for name in uncalibrated}, grids, ctx.device)
+        uncalibrated = sorted(set(targets) - layers.solved)  # rounded to nearest as they are swapped
         if uncalibrated:
             log.warning("%s: %d Linear(s) saw no calibration tokens and got RTN: %s", self.name, len(uncalibrated), uncalibrated[:5])
         report = {"method": "gptq", "act_order": cfg.act_order, "samples": len(samples), "tokens": sum(s.shape[1] for s in samples), "calibration_seconds": round(time.perf_counter() - started, 2), "uncalibrated": uncalibrated}
-        return results, report
+        return {}, report

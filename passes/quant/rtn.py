@@ -17,5 +17,5 @@ class RoundToNearest(WeightOnlyPass):
     Config = WeightOnlyConfig
     method = "rtn"
 
-    def quantize(self, model, tokenizer, targets, grids, ctx):
+    def quantize(self, model, tokenizer, targets, grids, ctx, swap):
         return {}, {"method": "rtn", "calibrated": False}  # each Linear rounded as it is swapped (WeightOnlyPass.run)

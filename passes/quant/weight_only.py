@@ -17,6 +17,7 @@ from torch import nn
 from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
+from optforge.formats import swap_linear
 from optforge.formats.grid import Grid
 from optforge.pass_ import Pass, config, option
 
@@ -67,14 +68,50 @@ def plan_grids(targets: dict[str, nn.Linear], cfg) -> dict[str, Grid]:
     return grids
 
 
+class Swapper:
+    """Swaps target Linears for their `WeightOnlyLinear`s as their integers become final. The calibrated passes call
+    `layer` per decoder layer from their algorithm's `finish`, while the layer is on the compute device, so a layer
+    goes back to the host in its output form and the host never holds the float model beside the quantized one;
+    `rest` swaps whatever is left (RTN, Linears outside the decoder layers). A swapped float Linear moves to the
+    meta device: its storage is freed even where the pass still names the module."""
+
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], grids: dict[str, Grid], spec, device: str | torch.device):
+        self.model, self.targets, self.grids, self.spec, self.device = model, targets, grids, spec, device
+        self.modules: dict[str, dict] = {}  # swapped Linear -> its spec (the compressed-tensors config's source)
+
+    def __call__(self, name: str, found: Quantized | None = None) -> None:
+        """Swap `name` with `found` (q, scale, zero), or rounded to nearest on its grid where None."""
+        linear = self.targets[name]
+        if found is None:
+            found = round_weights({name: linear}, self.grids, self.device)[name]
+        self.modules[name] = self.spec(self.grids[name])
+        swap_linear(self.model, name, self.modules[name]).set_quantized(*found)
+        linear.to("meta")
+
+    def layer(self, names, results: dict[str, Quantized] | None = None) -> None:
+        """Swap the layer's Linears `names`, each with its entry popped from `results` or rounded to nearest."""
+        for name in names:
+            if name not in self.modules:
+                self(name, (results or {}).pop(name, None))
+
+    def rest(self, results: dict[str, Quantized], progress) -> None:
+        left = [name for name in self.targets if name not in self.modules]
+        advance = progress("storing", len(left)) if left and not results else (lambda n=1: None)
+        for name in left:  # each float Linear and its unpacked integers freed as soon as it is swapped
+            self(name, results.pop(name, None))
+            advance(1)
+
+
 class WeightOnlyPass(Pass):
     requires = frozenset({"hf_causal_lm", "float_weights"})
     produces = frozenset({"hf_causal_lm", "quantized_weights"})
     removes = frozenset({"float_weights"})
     method: str = "rtn"
 
-    def quantize(self, model: nn.Module, tokenizer, targets: dict[str, nn.Linear], grids: dict[str, Grid], ctx: PassContext) -> tuple[dict[str, Quantized], dict]:
-        """Return ({name: (q, scale, zero)}, report). May edit the float model (e.g. AWQ folds scales). A Linear
+    def quantize(self, model: nn.Module, tokenizer, targets: dict[str, nn.Linear], grids: dict[str, Grid], ctx: PassContext,
+                 swap: Swapper) -> tuple[dict[str, Quantized], dict]:
+        """Return ({name: (q, scale, zero)}, report) for Linears not yet handed to `swap` (a calibrated method
+        swaps each decoder layer's as it finishes). May edit the float model (e.g. AWQ folds scales). A Linear
         with no entry is rounded to nearest as it is swapped, one at a time (host memory never holds every
         Linear's integers at once)."""
         raise NotImplementedError
@@ -83,7 +120,6 @@ class WeightOnlyPass(Pass):
         return {"scheme": "weight_only", "method": self.method, **asdict(grid)}
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        from optforge.formats import swap_linear
         from optforge.passes.output import load_input
         from optforge.passes.quant.output import write_quantized
         from optforge.passes.targets import pass_targets
@@ -92,13 +128,7 @@ class WeightOnlyPass(Pass):
         model, tokenizer = load_input(artifact, ctx, onload=True)  # on the host; the methods compute on ctx.device
         targets = pass_targets(self.name, model, self.config.include, self.config.exclude)
         grids = plan_grids(targets, self.config)
-        results, report = self.quantize(model, tokenizer, targets, grids, ctx)
-        modules = {}
-        advance = ctx.progress(f"{self.name}: storing", len(targets)) if not results else (lambda n=1: None)
-        for name in list(targets):  # each float Linear and its unpacked integers freed as soon as it is swapped
-            modules[name] = self.spec(grids[name])
-            found = results.pop(name) if name in results else round_weights({name: targets[name]}, grids, ctx.device)[name]
-            swap_linear(model, name, modules[name]).set_quantized(*found)
-            del targets[name], found
-            advance(1)
-        return write_quantized(model, tokenizer, artifact, self, ctx, modules, report)
+        swap = Swapper(model, targets, grids, self.spec, ctx.device)
+        results, report = self.quantize(model, tokenizer, targets, grids, ctx, swap)
+        swap.rest(results, lambda desc, total: ctx.progress(f"{self.name}: {desc}", total))
+        return write_quantized(model, tokenizer, artifact, self, ctx, swap.modules, report)

@@ -62,7 +62,7 @@ def test_spilled_calibration_equals_the_unbounded_one(tiny_model_dir, tmp_path, 
     algorithm, targets = _gptq(bounded)
     # the process "holds" 1 GiB; the budget leaves room for one layer's work and two more batches of activations,
     # so of a layer's inputs and outputs (12 batches in all) ten go to disk
-    monkeypatch.setattr("optforge.passes.onload.resident_bytes", lambda: 1 << 30)
+    monkeypatch.setattr("optforge.passes.onload.anonymous_bytes", lambda: 1 << 30)
     batch = bounded.config.hidden_size * 32 * 4
     working = max(algorithm.working_bytes(layer, 32) for layer in bounded.model.layers)
     budget = MemoryBudget(host=(1 << 30) + working + 2 * batch + 2 * batch)

@@ -82,7 +82,7 @@ def test_awq_names_the_unsupported_architecture(tmp_path):
             self.model = SimpleNamespace(layers=torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
 
     with pytest.raises(PassError, match="no scale-folding map for architecture 'mamba'.*Linear"):
-        AWQ(AWQConfig()).quantize(Tiny(), None, {}, {}, None)
+        AWQ(AWQConfig()).quantize(Tiny(), None, {}, {}, None, None)
 
 
 def test_bad_grid_is_refused(build_tiny):

@@ -1,0 +1,47 @@
+"""A calibrated pass hands each decoder layer back in its output form: its target Linears already swapped for
+quantized modules when the layer leaves the compute device, and the float Linears' storage freed."""
+
+import pytest
+import torch
+
+PASSES = [
+    {"name": "quant.gptq", "config": {"bits": 4, "group_size": 32}},
+    {"name": "quant.awq", "config": {"bits": 4, "group_size": 32}},
+    {"name": "quant.fp8", "config": {"dynamic": False}},
+]
+
+
+@pytest.mark.parametrize("step", PASSES, ids=lambda s: s["name"])
+def test_each_layer_goes_home_quantized(build_tiny, monkeypatch, step):
+    from optforge.formats import SCHEMES
+    from optforge.passes.onload import LayerMover
+
+    released = []
+    release = LayerMover.release
+
+    def spy(self, index):
+        layer = self.layers[index]
+        released.append({n: type(m) for n, m in layer.named_modules() if n.startswith(("self_attn.", "mlp.")) and n.count(".") == 1})
+        release(self, index)
+
+    monkeypatch.setattr(LayerMover, "release", spy)
+    build_tiny([step], name=f"form-{step['name']}")
+    quantized = tuple(SCHEMES.values())
+    assert released, "calibrate never released a layer"
+    for modules in released:
+        linears = {n: cls for n, cls in modules.items() if n.rsplit(".", 1)[-1].endswith("_proj")}
+        assert len(linears) == 7 and all(issubclass(cls, quantized) for cls in linears.values()), linears
+
+
+def test_a_swapped_linear_holds_no_storage():
+    from dataclasses import asdict
+
+    from optforge.formats.grid import Grid
+    from optforge.passes.quant.weight_only import Swapper
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    targets = {"0": model[0]}
+    swap = Swapper(model, targets, {"0": Grid(4, 32, True)}, lambda g: {"scheme": "weight_only", "method": "rtn", **asdict(g)}, "cpu")
+    swap.layer(["0"])
+    assert targets["0"].weight.is_meta and type(model[0]).__name__ == "WeightOnlyLinear"
+    assert swap.modules["0"]["bits"] == 4
