@@ -8,7 +8,8 @@ intermediate 28672, 64 heads / 8 KV heads), for bounded memory (peak device memo
 layers) and the time per layer from which a full 80-layer build is projected.
 
 Each pass runs as a build runs it (`Pass.run` with the build's PassContext: `device="cuda"` and the memory budget
-of `--max-device-memory`, inside the same `PeakMemory` the build records), on a model folder written directly
+of `--max-device-memory` and `--max-host-memory` and a resume folder under `--work`, inside the same `PeakMemory` the
+build records: device peak, the process's own host memory and its resident set), on a model folder written directly
 in the form a build's source conversion gives (one safetensors file and optforge.json), so the GPU machine's
 64 GiB disk holds the model once; no evals run and nothing is published (the pass output is deleted after it
 is measured). The model stays on the host; one decoder layer at a time visits the GPU. Weight values are
@@ -92,20 +93,23 @@ def run(args, scheme: str, model_dir: Path) -> dict:
     out = args.work / "out" / f"{args.label}-{scheme}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    resume = args.work / "resume" / f"{args.label}-{scheme}"  # a build's resume folder: spilled activations, parked layers
+    shutil.rmtree(resume, ignore_errors=True)
     ctx = PassContext(output_dir=out, model=ModelSpec(source=str(model_dir), dtype="bfloat16"),
                       calibration=CalibrationSpec(dataset="boolq", rows=(0, 3270), max_length=args.seq, pack=True), device=args.device,
-                      memory=MemoryBudget.parse(args.max_device_memory, args.max_host_memory))
+                      resume_dir=resume, memory=MemoryBudget.parse(args.max_device_memory, args.max_host_memory))
     started = time.perf_counter()
     with PeakMemory(args.device) as peak:
         result = p.run(ModelArtifact.open(model_dir), ctx)
     seconds = time.perf_counter() - started
     row = {
-        "shape": args.label, "scheme": scheme, "pass": p.name, "layers": args.layers or SHAPES[args.shape]["num_hidden_layers"],
+        "shape": args.label, "scheme": scheme, "pass": p.name, "layers": args.layers or SHAPES[args.shape]["num_hidden_layers"], "max_host_memory": args.max_host_memory,
         "samples": args.samples if step["name"] in CALIBRATED else 0, "seq": args.seq, "pass_seconds": round(seconds, 1), "memory": peak.result(),
         "weight_bytes": result.weight_bytes(), "max_device_memory": args.max_device_memory, "calibration_seconds": _report(out).get("calibration_seconds"),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
     }
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(resume, ignore_errors=True)
     return row
 
 

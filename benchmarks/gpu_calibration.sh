@@ -11,7 +11,8 @@
 #             layer shape (benchmarks/moe_kernel_gpu.py); then the 8B shape with int4 GPTQ g128 (and $SCHEMES, e.g. smoothquant-w8a8)
 #   gptq-kernel  the same without the 8B build
 #   70b       the Llama-3.1-70B layer shape with 4, then 12 decoder layers, int4 AWQ g128, --max-device-memory
-#             $BUDGET (default 14GiB: the smallest budget the estimate accepts for this layer)
+#             $BUDGET (default 14GiB: the smallest budget the estimate accepts for this layer) and --max-host-memory
+#             $HOST_BUDGET (default 24GiB: finished layers parked in mapped files)
 # build/gpu-carry: tokenizer/ (any tokenizer folder, e.g. the SmolLM2 source's tokenizer files) and calib.json.gz
 # (python -c "from optforge.evals.datasets import export_splits; export_splits('build/gpu-carry/calib.json.gz',
 # [('boolq', 'validation')])"). Models and the build cache live in build/gpu-work (kept while the machine is warm).
@@ -44,7 +45,8 @@ case "${1:-8b}" in
   70b)
     rm -rf build/gpu-work/model-8b  # disk
     for n in 4 12; do
-      timeout 250 python3 benchmarks/calibration_scale_gpu.py --shape 70b-layers --layers $n --schemes int4-awq-g128 --max-device-memory ${BUDGET:-14GiB} "${COMMON[@]}" 2>&1 \
+      timeout 250 python3 benchmarks/calibration_scale_gpu.py --shape 70b-layers --layers $n --schemes int4-awq-g128 --max-device-memory ${BUDGET:-14GiB} \
+        --max-host-memory ${HOST_BUDGET:-24GiB} "${COMMON[@]}" 2>&1 \
         | grep -v -E "Warning|it/s\]" | tee "$OUT/70b-$n.log"
       rm -rf build/gpu-work/model-70b-layers-$n  # disk: the next stack needs the room
     done
