@@ -78,26 +78,26 @@ def resident_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def anonymous_bytes() -> int:
-    """The process's own memory now (RssAnon: not file pages; Linux /proc), or its resident set where unreadable."""
+def _status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status ("RssAnon", "VmHWM") in bytes; None where it cannot be read."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
-    return resident_bytes()
+    return None
+
+
+def anonymous_bytes() -> int:
+    """The process's own memory now (RssAnon: not file pages; Linux /proc), or its resident set where unreadable."""
+    found = _status_bytes("RssAnon")
+    return resident_bytes() if found is None else found
 
 
 def _host_peak_bytes() -> int:
     """The process's peak resident set (VmHWM) since the last reset, or since it started; 0 where unreadable."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+    return _status_bytes("VmHWM") or 0
 
 
 class PeakMemory:
