@@ -72,8 +72,9 @@ def choose_alpha(x: torch.Tensor, act_max: torch.Tensor, weights: list[torch.Ten
 def swap_w8a8(model: nn.Module, name: str, spec: dict) -> None:
     from optforge.formats import swap_linear
 
-    weight = model.get_submodule(name).weight
-    swap_linear(model, name, spec).set_float(weight)
+    old = model.get_submodule(name)
+    swap_linear(model, name, spec).set_float(old.weight)
+    old.to("meta")  # freed, though the pass's dict of targets still names it (on the GPU, for an onloaded layer)
 
 
 class SmoothQuantLayers(FoldingLayers):
@@ -117,7 +118,9 @@ class SmoothQuantLayers(FoldingLayers):
         for name in step.targets:
             if name not in smoothed:
                 report["unsmoothed"].append(name)
+            old = self.model.get_submodule(name)
             swap_linear(self.model, name, SPEC).to(device)  # empty W8A8 buffers, filled from the checkpoint below
+            old.to("meta")
             self.done.append(name)
         assign_tensors(step.layer, {k[len("layer."):]: v for k, v in results.items() if k.startswith("layer.")})
 

@@ -1,5 +1,6 @@
 """A calibrated pass hands each decoder layer back in its output form: its target Linears already swapped for
-quantized modules when the layer leaves the compute device, and the float Linears' storage freed."""
+quantized modules when the layer leaves the compute device, and the float Linears' storage freed (a module the
+pass still names must not keep its weights alive: on an onloaded build they would stay on the GPU)."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ PASSES = [
     {"name": "quant.gptq", "config": {"bits": 4, "group_size": 32}},
     {"name": "quant.awq", "config": {"bits": 4, "group_size": 32}},
     {"name": "quant.fp8", "config": {"dynamic": False}},
+    {"name": "quant.smoothquant", "config": {}},
 ]
 
 
@@ -25,7 +27,20 @@ def test_each_layer_goes_home_quantized(build_tiny, monkeypatch, step):
         release(self, index)
 
     monkeypatch.setattr(LayerMover, "release", spy)
+    from optforge.passes import targets as targets_module
+
+    selected = []
+    pass_targets = targets_module.pass_targets
+
+    def capture(*args, **kwargs):
+        found = pass_targets(*args, **kwargs)
+        selected.append(dict(found))  # a copy: a pass may pop from its dict as it swaps
+        return found
+
+    monkeypatch.setattr(targets_module, "pass_targets", capture)
     build_tiny([step], name=f"form-{step['name']}")
+    assert len(selected) == 1 and len(selected[0]) == 14
+    assert all(linear.weight.is_meta for linear in selected[0].values())
     quantized = tuple(SCHEMES.values())
     assert released, "calibrate never released a layer"
     for modules in released:
