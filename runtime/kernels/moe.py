@@ -85,7 +85,7 @@ def align(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[to
     flat = top_k_index.reshape(-1)
     pairs = flat.numel()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))  # bincount reads its max back
     padded = (counts + block_m - 1) // block_m * block_m
     starts = torch.cumsum(padded, 0) - padded  # where each expert's run begins in the padded list
     first = torch.cumsum(counts, 0) - counts  # where it begins in `order`
