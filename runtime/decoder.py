@@ -75,7 +75,7 @@ class Decoder:
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             groups = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "gate_up": [mlp.gate_proj, mlp.up_proj]}
-            if hasattr(attn, "q_norm") or not all(can_stack(g) for g in groups.values()):
+            if not all(can_stack(g) for g in groups.values()) or not _per_head_norms(attn, self.head_dim):
                 return None
             fused.append({key: stack_linears(mods, share=True) for key, mods in groups.items()})
         return fused
@@ -107,6 +107,8 @@ class Decoder:
             ws = {"qkv": weight(fused["qkv"]), "o": weight(layer.self_attn.o_proj), "gate_up": weight(fused["gate_up"]), "down": weight(layer.mlp.down_proj)}
             if any(w is None for w in ws.values()):
                 return None
+            attn = layer.self_attn
+            ws["qk_norm"] = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else None
             layers.append(ws)
         head = weight(self.model.lm_head)
         if head is None:
@@ -184,6 +186,8 @@ class Decoder:
             q = qkv[:, :q_width].view(num_tokens, self.num_heads, self.head_dim)
             k = qkv[:, q_width : q_width + kv_width].view(num_tokens, self.num_kv_heads, self.head_dim)
             v = qkv[:, q_width + kv_width :].view(num_tokens, self.num_kv_heads, self.head_dim)
+            if hasattr(layer.self_attn, "q_norm"):  # Qwen3: RMSNorm per head before the rotary
+                q, k = layer.self_attn.q_norm(q), layer.self_attn.k_norm(k)
             rope_and_cache(q, k, v, cos, sin, slot_mapping, kv_cache[i, 0], kv_cache[i, 1], **kv_kernel_args(self.kv, i))
             a = layer.self_attn.o_proj(attend(i, q).reshape(num_tokens, -1))
             x = add_rms_norm(a, layer.post_attention_layernorm.weight, eps, residual)
@@ -205,8 +209,18 @@ class Decoder:
         for i, (layer, ws) in enumerate(zip(self.layers, dw["layers"])):
             qkv = gemv(residual, *ws["qkv"], prologue=PRO_RMSNORM, norm_weight=layer.input_layernorm.weight, eps=eps, options=options)
             attn = rope_paged_attention(qkv, dw["cos"], dw["sin"], positions, slots, kv_cache[i, 0], kv_cache[i, 1],
-                                        block_tables, context_lens, self.num_heads, self.scale, options=options, **kv_kernel_args(self.kv, i))
+                                        block_tables, context_lens, self.num_heads, self.scale, options=options, qk_norm=ws["qk_norm"],
+                                        **kv_kernel_args(self.kv, i))
             gemv(attn, *ws["o"], residual=residual, options=options)
             gate_up = gemv(residual, *ws["gate_up"], prologue=PRO_RMSNORM, norm_weight=layer.post_attention_layernorm.weight, eps=eps, options=options)
             gemv(gate_up, *ws["down"], prologue=PRO_SILU_MUL, residual=residual, options=options)
         return gemv(residual, *dw["head"], prologue=PRO_RMSNORM, norm_weight=self.base.norm.weight, eps=eps, options=options)
+
+
+def _per_head_norms(attn: nn.Module, head_dim: int) -> bool:
+    """Whether the layer's q/k norms, if any, are what the fused paths apply: Qwen3's RMSNorm over each head
+    (weight * x / rms(x)); other norms keep the HF modules."""
+    if not hasattr(attn, "q_norm"):
+        return True
+    return all(type(n).__name__.endswith("RMSNorm") and "Gemma" not in type(n).__name__ and tuple(n.weight.shape) == (head_dim,)
+               and hasattr(n, "variance_epsilon") for n in (attn.q_norm, attn.k_norm))

@@ -208,12 +208,24 @@ def _attend_page(q1, q2, kc1, kc2, vc1, vc2, s_mask, m, l, acc1, acc2, scale, dt
 
 
 @triton.jit
+def _head_rms_norm(x1, x2, w_ptr, d, eps, dtype, HALF: tl.constexpr):
+    """Rows of one head each, as halves x1, x2 (rows, HALF) fp32 -> w * (x / rms(x)), rounded as HF's RMSNorm rounds
+    it (the normalized value to the model dtype, then the product with the weight)."""
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+    w1 = tl.load(w_ptr + d).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
+    y1 = (w1[None, :] * (x1 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    y2 = (w2[None, :] * (x2 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return y1, y2
+
+
+@triton.jit
 def _rope_paged_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    m_ptr, l_ptr, acc_ptr, scale, k_scale, v_scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, EARLY_KV: tl.constexpr, EARLY_LAUNCH: tl.constexpr,
-    KV_CODE: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, q_norm_ptr, k_norm_ptr, norm_eps, scale, k_scale, v_scale, stride_qkv, stride_cos, stride_cb, stride_cs, stride_ch,
+    stride_bt, stride_ob, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, EARLY_KV: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr, KV_CODE: tl.constexpr, QK_NORM: tl.constexpr,
 ):
     _pdl_start(USE_PDL, EARLY_LAUNCH)
     seq = tl.program_id(0).to(tl.int64)
@@ -253,6 +265,8 @@ def _rope_paged_attention_kernel(
     q_offs = (kv_head * GROUP + g)[:, None] * (2 * HALF) + d[None, :]
     q1 = tl.load(row + q_offs, mask=g_mask[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(row + HALF + q_offs, mask=g_mask[:, None], other=0.0).to(tl.float32)
+    if QK_NORM:  # Qwen3: an RMSNorm over each head before the rotary
+        q1, q2 = _head_rms_norm(q1, q2, q_norm_ptr, d, norm_eps, dtype, HALF)
     q1, q2 = (q1 * cos - q2 * sin).to(dtype), (q2 * cos + q1 * sin).to(dtype)
 
     # online softmax over this split's share of the cached positions ...
@@ -273,6 +287,9 @@ def _rope_paged_attention_kernel(
         v_row = row + (NUM_HEADS + NUM_KV_HEADS) * 2 * HALF + kv_head * 2 * HALF
         k1 = tl.load(k_row + d).to(tl.float32)
         k2 = tl.load(k_row + HALF + d).to(tl.float32)
+        if QK_NORM:
+            k1, k2 = _head_rms_norm(k1[None, :], k2[None, :], k_norm_ptr, d, norm_eps, dtype, HALF)
+            k1, k2 = tl.reshape(k1, (HALF,)), tl.reshape(k2, (HALF,))
         k1, k2 = (k1 * cos - k2 * sin).to(dtype), (k2 * cos + k1 * sin).to(dtype)
         v1 = tl.load(v_row + d)
         v2 = tl.load(v_row + HALF + d)
@@ -340,7 +357,7 @@ def rope_paged_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
     num_heads: int, scale: float, splits: int | None = None, options: DecodeKernelOptions = _DEFAULT_OPTIONS,
-    kv_scales: tuple[float, float] = (1.0, 1.0), kv_code: int = 0,
+    kv_scales: tuple[float, float] = (1.0, 1.0), kv_code: int = 0, qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """qkv (B, (Hq + 2 Hkv) D) one new token per sequence, unrotated; cos/sin (max_positions, D / 2) (the first
     half of HF's rotary output); positions, slots (B,) int64; caches (num_blocks, block_size, Hkv, D);
@@ -348,7 +365,8 @@ def rope_paged_attention(
     k, v into the caches and returns the attention output (B, Hq * D). Each sequence's context is divided
     among `splits` programs per KV head (default: `attention_splits`), combined by a second launch. `options`:
     how the kernels launch and when the first page is read (kernels/decode_options.py). `kv_code`/`kv_scales`:
-    how the caches store K/V (kernels/kv_codec.py)."""
+    how the caches store K/V (kernels/kv_codec.py). `qk_norm`: (q weight (D,), k weight (D,), eps) of an RMSNorm over
+    each query and key head before the rotary (Qwen3's q_norm / k_norm)."""
     batch = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     splits = splits or attention_splits(batch, num_kv_heads, block_tables.shape[1], qkv.device)
@@ -357,13 +375,15 @@ def rope_paged_attention(
     l = torch.empty_like(m) if splits > 1 else out
     acc = torch.empty(batch, splits, num_heads, head_dim, dtype=torch.float32, device=qkv.device) if splits > 1 else out
     pdl = pdl_enabled(qkv.device, options)
+    q_norm, k_norm, norm_eps = qk_norm if qk_norm is not None else (out, out, 0.0)
     _rope_paged_attention_kernel[(batch, num_kv_heads, splits)](
-        qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale, kv_scales[0], kv_scales[1],
+        qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, q_norm, k_norm, norm_eps,
+        scale, kv_scales[0], kv_scales[1],
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), HALF=head_dim // 2, BLOCK_SIZE=block_size,
         SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, EARLY_KV=options.kv_before_wait,
-        EARLY_LAUNCH=options.launch_dependents_early, KV_CODE=kv_code, num_warps=4,
+        EARLY_LAUNCH=options.launch_dependents_early, KV_CODE=kv_code, QK_NORM=qk_norm is not None, num_warps=4,
         launch_pdl=pdl,
     )
     if splits > 1:

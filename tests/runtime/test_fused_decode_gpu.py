@@ -115,3 +115,25 @@ def test_batch1_fused_decode_matches_hf_generate(tiny_llama_factory, byte_tokeni
     assert llm.engine.runner.decoder.decode_weights is not None
     got = [llm.generate([p], SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids for p in prompts]  # one at a time: batch 1
     assert got == expected
+
+
+def test_qwen3_keeps_the_fused_paths_and_hf_tokens(byte_tokenizer):
+    """Qwen3's q/k norms: the stacked multi-token forward and the batch-1 decode kernels apply them; greedy tokens
+    equal HF generate's, batched and one request at a time."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=32, max_position_embeddings=512)
+    model = Qwen3ForCausalLM(cfg).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4) if p.dim() > 1 else p.uniform_(0.5, 1.5)  # sharper logits; norm weights away from 1
+    prompts = [[5 + (7 * i + j) % 250 for j in range(3 + 11 * i)] for i in range(4)]
+    with torch.inference_mode():
+        expected = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+                    for p in prompts]
+    llm = LLM.from_model(copy.deepcopy(model), byte_tokenizer, EngineConfig(device="cuda", num_blocks=64, block_size=16, max_num_seqs=4, max_model_len=256))
+    assert llm.engine.runner.decoder.fused is not None and llm.engine.runner.decoder.decode_weights is not None
+    assert [llm.generate([p], SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids for p in prompts] == expected
+    assert [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))] == expected
