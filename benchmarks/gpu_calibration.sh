@@ -6,7 +6,8 @@
 #   8b        GPU tests of onloaded calibration, then the Llama-3.1-8B shape: int8 RTN, FP8 static, SmoothQuant
 #             W8A8, int4 AWQ g128 (128 x 2048 tokens)
 #   8b-gptq   the 8B shape with int4 GPTQ g128
-#   kernels   GPU tests of the GPTQ block kernel, onloading, the 8-bit kernels and the grouped expert kernel; GPTQ's column loop
+#   kernels   GPU tests of the GPTQ block kernel, onloading, the 8-bit kernels, the grouped expert kernel and the fused decode
+#             paths (Qwen3's q/k norms included); GPTQ's column loop
 #             against its Triton block kernel on the 8B layer's Linear shapes; the grouped expert kernel on a Qwen3-30B-A3B
 #             layer shape (benchmarks/moe_kernel_gpu.py); then the 8B shape with int4 GPTQ g128 (and $SCHEMES, e.g. smoothquant-w8a8)
 #   gptq-kernel  the same without the 8B build
@@ -31,8 +32,9 @@ case "${1:-8b}" in
       | grep -v -E "Warning|it/s\]" | tee "$OUT/8b.log"
     ;;
   kernels|gptq-kernel)
-    timeout 100 python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider tests/passes/quant/test_gptq_block.py tests/passes/test_onload_gpu.py \
-      tests/formats/test_kernels_gpu.py tests/runtime/test_moe_kernel.py 2>&1 | tail -30 | tee "$OUT/pytest.txt"
+    timeout 150 python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider tests/passes/quant/test_gptq_block.py tests/passes/test_onload_gpu.py \
+      tests/formats/test_kernels_gpu.py tests/runtime/test_moe_kernel.py tests/runtime/test_qk_norm_decode.py tests/runtime/test_fused_decode_gpu.py \
+      2>&1 | tail -30 | tee "$OUT/pytest.txt"
     timeout 60 python3 benchmarks/gptq_kernel_gpu.py --out "$OUT" 2>&1 | tee "$OUT/gptq_kernel.log"
     timeout 90 python3 benchmarks/moe_kernel_gpu.py --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/moe_kernel.log"
     [ "$1" = gptq-kernel ] || timeout ${BUILD_TIMEOUT:-260} python3 benchmarks/calibration_scale_gpu.py --shape 8b --schemes int4-gptq-g128 ${SCHEMES:-} "${COMMON[@]}" 2>&1 \
