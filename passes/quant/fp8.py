@@ -114,7 +114,6 @@ class Fp8(Pass):
         report: dict = {"method": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
         amax: dict[str, float] = {}
         spec = {"scheme": "fp8", "strategy": cfg.strategy, "dynamic": cfg.dynamic}
-
         modules = dict.fromkeys(targets, spec)
 
         def swap(name: str, input_amax: float | None) -> None:  # rounded where the Linear is (a calibrated layer: the device)

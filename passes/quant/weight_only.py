@@ -131,4 +131,5 @@ class WeightOnlyPass(Pass):
         swap = Swapper(model, targets, grids, self.spec, ctx.device)
         results, report = self.quantize(model, tokenizer, targets, grids, ctx, swap)
         swap.rest(results, lambda desc, total: ctx.progress(f"{self.name}: {desc}", total))
-        return write_quantized(model, tokenizer, artifact, self, ctx, swap.modules, report)
+        modules = {name: swap.modules[name] for name in targets}  # in model order, whatever order they were swapped in
+        return write_quantized(model, tokenizer, artifact, self, ctx, modules, report)
