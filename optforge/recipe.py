@@ -7,7 +7,6 @@ of passes (each with its config and an optional quality gate) and the output dir
 
 from __future__ import annotations
 
-import logging
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -17,13 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from optforge.errors import RecipeError, format_key, suggest
 from optforge.gate_spec import GateSpec
 from optforge.recipe_speed import SpeedSpec, is_speed_metric
-from optforge.recipe_yaml import read_recipe_yaml, short_repr
+from optforge.recipe_yaml import model_beside_recipe, read_recipe_yaml, short_repr
 from optforge.search_spec import SearchSpec
 
 DType = Literal["float32", "bfloat16", "float16"]
-
-
-log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -281,7 +277,7 @@ def load_recipe(path: str | Path, *, check_passes: bool = True) -> tuple[Recipe,
 
 def parse_recipe(data: dict, *, source: str = "<python>", check_passes: bool = True) -> Recipe:
     """Validate a recipe given as a dict; errors name `source` and the key path."""
-    data = _model_beside_recipe(data, source)
+    data = model_beside_recipe(data, source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -292,25 +288,6 @@ def parse_recipe(data: dict, *, source: str = "<python>", check_passes: bool = T
 
         plan_passes(recipe, source=source)
     return recipe
-
-
-def _model_beside_recipe(data: dict, source: str) -> dict:
-    """`data` with a relative model.source made absolute against the recipe file's folder, as the recipe's other
-    paths are, where a folder of that name is there. A folder found only in the working directory still loads,
-    with a warning, and anything else stays a hub id."""
-    spec = data.get("model", {}).get("source") if isinstance(data.get("model"), dict) else None
-    if not isinstance(spec, str) or ":" in spec.split("/")[0] or not Path(source).is_file():
-        return data
-    path = Path(spec).expanduser()
-    if path.is_absolute():
-        return data
-    beside = Path(source).resolve().parent / path
-    if beside.is_dir():
-        return {**data, "model": {**data["model"], "source": str(beside)}}
-    if path.is_dir():
-        log.warning("model.source '%s' is not beside the recipe (%s) but is in the working directory: loading that one; "
-                    "relative paths in a recipe are relative to the recipe file", spec, beside)
-    return data
 
 
 def _check_prompts_file(recipe: Recipe, source: str) -> Recipe:

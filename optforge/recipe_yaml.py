@@ -1,14 +1,18 @@
-"""A recipe file's YAML, read with bounds: size, UTF-8, a top-level mapping, few aliases, few values.
+"""A recipe file's YAML, read with bounds: size, UTF-8, a top-level mapping, few aliases, few values; and a relative
+model folder found beside the file.
 
 A recipe is a few kilobytes; these bounds keep a hostile file from costing memory or a giant error."""
 
 from __future__ import annotations
 
+import logging
 import reprlib
 from pathlib import Path
 from typing import Any
 
 from optforge.errors import RecipeError
+
+log = logging.getLogger(__name__)
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_YAML_ALIASES = 64
@@ -88,3 +92,22 @@ def short_repr(value: Any, limit: int = 200) -> str:
     short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = limit, limit, 8, 8, 3
     text = short.repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def model_beside_recipe(data: dict, source: str) -> dict:
+    """`data` with a relative model.source made absolute against the recipe file's folder, as the recipe's other
+    paths are, where a folder of that name is there. A folder found only in the working directory still loads,
+    with a warning, and anything else stays a hub id."""
+    spec = data.get("model", {}).get("source") if isinstance(data.get("model"), dict) else None
+    if not isinstance(spec, str) or ":" in spec.split("/")[0] or not Path(source).is_file():
+        return data
+    path = Path(spec).expanduser()
+    if path.is_absolute():
+        return data
+    beside = Path(source).resolve().parent / path
+    if beside.is_dir():
+        return {**data, "model": {**data["model"], "source": str(beside)}}
+    if path.is_dir():
+        log.warning("model.source '%s' is not beside the recipe (%s) but is in the working directory: loading that one; "
+                    "relative paths in a recipe are relative to the recipe file", spec, beside)
+    return data

@@ -202,7 +202,7 @@ def test_a_relative_model_folder_is_found_beside_the_recipe(tmp_path, monkeypatc
     # a folder only in the working directory still loads, with a warning naming the rule
     (elsewhere / "cwd-model").mkdir()
     recipe_file.write_text(yaml.safe_dump({"model": {"source": "cwd-model"}}))
-    with caplog.at_level("WARNING", logger="optforge.recipe"):
+    with caplog.at_level("WARNING", logger="optforge.recipe_yaml"):
         recipe, _ = load_recipe(recipe_file)
     assert recipe.model.source == "cwd-model"
     assert "relative to the recipe file" in caplog.text
