@@ -9,6 +9,8 @@ imported only inside `forward`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from optforge.formats.fp8 import Fp8Linear
@@ -34,6 +36,17 @@ def swap_linear(model: nn.Module, name: str, spec: dict) -> nn.Module:
     if old.bias is not None:
         new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
     setattr(parent, child, new)
+    return new
+
+
+def replace_linear(model: nn.Module, name: str, spec: dict, fill: Callable[[nn.Module, nn.Linear], object]) -> nn.Module:
+    """`swap_linear`, then `fill(new, old)` sets the new module's weights from the old Linear, whose storage is then
+    freed (moved to the meta device): a pass that still names the old module (its dict of targets) keeps nothing
+    alive, on the host or, for a layer onloaded during calibration, on the GPU."""
+    old = model.get_submodule(name)
+    new = swap_linear(model, name, spec)
+    fill(new, old)
+    old.to("meta")
     return new
 
 

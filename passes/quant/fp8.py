@@ -101,7 +101,7 @@ class Fp8(Pass):
         return not self.config.dynamic  # only static activation scales read the calibration text
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        from optforge.formats import swap_linear
+        from optforge.formats import replace_linear
         from optforge.passes.calibration import calibration_samples
         from optforge.passes.output import load_input
         from optforge.passes.quant.output import write_quantized
@@ -117,11 +117,12 @@ class Fp8(Pass):
         modules = dict.fromkeys(targets, spec)
 
         def swap(name: str, input_amax: float | None) -> None:  # rounded where the Linear is (a calibrated layer: the device)
-            linear = targets.pop(name)
-            module = swap_linear(model, name, spec)
-            module.set_float(linear.weight.to(ctx.device), input_amax=input_amax)
-            module.to(linear.weight.device)
-            linear.to("meta")  # the float weights freed even where a dict of targets still names the module
+            def fill(new, old):
+                new.set_float(old.weight.to(ctx.device), input_amax=input_amax)
+                new.to(old.weight.device)
+
+            del targets[name]
+            replace_linear(model, name, spec, fill)
 
         def finish(step, found: dict[str, float]) -> None:  # a calibrated layer leaves the device in FP8; a silent Linear stays for the error below
             for name in step.targets:

@@ -70,11 +70,9 @@ def choose_alpha(x: torch.Tensor, act_max: torch.Tensor, weights: list[torch.Ten
 
 
 def swap_w8a8(model: nn.Module, name: str, spec: dict) -> None:
-    from optforge.formats import swap_linear
+    from optforge.formats import replace_linear
 
-    old = model.get_submodule(name)
-    swap_linear(model, name, spec).set_float(old.weight)
-    old.to("meta")  # freed, though the pass's dict of targets still names it (on the GPU, for an onloaded layer)
+    replace_linear(model, name, spec, lambda new, old: new.set_float(old.weight))
 
 
 class SmoothQuantLayers(FoldingLayers):
@@ -102,7 +100,7 @@ class SmoothQuantLayers(FoldingLayers):
         return super().layer_results(step) | found | skipped | state
 
     def restore_layer(self, step, results):
-        from optforge.formats import swap_linear
+        from optforge.formats import replace_linear
         from optforge.passes.layer_checkpoints import assign_tensors
 
         super().restore_layer(step, results)
@@ -118,9 +116,7 @@ class SmoothQuantLayers(FoldingLayers):
         for name in step.targets:
             if name not in smoothed:
                 report["unsmoothed"].append(name)
-            old = self.model.get_submodule(name)
-            swap_linear(self.model, name, SPEC).to(device)  # empty W8A8 buffers, filled from the checkpoint below
-            old.to("meta")
+            replace_linear(self.model, name, SPEC, lambda new, old: new.to(device))  # empty W8A8 buffers, filled from the checkpoint below
             self.done.append(name)
         assign_tensors(step.layer, {k[len("layer."):]: v for k, v in results.items() if k.startswith("layer.")})
 

@@ -17,7 +17,7 @@ from torch import nn
 from optforge.artifact import ModelArtifact
 from optforge.context import PassContext
 from optforge.errors import PassError
-from optforge.formats import swap_linear
+from optforge.formats import replace_linear
 from optforge.formats.grid import Grid
 from optforge.pass_ import Pass, config, option
 
@@ -72,8 +72,8 @@ class Swapper:
     """Swaps target Linears for their `WeightOnlyLinear`s as their integers become final. The calibrated passes call
     `layer` per decoder layer from their algorithm's `finish`, while the layer is on the compute device, so a layer
     goes back to the host in its output form and the host never holds the float model beside the quantized one;
-    `rest` swaps whatever is left (RTN, Linears outside the decoder layers). A swapped float Linear moves to the
-    meta device: its storage is freed even where the pass still names the module."""
+    `rest` swaps whatever is left (RTN, Linears outside the decoder layers). A swapped float Linear's storage is freed
+    (`formats.replace_linear`)."""
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], grids: dict[str, Grid], spec, device: str | torch.device):
         self.model, self.targets, self.grids, self.spec, self.device = model, targets, grids, spec, device
@@ -85,8 +85,7 @@ class Swapper:
         if found is None:
             found = round_weights({name: linear}, self.grids, self.device)[name]
         self.modules[name] = self.spec(self.grids[name])
-        swap_linear(self.model, name, self.modules[name]).set_quantized(*found)
-        linear.to("meta")
+        replace_linear(self.model, name, self.modules[name], lambda new, old: new.set_quantized(*found))
 
     def layer(self, names, results: dict[str, Quantized] | None = None) -> None:
         """Swap the layer's Linears `names`, each with its entry popped from `results` or rounded to nearest."""
